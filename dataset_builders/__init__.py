@@ -1,0 +1,1 @@
+"""μ0 dataset_builders."""

@@ -1,0 +1,196 @@
+"""μ0 model configuration."""
+
+import math
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# The SmolVLM2-2.2B-Instruct architecture (HuggingFaceTB/SmolVLM2-2.2B-Instruct): a SigLIP-so400m vision
+# tower, a 3x3 pixel-shuffle connector and a 24-layer SmolLM2-1.7B text tower, of which μ0 keeps 20.
+SMOLVLM2_2B_ARCHITECTURE = {
+    "text_config": {
+        "model_type": "llama",
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "head_dim": 64,
+        "vocab_size": 49280,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 130000.0},
+    },
+    "vision_config": {
+        "model_type": "smolvlm_vision",
+        "hidden_size": 1152,
+        "intermediate_size": 4304,
+        "num_hidden_layers": 27,
+        "num_attention_heads": 16,
+        "patch_size": 14,
+        "image_size": 384,
+    },
+    "scale_factor": 3,
+    "image_token_id": 49190,
+}
+
+# DINOv2 ViT-B/14 (facebook/dinov2-base), whose 37x37 patch grid at 518 px gives the per-point features.
+DINOV2_BASE_ARCHITECTURE = {
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "patch_size": 14,
+    "image_size": 518,
+}
+
+SUPPORTED_CONTROL_POINTS = (4, 7, 10)
+
+
+class Mu0Config(PreTrainedConfig):
+    r"""
+    Configuration of [`Mu0ForTracePrediction`]: a vision-language backbone slice plus a trace expert that
+    generates every query point's future 3D trace as B-spline control points by flow matching.
+
+    Args:
+        vlm_config (`dict` or `PreTrainedConfig`, *optional*):
+            Any image-text-to-text backbone with a 1-D RoPE decoder (SmolVLM/Idefics3, PaliGemma, ...).
+            Defaults to the SmolVLM2-2.2B architecture.
+        dino_config (`dict` or `PreTrainedConfig`, *optional*):
+            DINOv2 configuration for the per-point appearance features. Defaults to DINOv2-base.
+        backbone_checkpoint (`str`, *optional*):
+            Hub id whose backbone weights [`Mu0ForTracePrediction.from_backbones`] loads.
+        dino_checkpoint (`str`, *optional*):
+            Hub id of the DINOv2 weights loaded by [`Mu0ForTracePrediction.from_backbones`].
+        num_vlm_layers (`int`, *optional*, defaults to 20):
+            Number of backbone text layers kept (the first ones); the expert has the same depth.
+        image_size (`int`, defaults to 512): side of the square image fed to the vision tower.
+        dino_image_size (`int`, defaults to 518): side of the image fed to DINOv2.
+        max_prompt_length (`int`, defaults to 48): maximum number of prompt tokens.
+        history_length (`int`, defaults to 8): past steps encoded in each history token.
+        horizon (`int`, defaults to 32): future steps of a trace.
+        num_control_points (`int`, defaults to 10): B-spline control points D (4, 7 or 10).
+        spline_degree (`int`, defaults to 3): B-spline degree (cubic).
+        spline_smoothness (`float`, defaults to 0.2): first-difference Tikhonov weight of the control-point fit.
+        control_point_clip (`float`, defaults to 1.5): control points are clipped to this magnitude.
+        expert_width_factor (`float`, defaults to 0.5): expert width relative to the backbone text width.
+        self_attn_every_n_layers (`int`, defaults to 2):
+            Every n-th expert layer (starting at 0) attends jointly to [prefix; suffix]; the others cross-attend
+            to the prefix only.
+        num_inference_steps (`int`, defaults to 4): Euler steps of the sampler.
+        sampler (`str`, defaults to `"euler"`): `"euler"` or `"heun"` (diffusers flow-matching schedulers).
+        time_sampling_beta_alpha, time_sampling_beta_beta, time_sampling_scale, time_sampling_offset:
+            training time `t = scale * Beta(alpha, beta) + offset`.
+        min_period, max_period (`float`): range of the sinusoidal flow-time embedding.
+        done_loss_weight (`float`, defaults to 0.5): weight of the done-head BCE.
+        rigidity_loss_weight (`float`, defaults to 5.0): weight of the same-cluster rigidity term.
+        done_bias_init (`float`, defaults to 3.0): initial bias of the done head (traces start "alive").
+        use_depth (`bool`, defaults to `True`): accept a rendered depth image as a second prefix image.
+        depth_lora_rank, depth_lora_alpha (`int`): LoRA on the vision tower, active for the depth pass only.
+        use_dino (`bool`, defaults to `True`): fuse DINOv2 features sampled at each query point.
+        num_fourier_frequencies (`int`, defaults to 8): log-spaced frequencies pi ... 2^(n-1) pi for (u, v).
+        max_queries (`int`, defaults to 256): most query points per image.
+        freeze_vision_tower, freeze_text_layers (`bool`): keep the pretrained backbone frozen.
+    """
+
+    model_type = "mu0"
+    sub_configs_defaults = {
+        "vlm_config": SubConfigSpec(config_class=AutoConfig, model_type="smolvlm", init_kwargs=SMOLVLM2_2B_ARCHITECTURE),
+        "dino_config": SubConfigSpec(config_class=AutoConfig, model_type="dinov2", init_kwargs=DINOV2_BASE_ARCHITECTURE),
+    }
+
+    vlm_config: dict | PreTrainedConfig | None = None
+    dino_config: dict | PreTrainedConfig | None = None
+    backbone_checkpoint: str | None = "HuggingFaceTB/SmolVLM2-2.2B-Instruct"
+    dino_checkpoint: str | None = "facebook/dinov2-base"
+    num_vlm_layers: int | None = 20
+    image_size: int = 512
+    dino_image_size: int = 518
+    max_prompt_length: int = 48
+    history_length: int = 8
+    horizon: int = 32
+    num_control_points: int = 10
+    spline_degree: int = 3
+    spline_smoothness: float = 0.2
+    control_point_clip: float = 1.5
+    expert_width_factor: float = 0.5
+    self_attn_every_n_layers: int = 2
+    num_inference_steps: int = 4
+    sampler: str = "euler"
+    time_sampling_beta_alpha: float = 1.5
+    time_sampling_beta_beta: float = 1.0
+    time_sampling_scale: float = 0.999
+    time_sampling_offset: float = 0.001
+    min_period: float = 4e-3
+    max_period: float = 4.0
+    done_loss_weight: float = 0.5
+    rigidity_loss_weight: float = 5.0
+    done_bias_init: float = 3.0
+    use_depth: bool = True
+    depth_lora_rank: int = 8
+    depth_lora_alpha: int = 16
+    use_dino: bool = True
+    num_fourier_frequencies: int = 8
+    max_queries: int = 256
+    freeze_vision_tower: bool = True
+    freeze_text_layers: bool = True
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        text_config = self.vlm_config.get_text_config()
+        if self.num_vlm_layers is None:
+            self.num_vlm_layers = text_config.num_hidden_layers
+        if self.num_vlm_layers > text_config.num_hidden_layers:
+            raise ValueError(
+                f"num_vlm_layers={self.num_vlm_layers} exceeds the backbone's {text_config.num_hidden_layers} text "
+                "layers; choose at most that many."
+            )
+        # Keep only the first layers: pretrained checkpoints load with the extra layers ignored.
+        text_config.num_hidden_layers = self.num_vlm_layers
+        self.validate_mu0()
+
+    @property
+    def expert_hidden_size(self) -> int:
+        return int(self.vlm_config.get_text_config().hidden_size * self.expert_width_factor)
+
+    @property
+    def expert_intermediate_size(self) -> int:
+        """SwiGLU width of 8/3 x hidden rounded up to a multiple of 256, as in the released recipe (1024 -> 2816)."""
+        return 256 * math.ceil(int(2 * self.expert_hidden_size / 3) * 4 / 256)
+
+    def validate_mu0(self) -> None:
+        """Reject combinations the model cannot build, naming the field and the fix."""
+        text_config = self.vlm_config.get_text_config()
+        if self.spline_degree != 3 or self.num_control_points not in SUPPORTED_CONTROL_POINTS:
+            raise ValueError(
+                f"num_control_points={self.num_control_points} with spline_degree={self.spline_degree} is not "
+                f"supported: use a cubic spline (degree 3) with D in {SUPPORTED_CONTROL_POINTS}."
+            )
+        if self.horizon < self.num_control_points:
+            raise ValueError(
+                f"horizon={self.horizon} must be at least num_control_points={self.num_control_points} for the "
+                "control-point fit to be determined."
+            )
+        if self.history_length < 0 or self.max_queries < 1 or self.num_inference_steps < 1:
+            raise ValueError("history_length must be >= 0, max_queries >= 1 and num_inference_steps >= 1.")
+        if self.self_attn_every_n_layers < 1:
+            raise ValueError(f"self_attn_every_n_layers must be >= 1, got {self.self_attn_every_n_layers}.")
+        if not 0 < self.expert_width_factor <= 4:
+            raise ValueError(f"expert_width_factor must be in (0, 4], got {self.expert_width_factor}.")
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        if head_dim % 2:
+            raise ValueError(f"The backbone's head_dim ({head_dim}) must be even for rotary position embeddings.")
+        if self.expert_hidden_size % 2:
+            raise ValueError(f"The expert width ({self.expert_hidden_size}) must be even.")
+        if self.sampler not in ("euler", "heun"):
+            raise ValueError(f"sampler must be 'euler' or 'heun', got {self.sampler!r}.")
+        if self.use_depth and self.depth_lora_rank < 1:
+            raise ValueError("use_depth=True needs depth_lora_rank >= 1 (the depth pass has its own LoRA).")
+        if not 0.0 < self.time_sampling_scale + self.time_sampling_offset <= 1.0:
+            raise ValueError("time_sampling_scale + time_sampling_offset must lie in (0, 1].")
+        if self.num_fourier_frequencies < 1:
+            raise ValueError("num_fourier_frequencies must be >= 1.")
+        if self.image_size < 1 or self.dino_image_size < 1 or self.max_prompt_length < 1:
+            raise ValueError("image_size, dino_image_size and max_prompt_length must be positive.")
+
+
+__all__ = ["Mu0Config"]

@@ -1,0 +1,742 @@
+"""μ0: a vision-language backbone slice plus a B-spline trace expert trained by flow matching.
+
+The backbone encodes [RGB image tokens, depth image tokens, prompt tokens] once (the prefix). The trace expert is
+a narrower decoder with one layer per kept backbone layer: even layers attend jointly to the prefix keys/values of
+the matching backbone layer and to the suffix, odd layers cross-attend to the prefix through their own k/v
+projections. Each query point contributes two suffix tokens (history, future); flow time enters the expert only
+through adaLN-Zero, so the frozen backbone stream is never modulated.
+"""
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from .bspline import bspline_basis, fit_control_points, render_traces
+from .configuration_mu0 import Mu0Config
+
+DEPTH_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "o_proj", "fc1", "fc2", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class Mu0TraceOutput(ModelOutput):
+    """Training output: total loss, each loss term, and the raw head outputs."""
+
+    loss: torch.FloatTensor | None = None
+    flow_loss: torch.FloatTensor | None = None
+    done_loss: torch.FloatTensor | None = None
+    rigidity_loss: torch.FloatTensor | None = None
+    velocity: torch.FloatTensor | None = None
+    done_logits: torch.FloatTensor | None = None
+
+
+@dataclass
+class Mu0TracePrediction(ModelOutput):
+    """Sampled traces in normalised anchor-relative units; `Mu0Processor.post_process_traces` maps them to pixels and metres.
+
+    Shapes: traces (B, S, N, H, 3), done_probs (B, S, N, H), alive_mask (B, S, N, H), control_points (B, S, N, D, 3).
+    """
+
+    traces: torch.FloatTensor | None = None
+    done_probs: torch.FloatTensor | None = None
+    alive_mask: torch.BoolTensor | None = None
+    control_points: torch.FloatTensor | None = None
+
+
+@dataclass
+class Mu0Prefix:
+    """Backbone keys/values of every kept layer, computed once per image and reused at every denoising step."""
+
+    keys: list[torch.Tensor]  # per layer (B, kv_heads, L, head_dim), rotary already applied
+    values: list[torch.Tensor]
+    attention_mask: torch.BoolTensor  # (B, L)
+
+    def repeat_interleave(self, repeats: int) -> "Mu0Prefix":
+        if repeats == 1:
+            return self
+        return Mu0Prefix(
+            keys=[k.repeat_interleave(repeats, dim=0) for k in self.keys],
+            values=[v.repeat_interleave(repeats, dim=0) for v in self.values],
+            attention_mask=self.attention_mask.repeat_interleave(repeats, dim=0),
+        )
+
+
+class Mu0DepthLoRALinear(nn.Linear):
+    """A vision-tower projection with a LoRA that is switched on only while encoding the depth image.
+
+    Subclassing `nn.Linear` keeps the pretrained weight names, so backbone checkpoints load unchanged.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, rank: int, alpha: int, **factory_kwargs):
+        super().__init__(in_features, out_features, bias=bias, **factory_kwargs)
+        self.lora_A = nn.Linear(in_features, rank, bias=False, **factory_kwargs)
+        self.lora_B = nn.Linear(rank, out_features, bias=False, **factory_kwargs)
+        self.scaling = alpha / rank
+        self.depth_active = False
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        output = super().forward(hidden_states)
+        if self.depth_active:
+            output = output + self.lora_B(self.lora_A(hidden_states)) * self.scaling
+        return output
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, heads, L, head_dim) by one position per batch element (cos/sin are (B, head_dim))."""
+    cos, sin = cos[:, None, None, :], sin[:, None, None, :]
+    return x * cos + rotate_half(x) * sin
+
+
+def sinusoidal_time_embedding(time: torch.Tensor, dim: int, min_period: float, max_period: float) -> torch.Tensor:
+    fraction = torch.linspace(0.0, 1.0, dim // 2, dtype=torch.float32, device=time.device)
+    period = min_period * (max_period / min_period) ** fraction
+    angles = time.float()[:, None] * (2 * math.pi / period)[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class Mu0FourierEmbedding(nn.Module):
+    """Encodes a point's current (u, v) with log-spaced frequencies pi ... 2^(F-1) pi, so nearby points differ."""
+
+    def __init__(self, num_frequencies: int, hidden_size: int):
+        super().__init__()
+        self.register_buffer("frequencies", math.pi * 2.0 ** torch.arange(num_frequencies), persistent=False)
+        self.mlp_in = nn.Linear(4 * num_frequencies, hidden_size)
+        self.mlp_out = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        angles = points[..., None].float() * self.frequencies.to(points.device)
+        features = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2).to(self.mlp_in.weight.dtype)
+        return self.mlp_out(F.silu(self.mlp_in(features)))
+
+
+class Mu0ExpertAttention(nn.Module):
+    """Suffix queries over prefix keys/values (cross layers) or over [prefix; suffix] (joint layers)."""
+
+    def __init__(self, config: Mu0Config, joint: bool):
+        super().__init__()
+        text_config = config.vlm_config.get_text_config()
+        self.joint = joint
+        self.num_heads = text_config.num_attention_heads
+        self.num_kv_heads = text_config.num_key_value_heads
+        self.head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // self.num_heads
+        hidden = config.expert_hidden_size
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
+        # Joint layers project the suffix; cross layers re-project the backbone's prefix keys/values.
+        kv_in = hidden if joint else kv_dim
+        self.k_proj = nn.Linear(kv_in, kv_dim, bias=False)
+        self.v_proj = nn.Linear(kv_in, kv_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+
+    def _heads(self, x: torch.Tensor, num_heads: int) -> torch.Tensor:
+        return x.view(*x.shape[:2], num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        prefix_keys: torch.Tensor,
+        prefix_values: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        query = apply_rotary(self._heads(self.q_proj(hidden_states), self.num_heads), cos, sin)
+        if self.joint:
+            suffix_keys = apply_rotary(self._heads(self.k_proj(hidden_states), self.num_kv_heads), cos, sin)
+            suffix_values = self._heads(self.v_proj(hidden_states), self.num_kv_heads)
+            keys = torch.cat([prefix_keys.to(query.dtype), suffix_keys], dim=2)
+            values = torch.cat([prefix_values.to(query.dtype), suffix_values], dim=2)
+        else:
+            flat_keys = prefix_keys.transpose(1, 2).flatten(2).to(query.dtype)
+            flat_values = prefix_values.transpose(1, 2).flatten(2).to(query.dtype)
+            keys = self._heads(self.k_proj(flat_keys), self.num_kv_heads)
+            values = self._heads(self.v_proj(flat_values), self.num_kv_heads)
+        groups = self.num_heads // self.num_kv_heads
+        attended = F.scaled_dot_product_attention(
+            query,
+            keys.repeat_interleave(groups, dim=1),
+            values.repeat_interleave(groups, dim=1),
+            attn_mask=attention_mask[:, None],
+        )
+        return self.o_proj(attended.transpose(1, 2).flatten(2))
+
+
+class Mu0ExpertMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Mu0ExpertLayer(GradientCheckpointingLayer):
+    """One trace-expert block; adaLN-Zero modulation starts at zero so the block starts as the identity."""
+
+    def __init__(self, config: Mu0Config, layer_idx: int):
+        super().__init__()
+        hidden = config.expert_hidden_size
+        self.layer_idx = layer_idx
+        self.joint = layer_idx % config.self_attn_every_n_layers == 0
+        self.attn_norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.attention = Mu0ExpertAttention(config, joint=self.joint)
+        self.mlp_norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mu0ExpertMLP(hidden, config.expert_intermediate_size)
+        self.adaln_modulation = nn.Linear(hidden, 6 * hidden)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        time_condition: torch.Tensor,
+        prefix_keys: torch.Tensor,
+        prefix_values: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        modulation = self.adaln_modulation(F.silu(time_condition))[:, None, :]
+        shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=-1)
+        normed = self.attn_norm(hidden_states) * (1 + scale_attn) + shift_attn
+        hidden_states = hidden_states + gate_attn * self.attention(
+            normed, prefix_keys, prefix_values, attention_mask, cos, sin
+        )
+        normed = self.mlp_norm(hidden_states) * (1 + scale_mlp) + shift_mlp
+        return hidden_states + gate_mlp * self.mlp(normed)
+
+
+class Mu0PreTrainedModel(PreTrainedModel):
+    config: Mu0Config
+    config_class = Mu0Config
+    base_model_prefix = "mu0"
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["Mu0ExpertLayer", "LlamaDecoderLayer", "GemmaDecoderLayer", "Qwen2DecoderLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, Mu0ExpertLayer):
+            nn.init.zeros_(module.adaln_modulation.weight)
+            nn.init.zeros_(module.adaln_modulation.bias)
+        elif isinstance(module, Mu0FourierEmbedding):
+            nn.init.zeros_(module.mlp_out.weight)
+            nn.init.zeros_(module.mlp_out.bias)
+            module.frequencies.copy_(math.pi * 2.0 ** torch.arange(len(module.frequencies)))
+        elif isinstance(module, Mu0DepthLoRALinear):
+            nn.init.kaiming_uniform_(module.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(module.lora_B.weight)
+        elif isinstance(module, Mu0ForTracePrediction):
+            nn.init.zeros_(module.final_modulation.weight)
+            nn.init.zeros_(module.final_modulation.bias)
+            nn.init.zeros_(module.trace_done_head.weight)
+            nn.init.constant_(module.trace_done_head.bias, self.config.done_bias_init)
+            if module.dino_fusion_out is not None:
+                nn.init.zeros_(module.dino_fusion_out.weight)
+                nn.init.zeros_(module.dino_fusion_out.bias)
+
+
+class Mu0ForTracePrediction(Mu0PreTrainedModel):
+    """Predicts the future 3D traces of query points from one image, an instruction and optional depth/history."""
+
+    def __init__(self, config: Mu0Config):
+        super().__init__(config)
+        text_config = config.vlm_config.get_text_config()
+        hidden = config.expert_hidden_size
+        self.vlm = AutoModel.from_config(config.vlm_config)
+        self.dino = AutoModel.from_config(config.dino_config) if config.use_dino else None
+        self._depth_lora_layers = self._add_depth_lora() if config.use_depth else []
+
+        self.history_proj = nn.Linear(4 * config.history_length, hidden) if config.history_length else None
+        self.future_proj = nn.Linear(3 * config.num_control_points, hidden)
+        self.group_embedding = nn.Embedding(2, hidden)
+        self.point_fourier = Mu0FourierEmbedding(config.num_fourier_frequencies, hidden)
+        if config.use_dino:
+            self.dino_fusion_in = nn.Linear(hidden + config.dino_config.hidden_size, hidden)
+            self.dino_fusion_out = nn.Linear(hidden, hidden)
+        else:
+            self.dino_fusion_in = self.dino_fusion_out = None
+        self.time_mlp_in = nn.Linear(hidden, hidden)
+        self.time_mlp_out = nn.Linear(hidden, hidden)
+        self.expert_layers = nn.ModuleList(
+            [Mu0ExpertLayer(config, layer_idx) for layer_idx in range(text_config.num_hidden_layers)]
+        )
+        self.final_norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.final_modulation = nn.Linear(hidden, 2 * hidden)
+        self.trace_velocity_head = nn.Linear(hidden, 3 * config.num_control_points)
+        self.trace_done_head = nn.Linear(hidden, config.horizon)
+        self.register_buffer(
+            "spline_basis", bspline_basis(config.horizon, config.num_control_points, config.spline_degree), persistent=False
+        )
+        self.post_init()
+        self._freeze_backbone()
+
+    # ----------------------------------------------------------------------------------------------- backbone
+    @property
+    def text_model(self) -> nn.Module:
+        return self.vlm.get_decoder()
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.vlm.get_encoder(modality="image")
+
+    def _add_depth_lora(self) -> list[Mu0DepthLoRALinear]:
+        """Swap the vision tower's attention/MLP projections for depth-gated LoRA projections."""
+        layers = []
+        for name, module in list(self.vision_tower.named_modules()):
+            if not (isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in DEPTH_LORA_TARGETS):
+                continue
+            parent = self.vision_tower.get_submodule(name.rsplit(".", 1)[0]) if "." in name else self.vision_tower
+            lora = Mu0DepthLoRALinear(
+                module.in_features,
+                module.out_features,
+                module.bias is not None,
+                self.config.depth_lora_rank,
+                self.config.depth_lora_alpha,
+                device=module.weight.device,
+                dtype=module.weight.dtype,
+            )
+            lora.weight, lora.bias = module.weight, module.bias
+            setattr(parent, name.rsplit(".", 1)[-1], lora)
+            layers.append(lora)
+        if not layers:
+            raise ValueError(
+                f"use_depth=True but the vision tower {type(self.vision_tower).__name__} has no projections named "
+                f"{DEPTH_LORA_TARGETS}; set use_depth=False for this backbone."
+            )
+        return layers
+
+    def _freeze_backbone(self) -> None:
+        if self.config.freeze_vision_tower:
+            for name, parameter in self.vlm.named_parameters():
+                if not name.startswith(self._text_model_prefix()):
+                    parameter.requires_grad_(False)
+        if self.config.freeze_text_layers:
+            self.text_model.requires_grad_(False)
+        if self.dino is not None:
+            self.dino.requires_grad_(False)
+        for layer in self._depth_lora_layers:
+            layer.lora_A.requires_grad_(True)
+            layer.lora_B.requires_grad_(True)
+
+    def _text_model_prefix(self) -> str:
+        return next(name for name, module in self.vlm.named_modules() if module is self.text_model) + "."
+
+    @contextmanager
+    def _depth_pass(self):
+        for layer in self._depth_lora_layers:
+            layer.depth_active = True
+        try:
+            yield
+        finally:
+            for layer in self._depth_lora_layers:
+                layer.depth_active = False
+
+    def _encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Image tokens in the text width: Idefics3-style towers (vision_model + connector) or `get_image_features`."""
+        pixel_values = pixel_values.to(self.dtype)
+        if hasattr(self.vlm, "connector") and hasattr(self.vlm, "vision_model"):
+            # Called directly: SmolVLM's get_image_features drops all-zero images, which a depth map can be.
+            return self.vlm.connector(self.vlm.vision_model(pixel_values=pixel_values).last_hidden_state)
+        features = self.vlm.get_image_features(pixel_values=pixel_values).pooler_output
+        return torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
+
+    def _bidirectional_mask(self, prefix_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """4-D mask letting every prefix token see every valid prefix token (images, depth and prompt alike).
+
+        Padding rows see themselves only, so no softmax row is empty. Eager attention wants an additive mask.
+        """
+        eye = torch.eye(prefix_mask.shape[1], dtype=torch.bool, device=prefix_mask.device)
+        allowed = (prefix_mask[:, None, :] | eye[None])[:, None]
+        if self.text_model.config._attn_implementation == "eager":
+            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        return allowed
+
+    def compute_prefix(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        depth_pixel_values: torch.Tensor | None = None,
+        depth_mask: torch.Tensor | None = None,
+    ) -> Mu0Prefix:
+        """Run the backbone once over [image, depth, prompt] and keep every layer's keys/values."""
+        batch_size = pixel_values.shape[0]
+        device = pixel_values.device
+        embeds = [self._encode_images(pixel_values)]
+        masks = [torch.ones(embeds[0].shape[:2], dtype=torch.bool, device=device)]
+        if depth_pixel_values is not None:
+            if not self.config.use_depth:
+                raise ValueError("depth_pixel_values were given but the model was built with use_depth=False.")
+            with self._depth_pass():
+                embeds.append(self._encode_images(depth_pixel_values))
+            present = torch.ones(batch_size, dtype=torch.bool, device=device) if depth_mask is None else depth_mask.bool()
+            masks.append(present[:, None].expand(-1, embeds[-1].shape[1]))
+        embeds.append(self.vlm.get_input_embeddings()(input_ids))
+        text_mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        masks.append(text_mask)
+        inputs_embeds = torch.cat([e.to(embeds[-1].dtype) for e in embeds], dim=1)
+        prefix_mask = torch.cat(masks, dim=1)
+        position_ids = (prefix_mask.long().cumsum(-1) - 1).clamp(min=0)
+        output = self.text_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=self._bidirectional_mask(prefix_mask, inputs_embeds.dtype),
+            position_ids=position_ids,
+            use_cache=True,
+        )
+        cache = output.past_key_values
+        return Mu0Prefix(
+            keys=[layer.keys for layer in cache.layers],
+            values=[layer.values for layer in cache.layers],
+            attention_mask=prefix_mask,
+        )
+
+    # ------------------------------------------------------------------------------------------------ suffix
+    def _dino_features(self, dino_pixel_values: torch.Tensor, query_points: torch.Tensor) -> torch.Tensor:
+        """DINOv2 patch features bilinearly sampled at each query's (u, v) in [-1, 1]."""
+        patch_size = self.config.dino_config.patch_size
+        grid_h, grid_w = dino_pixel_values.shape[-2] // patch_size, dino_pixel_values.shape[-1] // patch_size
+        with torch.no_grad():
+            tokens = self.dino(pixel_values=dino_pixel_values.to(self.dtype)).last_hidden_state[:, -grid_h * grid_w :]
+        feature_map = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, grid_h, grid_w)
+        sampled = F.grid_sample(
+            feature_map.float(), query_points[:, :, None, :].float(), mode="bilinear", align_corners=False
+        )
+        return sampled[..., 0].transpose(1, 2).to(self.dtype)
+
+    def _point_context(
+        self, query_points: torch.Tensor, dino_pixel_values: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What each query's tokens share across denoising steps: Fourier (u, v) and DINO features."""
+        fourier = self.point_fourier(query_points)
+        if not self.config.use_dino:
+            return fourier, None
+        if dino_pixel_values is None:
+            raise ValueError("This model uses DINO features (use_dino=True): pass `dino_pixel_values` from Mu0Processor.")
+        return fourier, self._dino_features(dino_pixel_values, query_points)
+
+    def _embed_suffix(
+        self,
+        noisy_control_points: torch.Tensor,
+        fourier: torch.Tensor,
+        dino_features: torch.Tensor | None,
+        history: torch.Tensor | None,
+        history_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Two tokens per query, ordered [history_1..N, future_1..N]."""
+        batch_size, num_queries = noisy_control_points.shape[:2]
+        future = self.future_proj(noisy_control_points.flatten(2).to(self.dtype))
+        if self.history_proj is not None:
+            if history is None:
+                history = noisy_control_points.new_zeros(batch_size, num_queries, self.config.history_length, 3)
+                history_mask = noisy_control_points.new_zeros(batch_size, num_queries, self.config.history_length)
+            history_mask = history_mask.to(history.dtype)
+            history_features = torch.cat([history * history_mask[..., None], history_mask[..., None]], dim=-1)
+            past = self.history_proj(history_features.flatten(2).to(self.dtype))
+        else:
+            past = torch.zeros_like(future)
+        tokens = torch.stack([past, future], dim=1) + self.group_embedding.weight[None, :, None, :]
+        tokens = tokens + fourier[:, None]
+        if dino_features is not None:
+            dino = dino_features[:, None].expand(-1, 2, -1, -1)
+            tokens = tokens + self.dino_fusion_out(F.silu(self.dino_fusion_in(torch.cat([tokens, dino], dim=-1))))
+        return tokens.flatten(1, 2)
+
+    def _attention_masks(self, prefix_mask: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+        """(B, 2N, L + 2N) boolean mask: prefix keys, then suffix keys.
+
+        History tokens see only (valid) history tokens; future tokens see every valid suffix token; padded queries
+        are never seen; every suffix token sees the valid prefix, so no row is empty.
+        """
+        num_queries = query_mask.shape[1]
+        is_history = torch.arange(2 * num_queries, device=query_mask.device) < num_queries
+        key_valid = query_mask.bool().repeat(1, 2)
+        suffix = key_valid[:, None, :] & (~is_history[:, None] | is_history[None, :])[None]
+        prefix = prefix_mask[:, None, :].expand(-1, 2 * num_queries, -1)
+        return torch.cat([prefix, suffix], dim=-1)
+
+    def _time_condition(self, time: torch.Tensor) -> torch.Tensor:
+        embedding = sinusoidal_time_embedding(
+            time, self.config.expert_hidden_size, self.config.min_period, self.config.max_period
+        )
+        return self.time_mlp_out(F.silu(self.time_mlp_in(embedding.to(self.dtype))))
+
+    def _suffix_rotary(self, prefix: Mu0Prefix) -> tuple[torch.Tensor, torch.Tensor]:
+        """All suffix tokens share one position id (right after the prefix), so query order does not matter."""
+        positions = prefix.attention_mask.long().sum(-1, keepdim=True)
+        probe = prefix.keys[0].new_zeros(positions.shape[0], 1, 1)
+        cos, sin = self.text_model.rotary_emb(probe, positions)
+        return cos[:, 0], sin[:, 0]
+
+    def denoise_step(
+        self,
+        prefix: Mu0Prefix,
+        noisy_control_points: torch.Tensor,
+        time: torch.Tensor,
+        query_mask: torch.Tensor,
+        fourier: torch.Tensor,
+        dino_features: torch.Tensor | None = None,
+        history: torch.Tensor | None = None,
+        history_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Velocity (B, N, D, 3) and done logits (B, N, H) for control points at flow time `time` (B,)."""
+        num_queries = noisy_control_points.shape[1]
+        hidden_states = self._embed_suffix(noisy_control_points, fourier, dino_features, history, history_mask)
+        condition = self._time_condition(time)
+        mask = self._attention_masks(prefix.attention_mask, query_mask)
+        cos, sin = self._suffix_rotary(prefix)
+        for layer, keys, values in zip(self.expert_layers, prefix.keys, prefix.values):
+            layer_mask = mask if layer.joint else mask[..., : keys.shape[2]]
+            hidden_states = layer(hidden_states, condition, keys, values, layer_mask, cos, sin)
+        shift, scale = self.final_modulation(F.silu(condition))[:, None, :].chunk(2, dim=-1)
+        future_states = (self.final_norm(hidden_states) * (1 + scale) + shift)[:, num_queries:]
+        velocity = self.trace_velocity_head(future_states).view(*future_states.shape[:2], -1, 3)
+        return velocity.float(), self.trace_done_head(future_states).float()
+
+    # ------------------------------------------------------------------------------------------------ inputs
+    def _validate_queries(
+        self,
+        pixel_values: torch.Tensor,
+        query_points: torch.Tensor,
+        query_mask: torch.Tensor | None,
+        **batched: torch.Tensor | None,
+    ) -> torch.Tensor:
+        batch_size = pixel_values.shape[0]
+        if query_points.ndim != 3 or query_points.shape[-1] != 2:
+            raise ValueError(f"query_points must be (batch, num_queries, 2), got {tuple(query_points.shape)}.")
+        if query_points.shape[1] == 0:
+            raise ValueError("query_points is empty: pass at least one query point per image.")
+        if query_points.shape[1] > self.config.max_queries:
+            raise ValueError(
+                f"{query_points.shape[1]} query points exceed max_queries={self.config.max_queries}; split the queries."
+            )
+        query_mask = torch.ones(query_points.shape[:2], dtype=torch.bool, device=query_points.device) if query_mask is None else query_mask.bool()
+        for name, tensor in {"query_points": query_points, "query_mask": query_mask, **batched}.items():
+            if tensor is not None and tensor.shape[0] != batch_size:
+                raise ValueError(f"{name} has batch size {tensor.shape[0]} but pixel_values has {batch_size}.")
+        real = query_points[query_mask]
+        if not torch.isfinite(real).all():
+            raise ValueError("query_points contain NaN or inf values.")
+        if (real.abs() > 1).any():
+            raise ValueError("query_points must be normalised (u, v) inside [-1, 1]; some points lie outside the image.")
+        return query_mask
+
+    # --------------------------------------------------------------------------------------------- training
+    def sample_time(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        beta = torch.distributions.Beta(
+            torch.tensor(self.config.time_sampling_beta_alpha), torch.tensor(self.config.time_sampling_beta_beta)
+        )
+        return (beta.sample((batch_size,)) * self.config.time_sampling_scale + self.config.time_sampling_offset).to(device)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.LongTensor,
+        query_points: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        query_mask: torch.Tensor | None = None,
+        history: torch.Tensor | None = None,
+        history_mask: torch.Tensor | None = None,
+        depth_pixel_values: torch.Tensor | None = None,
+        depth_mask: torch.Tensor | None = None,
+        dino_pixel_values: torch.Tensor | None = None,
+        cluster_ids: torch.LongTensor | None = None,
+        labels: torch.Tensor | None = None,
+        labels_mask: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        time: torch.Tensor | None = None,
+        **kwargs,
+    ) -> Mu0TraceOutput:
+        r"""
+        query_points (`(B, N, 2)`): current (u, v) of each query, normalised to [-1, 1] by width and height.
+        query_mask (`(B, N)`): False for padded queries.
+        history / history_mask (`(B, N, h, 3)` / `(B, N, h)`): time-reversed past steps as normalised deltas.
+        cluster_ids (`(B, N)`): entity id of each query (-1 for none); drives the rigidity loss.
+        labels / labels_mask (`(B, N, H, 3)` / `(B, N, H)`): dense future traces as normalised anchor-relative
+            deltas and their per-step validity. Control-point targets are fitted here, so callers never handle
+            splines.
+        noise, time: optional fixed flow-matching noise (B, N, D, 3) and times (B,), for reproducible losses.
+        """
+        query_mask = self._validate_queries(pixel_values, query_points, query_mask, input_ids=input_ids, labels=labels)
+        batch_size, num_queries = query_points.shape[:2]
+        prefix = self.compute_prefix(pixel_values, input_ids, attention_mask, depth_pixel_values, depth_mask)
+        fourier, dino_features = self._point_context(query_points, dino_pixel_values)
+        control_shape = (batch_size, num_queries, self.config.num_control_points, 3)
+        if labels is None:
+            if noise is None or time is None:
+                raise ValueError("Without labels, forward needs `noise` and `time` to evaluate the velocity field.")
+            velocity, done_logits = self.denoise_step(
+                prefix, noise, time, query_mask, fourier, dino_features, history, history_mask
+            )
+            return Mu0TraceOutput(velocity=velocity, done_logits=done_logits)
+
+        if labels_mask is None:
+            raise ValueError("labels were given without labels_mask (per-step validity of the future trace).")
+        labels_mask = labels_mask.bool() & query_mask[..., None]
+        control_points, fit_ok = fit_control_points(
+            labels.float(),
+            labels_mask,
+            num_control_points=self.config.num_control_points,
+            degree=self.config.spline_degree,
+            smoothness=self.config.spline_smoothness,
+            clip=self.config.control_point_clip,
+        )
+        noise = torch.randn(control_shape, device=labels.device) if noise is None else noise.float()
+        time = self.sample_time(batch_size, labels.device) if time is None else time.float()
+        expanded_time = time[:, None, None, None]
+        noisy = expanded_time * noise + (1 - expanded_time) * control_points
+        velocity, done_logits = self.denoise_step(
+            prefix, noisy, time, query_mask, fourier, dino_features, history, history_mask
+        )
+        trained = query_mask & fit_ok
+        per_query = ((velocity - (noise - control_points)) ** 2).mean(dim=(-1, -2))
+        flow_loss = (per_query * trained).sum() / trained.sum().clamp(min=1)
+        done_targets = labels_mask.float()
+        per_step = F.binary_cross_entropy_with_logits(done_logits, done_targets, reduction="none")
+        done_loss = (per_step.mean(-1) * query_mask).sum() / query_mask.sum().clamp(min=1)
+        rigidity_loss = (
+            self.rigidity_loss(noisy - expanded_time * velocity, cluster_ids, trained)
+            if cluster_ids is not None
+            else velocity.new_zeros(())
+        )
+        loss = flow_loss + self.config.done_loss_weight * done_loss + self.config.rigidity_loss_weight * rigidity_loss
+        return Mu0TraceOutput(
+            loss=loss,
+            flow_loss=flow_loss.detach(),
+            done_loss=done_loss.detach(),
+            rigidity_loss=rigidity_loss.detach(),
+            velocity=velocity,
+            done_logits=done_logits,
+        )
+
+    @staticmethod
+    def rigidity_loss(clean_control_points: torch.Tensor, cluster_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Variance over the control-point index of pairwise distances between same-cluster queries.
+
+        A rigid part keeps its points' mutual distances through time, so a prediction that stretches it pays.
+        """
+        points = clean_control_points.transpose(1, 2)  # (B, D, N, 3)
+        distances = (points[:, :, :, None, :] - points[:, :, None, :, :]).norm(dim=-1)  # (B, D, N, N)
+        same = (cluster_ids[:, :, None] == cluster_ids[:, None, :]) & (cluster_ids[:, :, None] >= 0)
+        pairs = same & valid[:, :, None] & valid[:, None, :]
+        pairs = pairs & ~torch.eye(pairs.shape[-1], dtype=torch.bool, device=pairs.device)[None]
+        variance = distances.var(dim=1, unbiased=False)
+        return (variance * pairs).sum() / pairs.sum().clamp(min=1)
+
+    # -------------------------------------------------------------------------------------------- inference
+    def _make_scheduler(self, num_steps: int):
+        from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+
+        if self.config.sampler == "heun":
+            scheduler = FlowMatchHeunDiscreteScheduler(shift=1.0)
+            scheduler.set_timesteps(num_steps)
+        else:
+            scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+            # Uniform Euler from t=1 to 0 (sigmas 1, 1 - 1/n, ..., 1/n, then the terminal 0).
+            scheduler.set_timesteps(sigmas=[1.0 - step / num_steps for step in range(num_steps)])
+        return scheduler
+
+    @torch.no_grad()
+    def predict_traces(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.LongTensor,
+        query_points: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        query_mask: torch.Tensor | None = None,
+        history: torch.Tensor | None = None,
+        history_mask: torch.Tensor | None = None,
+        depth_pixel_values: torch.Tensor | None = None,
+        depth_mask: torch.Tensor | None = None,
+        dino_pixel_values: torch.Tensor | None = None,
+        num_steps: int | None = None,
+        num_samples: int = 1,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+        use_prefix_cache: bool = True,
+        **kwargs,
+    ) -> Mu0TracePrediction:
+        """Sample `num_samples` traces per query by integrating the flow from noise (t=1) to data (t=0).
+
+        The backbone prefix is computed once and reused at every step unless `use_prefix_cache=False`, which
+        recomputes it per step (same result; kept to measure and test the cache). Best-of-N = `num_samples` noises.
+        """
+        query_mask = self._validate_queries(pixel_values, query_points, query_mask, input_ids=input_ids)
+        num_steps = num_steps or self.config.num_inference_steps
+        batch_size, num_queries = query_points.shape[:2]
+        shape = (batch_size, num_samples, num_queries, self.config.num_control_points, 3)
+        if noise is None:
+            noise = torch.randn(shape, generator=generator, device=pixel_values.device, dtype=torch.float32)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}.")
+
+        def prefix_for_samples() -> Mu0Prefix:
+            prefix = self.compute_prefix(pixel_values, input_ids, attention_mask, depth_pixel_values, depth_mask)
+            return prefix.repeat_interleave(num_samples)
+
+        def repeat(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.repeat_interleave(num_samples, dim=0)
+
+        fourier, dino_features = self._point_context(query_points, dino_pixel_values)
+        context = dict(
+            query_mask=repeat(query_mask),
+            fourier=repeat(fourier),
+            dino_features=repeat(dino_features),
+            history=repeat(history),
+            history_mask=repeat(history_mask),
+        )
+        prefix = prefix_for_samples() if use_prefix_cache else None
+        scheduler = self._make_scheduler(num_steps)
+        sample = noise.flatten(0, 1)
+        done_logits = None
+        for timestep in scheduler.timesteps:
+            time = (timestep / scheduler.config.num_train_timesteps).expand(sample.shape[0]).to(sample.device)
+            velocity, done_logits = self.denoise_step(
+                prefix if use_prefix_cache else prefix_for_samples(), sample, time, **context
+            )
+            sample = scheduler.step(velocity, timestep, sample).prev_sample
+        control_points = sample.view(shape)
+        done_probs = torch.sigmoid(done_logits).view(batch_size, num_samples, num_queries, -1)
+        alive_mask = torch.cumprod((done_probs >= 0.5).long(), dim=-1).bool()
+        traces = render_traces(control_points, self.spline_basis.to(control_points.dtype))
+        return Mu0TracePrediction(
+            traces=traces, done_probs=done_probs, alive_mask=alive_mask, control_points=control_points
+        )
+
+    # --------------------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_backbones(cls, config: Mu0Config | None = None, **loading_kwargs) -> "Mu0ForTracePrediction":
+        """A fresh μ0 whose backbone and DINOv2 carry pretrained weights (`config.backbone_checkpoint`, `dino_checkpoint`).
+
+        Downloads from the Hub; the trace expert starts from its own initialisation.
+        """
+        config = config or Mu0Config()
+        model = cls(config)
+        for module, checkpoint in ((model.vlm, config.backbone_checkpoint), (model.dino, config.dino_checkpoint)):
+            if module is None:
+                continue
+            if checkpoint is None:
+                raise ValueError(f"No checkpoint configured for {type(module).__name__}: set it in Mu0Config.")
+            pretrained = AutoModel.from_pretrained(checkpoint, **loading_kwargs)
+            missing, unexpected = module.load_state_dict(pretrained.state_dict(), strict=False)
+            missing = [key for key in missing if ".lora_" not in key]
+            if missing:
+                raise ValueError(f"{checkpoint} lacks weights for {len(missing)} parameters, e.g. {missing[:3]}.")
+        model._freeze_backbone()
+        return model
+
+
+__all__ = ["Mu0PreTrainedModel", "Mu0ForTracePrediction", "Mu0TraceOutput", "Mu0TracePrediction", "Mu0Prefix"]

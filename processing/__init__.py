@@ -1,0 +1,7 @@
+"""μ0 processing: `Mu0Processor` and `Mu0ImageProcessor`."""
+
+from .character_tokenizer import build_character_tokenizer
+from .image_processing_mu0 import Mu0ImageProcessor, render_depth, turbo_colormap
+from .processing_mu0 import Mu0Processor
+
+__all__ = ["Mu0ImageProcessor", "Mu0Processor", "build_character_tokenizer", "render_depth", "turbo_colormap"]

@@ -1,0 +1,50 @@
+"""Packaging for μ0: one distribution `mu0`, one import namespace `mu0`.
+
+The design card fixes the top-level folders; `package_dir` maps them under `mu0` so nothing generic
+(`processing`, `training`) lands in site-packages.
+"""
+
+from setuptools import setup
+
+PACKAGE_DIR = {
+    "mu0": "modeling_mu0",
+    "mu0.processing": "processing",
+    "mu0.dataset_builders": "dataset_builders",
+    "mu0.training": "training",
+    "mu0.model_cards": "model_cards",
+}
+
+EXTRAS = {
+    "extract": ["opencv-python-headless>=4.8", "av>=12", "scipy>=1.10"],
+    "viz": ["matplotlib>=3.7"],
+    "dev": ["pytest>=8", "opencv-python-headless>=4.8", "av>=12", "scipy>=1.10", "matplotlib>=3.7"],
+}
+
+setup(
+    name="mu0",
+    version="0.1.0",
+    description="μ0: a 3D interaction-trace world model, native to the Hugging Face stack",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=list(PACKAGE_DIR),
+    package_dir=PACKAGE_DIR,
+    package_data={"mu0.model_cards": ["*.md"], "mu0.training": ["recipes/*.json"]},
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0",
+        "datasets>=4.0",
+        "diffusers>=0.35",
+        "peft>=0.17",
+        "accelerate>=1.10",
+        "safetensors>=0.4",
+        "huggingface_hub>=1.0",
+        "numpy>=1.24",
+        "pillow>=10",
+        "tqdm>=4.66",
+        "packaging",
+    ],
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["mu0=mu0.training.cli:main"]},
+)
