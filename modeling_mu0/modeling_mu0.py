@@ -112,7 +112,7 @@ class Mu0FourierEmbedding(nn.Module):
         super().__init__()
         self.register_buffer("frequencies", math.pi * 2.0 ** torch.arange(num_frequencies), persistent=False)
         self.mlp_in = nn.Linear(4 * num_frequencies, hidden_size)
-        self.mlp_out = nn.Linear(hidden_size, hidden_size)
+        self.mlp_out = zero_initialised(nn.Linear(hidden_size, hidden_size))
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         angles = points[..., None].float() * self.frequencies.to(points.device)
@@ -195,7 +195,7 @@ class Mu0ExpertLayer(GradientCheckpointingLayer):
         self.attention = Mu0ExpertAttention(config, joint=self.joint)
         self.mlp_norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.mlp = Mu0ExpertMLP(hidden, config.expert_intermediate_size)
-        self.adaln_modulation = nn.Linear(hidden, 6 * hidden)
+        self.adaln_modulation = zero_initialised(nn.Linear(hidden, 6 * hidden))
 
     def forward(
         self,
@@ -226,27 +226,32 @@ class Mu0PreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _no_split_modules = ["Mu0ExpertLayer", "LlamaDecoderLayer", "GemmaDecoderLayer", "Qwen2DecoderLayer"]
 
+    def _set_gradient_checkpointing(self, enable: bool = True, *args, **kwargs) -> None:
+        """Checkpoint the expert only: the frozen text backbone must keep the prefix KV cache the expert reads, and a
+        recomputed vision pass would no longer know whether the depth LoRA was on."""
+        super()._set_gradient_checkpointing(enable, *args, **kwargs)
+        for module in self.vlm.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = False
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, Mu0ExpertLayer):
-            nn.init.zeros_(module.adaln_modulation.weight)
-            nn.init.zeros_(module.adaln_modulation.bias)
+        if getattr(module, "zero_init", False):
+            nn.init.zeros_(module.weight)
+            nn.init.constant_(module.bias, getattr(module, "bias_init", 0.0))
         elif isinstance(module, Mu0FourierEmbedding):
-            nn.init.zeros_(module.mlp_out.weight)
-            nn.init.zeros_(module.mlp_out.bias)
             module.frequencies.copy_(math.pi * 2.0 ** torch.arange(len(module.frequencies)))
         elif isinstance(module, Mu0DepthLoRALinear):
             nn.init.kaiming_uniform_(module.lora_A.weight, a=math.sqrt(5))
             nn.init.zeros_(module.lora_B.weight)
-        elif isinstance(module, Mu0ForTracePrediction):
-            nn.init.zeros_(module.final_modulation.weight)
-            nn.init.zeros_(module.final_modulation.bias)
-            nn.init.zeros_(module.trace_done_head.weight)
-            nn.init.constant_(module.trace_done_head.bias, self.config.done_bias_init)
-            if module.dino_fusion_out is not None:
-                nn.init.zeros_(module.dino_fusion_out.weight)
-                nn.init.zeros_(module.dino_fusion_out.bias)
+
+
+def zero_initialised(linear: nn.Linear, bias: float = 0.0) -> nn.Linear:
+    """Mark a projection to start at zero (adaLN-Zero gates, residual branches) with an optional constant bias."""
+    linear.zero_init = True
+    linear.bias_init = bias
+    return linear
 
 
 class Mu0ForTracePrediction(Mu0PreTrainedModel):
@@ -266,7 +271,7 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
         self.point_fourier = Mu0FourierEmbedding(config.num_fourier_frequencies, hidden)
         if config.use_dino:
             self.dino_fusion_in = nn.Linear(hidden + config.dino_config.hidden_size, hidden)
-            self.dino_fusion_out = nn.Linear(hidden, hidden)
+            self.dino_fusion_out = zero_initialised(nn.Linear(hidden, hidden))
         else:
             self.dino_fusion_in = self.dino_fusion_out = None
         self.time_mlp_in = nn.Linear(hidden, hidden)
@@ -275,9 +280,9 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
             [Mu0ExpertLayer(config, layer_idx) for layer_idx in range(text_config.num_hidden_layers)]
         )
         self.final_norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.final_modulation = nn.Linear(hidden, 2 * hidden)
+        self.final_modulation = zero_initialised(nn.Linear(hidden, 2 * hidden))
         self.trace_velocity_head = nn.Linear(hidden, 3 * config.num_control_points)
-        self.trace_done_head = nn.Linear(hidden, config.horizon)
+        self.trace_done_head = zero_initialised(nn.Linear(hidden, config.horizon), bias=config.done_bias_init)
         self.register_buffer(
             "spline_basis", bspline_basis(config.horizon, config.num_control_points, config.spline_degree), persistent=False
         )
