@@ -245,6 +245,10 @@ class Mu0PreTrainedModel(PreTrainedModel):
         elif isinstance(module, Mu0DepthLoRALinear):
             nn.init.kaiming_uniform_(module.lora_A.weight, a=math.sqrt(5))
             nn.init.zeros_(module.lora_B.weight)
+        elif isinstance(module, Mu0ForTracePrediction):
+            # Non-persistent buffers are not in checkpoints: rebuild them after loading from the meta device.
+            config = module.config
+            module.spline_basis.copy_(bspline_basis(config.horizon, config.num_control_points, config.spline_degree))
 
 
 def zero_initialised(linear: nn.Linear, bias: float = 0.0) -> nn.Linear:

@@ -1,0 +1,89 @@
+"""Saved checkpoints load with the Auto classes, both with mu0 installed and through trust_remote_code without it."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+from conftest import inference_inputs, make_model, random_batch
+from transformers import AutoConfig, AutoModel, AutoProcessor
+
+from mu0 import Mu0ForTracePrediction, Mu0Processor
+
+PREDICT_WITHOUT_MU0 = textwrap.dedent(
+    """
+    import sys
+    sys.modules["mu0"] = None  # make `import mu0` fail: only the code saved beside the weights may be used
+    import numpy as np, torch
+    from transformers import AutoModel, AutoProcessor
+    path, out = sys.argv[1], sys.argv[2]
+    model = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+    assert not type(model).__module__.startswith("mu0"), type(model).__module__
+    data = np.load(path + "/inputs.npz")
+    batch = processor(images=list(data["images"]), text=["push the block", "open the drawer"],
+                      query_points=list(data["points"]))
+    prediction = model.predict_traces(**batch, num_samples=2, generator=torch.Generator().manual_seed(7))
+    torch.save({"traces": prediction.traces, "pixel_values": batch["pixel_values"]}, out)
+    """
+)
+
+
+def save_checkpoint(tmp_path, tiny_config, tiny_processor):
+    model = make_model(tiny_config)
+    with torch.no_grad():  # give the zero-initialised gates values so predictions depend on the weights
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    model.save_pretrained(tmp_path)
+    tiny_processor.save_pretrained(tmp_path)
+    return model
+
+
+def test_save_writes_code_and_statistics(tmp_path, tiny_config, tiny_processor):
+    save_checkpoint(tmp_path, tiny_config, tiny_processor)
+    files = set(os.listdir(tmp_path))
+    assert {"configuration_mu0.py", "modeling_mu0.py", "bspline.py", "processing_mu0.py", "image_processing_mu0.py"} <= files
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_mu0.Mu0ForTracePrediction"
+    processor_config = json.loads((tmp_path / "processor_config.json").read_text())
+    assert processor_config["delta_scale"] == [0.1, 0.1, 0.05]
+
+
+def test_auto_classes_load_with_mu0_installed(tmp_path, tiny_config, tiny_processor):
+    model = save_checkpoint(tmp_path, tiny_config, tiny_processor)
+    assert type(AutoConfig.from_pretrained(tmp_path)).__name__ == "Mu0Config"
+    loaded = AutoModel.from_pretrained(tmp_path)
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(loaded, Mu0ForTracePrediction) and isinstance(processor, Mu0Processor)
+    for (name, expected), actual in zip(model.state_dict().items(), loaded.state_dict().values()):
+        torch.testing.assert_close(actual, expected, msg=name)
+    inputs = inference_inputs(random_batch(processor))
+    expected = model.eval().predict_traces(**inputs, generator=torch.Generator().manual_seed(1)).traces
+    actual = loaded.eval().predict_traces(**inputs, generator=torch.Generator().manual_seed(1)).traces
+    torch.testing.assert_close(actual, expected)
+
+
+def test_trust_remote_code_without_mu0_gives_identical_predictions(tmp_path, tiny_config, tiny_processor):
+    model = save_checkpoint(tmp_path, tiny_config, tiny_processor).eval()
+    rng = torch.Generator().manual_seed(0)
+    images = (torch.rand(2, 48, 64, 3, generator=rng) * 255).to(torch.uint8).numpy()
+    points = (torch.rand(2, 4, 2, generator=rng) * torch.tensor([64.0, 48.0])).numpy()
+    import numpy as np
+
+    np.savez(tmp_path / "inputs.npz", images=images, points=points)
+    script = tmp_path / "predict.py"
+    script.write_text(PREDICT_WITHOUT_MU0)
+    out = tmp_path / "remote.pt"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, str(script), str(tmp_path), str(out)], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = torch.load(out, weights_only=True)
+
+    batch = tiny_processor(images=list(images), text=["push the block", "open the drawer"], query_points=list(points))
+    local = model.predict_traces(**batch, num_samples=2, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(remote["pixel_values"], batch["pixel_values"])
+    torch.testing.assert_close(remote["traces"], local.traces)
+    assert local.traces.abs().max() > 0
