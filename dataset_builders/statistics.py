@@ -1,0 +1,75 @@
+"""Normalisation statistics for `Mu0Processor`, accumulated while samples are produced (no second pass over video)."""
+
+import json
+import os
+import tempfile
+
+import numpy as np
+
+STATISTICS_FILE = "trace_statistics.json"
+
+
+class TraceStatistics:
+    """Per-axis 95th percentile of |future - anchor| (u, v normalised to [-1, 1], z in metres) and log-depth p1/p99.
+
+    Percentiles are computed on a bounded random reservoir so memory stays flat over large datasets.
+    """
+
+    def __init__(self, reservoir_size: int = 200_000, seed: int = 0):
+        self.reservoir_size = reservoir_size
+        self.rng = np.random.default_rng(seed)
+        self.deltas: list[np.ndarray] = []
+        self.log_depths: list[np.ndarray] = []
+
+    def _keep(self, values: np.ndarray) -> np.ndarray:
+        if len(values) > self.reservoir_size // 10:
+            values = values[self.rng.choice(len(values), self.reservoir_size // 10, replace=False)]
+        return values
+
+    def add(self, query_uv, query_z, future, future_valid, image_size: tuple[int, int], depth=None) -> None:
+        """One sample: pixel anchors (N, 2), depths (N,), future (N, H, 3) pixels + z, validity (N, H), (height, width)."""
+        height, width = image_size
+        scale = np.array([2.0 / width, 2.0 / height, 1.0])
+        anchors = np.concatenate([np.asarray(query_uv), np.asarray(query_z)[:, None]], axis=-1)
+        delta = (np.asarray(future) - anchors[:, None, :]) * scale
+        valid = np.asarray(future_valid, dtype=bool) & np.isfinite(delta).all(-1)
+        self.deltas.append(self._keep(np.abs(delta[valid])))
+        if depth is not None:
+            depth = np.asarray(depth, dtype=np.float64)
+            positive = depth[np.isfinite(depth) & (depth > 1e-3)]
+            if positive.size:
+                self.log_depths.append(self._keep(np.log(positive)))
+
+    def compute(self) -> dict[str, list[float]]:
+        if not self.deltas or not sum(len(d) for d in self.deltas):
+            raise ValueError("No valid future steps were seen: cannot compute delta_scale.")
+        deltas = np.concatenate(self.deltas)
+        scale = np.percentile(deltas, 95, axis=0)
+        if (scale <= 0).any():
+            raise ValueError(f"delta_scale has a zero axis ({scale.tolist()}): the data contains no motion on it.")
+        statistics = {"delta_scale": [float(value) for value in scale]}
+        if self.log_depths:
+            log_depths = np.concatenate(self.log_depths)
+            statistics["depth_log_range"] = [float(np.percentile(log_depths, 1)), float(np.percentile(log_depths, 99))]
+        return statistics
+
+
+def save_statistics(statistics: dict, directory: str) -> str:
+    """Write `trace_statistics.json` atomically (temp file + rename)."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, STATISTICS_FILE)
+    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as handle:
+        json.dump(statistics, handle, indent=2)
+    os.replace(handle.name, path)
+    return path
+
+
+def load_statistics(directory: str) -> dict:
+    path = os.path.join(directory, STATISTICS_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No {STATISTICS_FILE} in {directory}: extract the dataset with statistics first.")
+    with open(path) as handle:
+        return json.load(handle)
+
+
+__all__ = ["TraceStatistics", "save_statistics", "load_statistics", "STATISTICS_FILE"]

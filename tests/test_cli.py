@@ -1,0 +1,43 @@
+"""The `mu0` command line: the embedded demo end to end, version, and one-line errors."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mu0 import Mu0ForTracePrediction, Mu0Processor
+from mu0.training.cli import main
+
+
+def test_demo_quick_writes_a_loadable_model_and_finite_metrics(tmp_path, capsys):
+    assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "| mu0 |" in printed and "| zero_motion |" in printed and "| constant_velocity |" in printed
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    for method in ("mu0", "zero_motion", "constant_velocity"):
+        assert all(math.isfinite(value) for value in summary["metrics"][method].values())
+    assert summary["eval_samples"] > 0 and summary["train_samples"] > 0
+    model = Mu0ForTracePrediction.from_pretrained(tmp_path / "model")
+    processor = Mu0Processor.from_pretrained(tmp_path / "model")
+    assert processor.delta_scale is not None and all(value > 0 for value in processor.delta_scale)
+    assert torch.isfinite(next(model.parameters())).all()
+
+
+def test_version_and_help():
+    version = subprocess.run([sys.executable, "-m", "mu0.training.cli", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.startswith("mu0 ")
+    help_text = subprocess.run([sys.executable, "-m", "mu0.training.cli", "--help"], capture_output=True, text=True)
+    assert "mu0 demo" in help_text.stdout
+
+
+def test_errors_print_one_line_and_exit_non_zero(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["demo", "--quick", "--steps", "1", "--output-dir", str(blocker / "out")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("mu0 demo: error:")
+    with pytest.raises(SystemExit):
+        main(["no-such-command"])
