@@ -96,7 +96,7 @@ def preset_config(size: str = "tiny", backbone: str = "smolvlm", **overrides) ->
         "num_vlm_layers": text_layers,
         "image_size": image_size,
         "dino_image_size": dino_size,
-        "max_prompt_length": 24,
+        "max_prompt_length": 64,
         "max_queries": 64,
     }
     settings.update(overrides)

@@ -52,7 +52,7 @@ class Mu0Processor(ProcessorMixin):
                 raise ValueError(f"delta_scale must be three positive finite numbers (u, v, z), got {delta_scale}.")
         if depth_log_range is not None:
             depth_log_range = [float(value) for value in depth_log_range]
-            if len(depth_log_range) != 2 or not depth_log_range[0] < depth_log_range[1]:
+            if len(depth_log_range) != 2 or not all(np.isfinite(depth_log_range)) or not depth_log_range[0] < depth_log_range[1]:
                 raise ValueError(f"depth_log_range must be (log p1, log p99) with p1 < p99, got {depth_log_range}.")
         self.delta_scale = delta_scale
         self.depth_log_range = depth_log_range
@@ -166,7 +166,10 @@ class Mu0Processor(ProcessorMixin):
         query_mask = torch.zeros(batch_size, num_queries, dtype=torch.bool)
         uv = torch.zeros(batch_size, num_queries, 2)
         anchor_z = torch.zeros(batch_size, num_queries)
-        has_depth = all(p.shape[1] == 3 for p in points)
+        widths = {p.shape[1] for p in points}
+        if len(widths) > 1:
+            raise ValueError("Mix of (N, 2) and (N, 3) query points: give every image's points with depth, or none.")
+        has_depth = widths == {3}
         for index, (p, size) in enumerate(zip(points, image_sizes)):
             normalized_points = self._normalize_points(p, size, normalized)
             outside = np.abs(normalized_points[:, :2]) > 1
