@@ -47,7 +47,7 @@ def make_samples(seeds, settings: DemoSettings, desc: str) -> list[dict]:
         episode = generate_episode(int(seed), num_frames=settings.num_frames, image_size=settings.image_size)
         frames = np.linspace(2, settings.num_frames - 8, settings.frames_per_episode).astype(int).tolist()
         for sample in episode_to_samples(episode, frames, num_queries=settings.queries_per_sample):
-            inside = ((sample["query_uv"] >= 0) & (sample["query_uv"] < settings.image_size)).all(-1)
+            inside = ((sample["query_uv"] >= -0.5) & (sample["query_uv"] <= settings.image_size - 0.5)).all(-1)
             if inside.any():
                 samples.append({key: value[inside] if _per_query(key) else value for key, value in sample.items()})
     return samples

@@ -1,0 +1,244 @@
+"""TraceExtract per episode: raw video (+ what the source knows) -> world tracks, motion, events, captions, samples.
+
+Every stage runs through an explicit backend recorded in the episode's metadata; a backend that lacks its input
+raises an error naming the missing input and the alternatives, never a silent fallback.
+"""
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .captions import covering, given_captions, template_captions
+from .keypoints import grid_keypoints, motion_keypoints
+from .sources import RawEpisode
+from .trace_ops import (
+    MIN_COVERAGE,
+    fill_world_tracks,
+    interpolate_at,
+    lift_to_world,
+    motion_events,
+    moving_tracks,
+    normalize_pixels,
+    project_to_camera,
+    retarget_times,
+    robust_speed,
+    visible_coverage,
+)
+
+CAMERA_BACKENDS = ("given", "static")
+KEYPOINT_BACKENDS = ("given", "grid", "motion")
+TRACKER_BACKENDS = ("given", "lk")
+CAPTION_BACKENDS = ("given", "template")
+
+
+@dataclass
+class ExtractionSettings:
+    camera: str = "given"
+    keypoints: str = "given"
+    tracker: str = "given"
+    captions: str = "template"
+    num_keypoints: int = 256
+    min_coverage: float = MIN_COVERAGE
+    history: int = 8
+    horizon: int = 32
+    retarget_steps: int = 128
+    frame_stride: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        for name, allowed in (
+            ("camera", CAMERA_BACKENDS),
+            ("keypoints", KEYPOINT_BACKENDS),
+            ("tracker", TRACKER_BACKENDS),
+            ("captions", CAPTION_BACKENDS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"Unknown {name} backend {getattr(self, name)!r}; choose from {allowed}.")
+        if self.tracker == "given" and self.keypoints != "given":
+            raise ValueError("tracker='given' follows the source's own points: use keypoints='given' with it.")
+
+
+@dataclass
+class ExtractedEpisode:
+    episode_id: str
+    task: str | None
+    fps: float
+    frames: np.ndarray
+    depth: np.ndarray | None
+    intrinsics: np.ndarray
+    extrinsics: np.ndarray
+    tracks: np.ndarray  # (T, N, 2) pixels
+    visible: np.ndarray  # (T, N)
+    world: np.ndarray  # (T, N, 3), gaps filled
+    world_valid: np.ndarray  # (T, N)
+    cluster_ids: np.ndarray
+    moving: np.ndarray
+    events: list
+    captions: list
+    metadata: dict = field(default_factory=dict)
+
+    ARRAYS = ("frames", "intrinsics", "extrinsics", "tracks", "visible", "world", "world_valid", "cluster_ids", "moving")
+
+    def save(self, path: str) -> None:
+        """Atomic write: a temp file in the same folder, then rename, so a crash never leaves a half episode."""
+        arrays = {name: getattr(self, name) for name in self.ARRAYS}
+        if self.depth is not None:
+            arrays["depth"] = self.depth.astype(np.float16)
+        header = {key: getattr(self, key) for key in ("episode_id", "task", "fps", "events", "captions", "metadata")}
+        arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+        folder = os.path.dirname(path) or "."
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp.npz", delete=False) as handle:
+            np.savez(handle, **arrays)
+        os.replace(handle.name, path)
+
+    @classmethod
+    def load(cls, path: str) -> "ExtractedEpisode":
+        with np.load(path, allow_pickle=False) as data:
+            header = json.loads(data["header"].tobytes().decode())
+            arrays = {name: data[name] for name in cls.ARRAYS}
+            depth = data["depth"].astype(np.float32) if "depth" in data.files else None
+        header["events"] = [tuple(event) for event in header["events"]]
+        return cls(depth=depth, **arrays, **header)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.frames.shape[1], self.frames.shape[2]
+
+
+class EpisodeRejected(Exception):
+    """An episode that is readable but unusable (e.g. low track coverage): counted and skipped, with the reason."""
+
+
+def _camera(raw: RawEpisode, settings: ExtractionSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if raw.depth is None or raw.intrinsics is None:
+        raise ValueError(
+            f"Episode {raw.episode_id}: camera={settings.camera!r} needs depth and intrinsics from the source; this "
+            "source provides none (use an RGB-D source, or a depth estimation backend)."
+        )
+    if settings.camera == "given":
+        if raw.extrinsics is None:
+            raise ValueError(f"Episode {raw.episode_id}: camera='given' needs extrinsics; use camera='static' for a fixed camera.")
+        return raw.depth, raw.intrinsics, raw.extrinsics
+    return raw.depth, raw.intrinsics, np.repeat(np.eye(4)[None], len(raw.frames), axis=0)
+
+
+def _tracks(raw: RawEpisode, settings: ExtractionSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(settings.seed)
+    if settings.tracker == "given":
+        if raw.tracks is None:
+            raise ValueError(f"Episode {raw.episode_id}: tracker='given' but the source has no tracks; use tracker='lk'.")
+        visible = raw.track_visible if raw.track_visible is not None else np.isfinite(raw.tracks).all(-1)
+        clusters = raw.cluster_ids if raw.cluster_ids is not None else np.zeros(raw.tracks.shape[1], dtype=np.int64)
+        return raw.tracks, visible & np.isfinite(raw.tracks).all(-1), clusters
+    from .tracking import track_points_lk
+
+    if settings.keypoints == "grid":
+        points, clusters = grid_keypoints(raw.image_size, settings.num_keypoints)
+    elif settings.keypoints == "motion":
+        points, clusters = motion_keypoints(raw.frames, settings.num_keypoints, rng)
+    else:
+        if raw.tracks is None:
+            raise ValueError(f"Episode {raw.episode_id}: keypoints='given' but the source has no points; use 'grid' or 'motion'.")
+        start = raw.track_visible[0] if raw.track_visible is not None else np.ones(raw.tracks.shape[1], bool)
+        points = raw.tracks[0][start]
+        clusters = (raw.cluster_ids[start] if raw.cluster_ids is not None else np.zeros(len(points), np.int64))
+    queries = np.column_stack([np.zeros(len(points)), points])
+    result = track_points_lk(raw.frames, queries)
+    return result.tracks, result.visible, clusters
+
+
+def extract_episode(raw: RawEpisode, settings: ExtractionSettings) -> ExtractedEpisode:
+    """Run every stage on one episode; raises ValueError on bad input and EpisodeRejected on unusable data."""
+    depth, intrinsics, extrinsics = _camera(raw, settings)
+    tracks, visible, cluster_ids = _tracks(raw, settings)
+    coverage = visible_coverage(visible)
+    if coverage < settings.min_coverage:
+        raise EpisodeRejected(f"visible-track coverage {coverage:.2f} < {settings.min_coverage}")
+    world, world_valid = lift_to_world(tracks, visible, depth, intrinsics, extrinsics)
+    world, world_valid = fill_world_tracks(world, world_valid)
+    # Motion is judged in one fixed camera (the first frame's), so camera motion does not count as object motion.
+    anchor_traces, anchor_valid = project_to_camera(world, world_valid, extrinsics[0], intrinsics)
+    moving = moving_tracks(anchor_traces[..., :2], anchor_valid, raw.image_size)
+    events = motion_events(anchor_traces[..., :2], anchor_valid, moving)
+    if settings.captions == "given":
+        captions = given_captions(raw.task, len(raw.frames))
+    else:
+        uvz = np.concatenate([normalize_pixels(anchor_traces[..., :2], raw.image_size), anchor_traces[..., 2:]], -1)
+        captions = template_captions(events, uvz, anchor_valid, moving)
+        if raw.task:
+            captions.extend(given_captions(raw.task, len(raw.frames)))
+    metadata = {
+        **raw.metadata,
+        "backends": {k: getattr(settings, k) for k in ("camera", "keypoints", "tracker", "captions")},
+        "coverage": coverage,
+        "num_tracks": int(tracks.shape[1]),
+        "num_moving": int(moving.sum()),
+    }
+    return ExtractedEpisode(
+        episode_id=raw.episode_id,
+        task=raw.task,
+        fps=raw.fps,
+        frames=raw.frames,
+        depth=depth,
+        intrinsics=np.asarray(intrinsics, dtype=np.float32),
+        extrinsics=np.asarray(extrinsics, dtype=np.float32),
+        tracks=tracks.astype(np.float32),
+        visible=visible,
+        world=world.astype(np.float32),
+        world_valid=world_valid,
+        cluster_ids=np.asarray(cluster_ids, dtype=np.int64),
+        moving=moving,
+        events=events,
+        captions=[caption.to_dict() for caption in captions],
+        metadata=metadata,
+    )
+
+
+def episode_samples(episode: ExtractedEpisode, settings: ExtractionSettings):
+    """One sample per frame t (every `frame_stride`): tracks visible at t, projected through camera t.
+
+    Future and history are retargeted by arc length (one step = 0.05 of robust path length) and the raw
+    frame-time future is kept too. Frames with fewer than `history` frames before them are skipped.
+    """
+    num_frames = len(episode.frames)
+    for frame in range(settings.history, num_frames - 1, settings.frame_stride):
+        query = episode.visible[frame] & episode.world_valid[frame]
+        if not query.any():
+            continue
+        traces, valid = project_to_camera(
+            episode.world[:, query], episode.world_valid[:, query], episode.extrinsics[frame], episode.intrinsics
+        )
+        normalized = normalize_pixels(traces[..., :2], episode.image_size)
+        speed = robust_speed(normalized, valid)
+        future, future_valid = interpolate_at(traces, valid, retarget_times(speed, frame, settings.retarget_steps, 1))
+        history, history_valid = interpolate_at(traces, valid, retarget_times(speed, frame, settings.history, -1))
+        raw_steps = frame + np.arange(1, settings.horizon + 1, dtype=np.float64)
+        raw_steps[raw_steps > num_frames - 1] = np.nan
+        raw_future, raw_future_valid = interpolate_at(traces, valid, raw_steps)
+        yield {
+            "episode_id": episode.episode_id,
+            "frame_index": frame,
+            "image": episode.frames[frame],
+            "depth": None if episode.depth is None else episode.depth[frame],
+            "intrinsics": episode.intrinsics,
+            "query_uv": traces[frame, :, :2],
+            "query_z": traces[frame, :, 2],
+            "history": history,
+            "history_valid": history_valid,
+            "future": future,
+            "future_valid": future_valid,
+            "future_raw": raw_future,
+            "future_raw_valid": raw_future_valid,
+            "track_ids": np.flatnonzero(query),
+            "cluster_ids": episode.cluster_ids[query],
+            "moving": episode.moving[query],
+            "captions": covering(episode.captions, frame),
+            "task": episode.task or "",
+        }
+
+
+__all__ = ["ExtractionSettings", "ExtractedEpisode", "EpisodeRejected", "extract_episode", "episode_samples"]

@@ -1,0 +1,224 @@
+"""Episode sources for TraceExtract: what a video (plus whatever the source knows) looks like before extraction.
+
+Each source lists light, picklable `EpisodeRef`s (so extraction can be sharded across processes and machines) and
+loads one `RawEpisode` per ref. What a source does not know (depth, cameras, tracks, text) stays None and the
+extraction stages must supply it with an explicit backend.
+"""
+
+import glob
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+@dataclass(frozen=True)
+class EpisodeRef:
+    source: str
+    episode_id: str
+    location: str = ""
+    seed: int = 0
+
+
+@dataclass
+class RawEpisode:
+    episode_id: str
+    frames: np.ndarray  # (T, H, W, 3) uint8 RGB
+    fps: float
+    depth: np.ndarray | None = None  # (T, H, W) metres
+    intrinsics: np.ndarray | None = None  # (3, 3) pixels
+    extrinsics: np.ndarray | None = None  # (T, 4, 4) world -> camera
+    tracks: np.ndarray | None = None  # (T, N, 2) pixels, ground truth
+    track_visible: np.ndarray | None = None  # (T, N)
+    cluster_ids: np.ndarray | None = None  # (N,)
+    task: str | None = None
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.frames.ndim != 4 or self.frames.shape[-1] != 3 or self.frames.dtype != np.uint8 or len(self.frames) == 0:
+            raise ValueError(
+                f"Episode {self.episode_id}: frames must be a non-empty (T, H, W, 3) uint8 array, got "
+                f"{self.frames.shape} {self.frames.dtype}."
+            )
+        num_frames, height, width = self.frames.shape[:3]
+        if self.depth is not None:
+            if self.depth.shape != (num_frames, height, width):
+                raise ValueError(
+                    f"Episode {self.episode_id}: depth has shape {self.depth.shape} but the frames are "
+                    f"{(num_frames, height, width)}; depth must be aligned with the frames."
+                )
+            if np.isnan(self.depth).all():
+                raise ValueError(f"Episode {self.episode_id}: depth is entirely NaN.")
+        if self.tracks is not None and (self.tracks.shape[0] != num_frames or self.tracks.shape[-1] != 2):
+            raise ValueError(f"Episode {self.episode_id}: tracks must be (T={num_frames}, N, 2), got {self.tracks.shape}.")
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.frames.shape[1], self.frames.shape[2]
+
+
+# ------------------------------------------------------------------------------------------------ procedural
+def procedural_refs(num_episodes: int, seed: int = 0) -> list[EpisodeRef]:
+    seeds = np.random.default_rng(seed).permutation(1_000_000)[:num_episodes]
+    return [EpisodeRef("procedural", f"procedural-{int(s):06d}", seed=int(s)) for s in seeds]
+
+
+def load_procedural(ref: EpisodeRef, num_frames: int = 48, image_size: int = 128, moving_camera: bool = False) -> RawEpisode:
+    from .procedural import generate_episode, project_points
+
+    episode = generate_episode(ref.seed, num_frames=num_frames, image_size=image_size, moving_camera=moving_camera)
+    tracks = np.stack(
+        [project_points(episode.tracks_world[t], episode.extrinsics[t], episode.intrinsics)[0] for t in range(num_frames)]
+    )
+    return RawEpisode(
+        episode_id=ref.episode_id,
+        frames=episode.frames,
+        fps=10.0,
+        depth=episode.depth,
+        intrinsics=episode.intrinsics,
+        extrinsics=episode.extrinsics,
+        tracks=tracks.astype(np.float32),
+        track_visible=episode.visible,
+        cluster_ids=episode.object_ids,
+        task=episode.task,
+        metadata={"skill": episode.skill, "seed": ref.seed},
+    )
+
+
+# ---------------------------------------------------------------------------------------------- video folder
+def video_folder_refs(path: str) -> list[EpisodeRef]:
+    """Videos and frame folders under `path`; each may have a text file with its instruction."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"Video folder {path!r} does not exist.")
+    refs = []
+    for entry in sorted(os.listdir(path)):
+        full = os.path.join(path, entry)
+        stem, extension = os.path.splitext(entry)
+        if os.path.isfile(full) and extension.lower() in VIDEO_EXTENSIONS:
+            refs.append(EpisodeRef("video_folder", stem, full))
+        elif os.path.isdir(full) and any(f.lower().endswith(FRAME_EXTENSIONS) for f in os.listdir(full)):
+            refs.append(EpisodeRef("video_folder", entry, full))
+    if not refs:
+        raise FileNotFoundError(f"No videos ({', '.join(VIDEO_EXTENSIONS)}) or frame folders found in {path!r}.")
+    return refs
+
+
+def read_description(location: str) -> str | None:
+    """`<video stem>.txt` beside a video, `description.txt` inside a frame folder or its parent folder."""
+    candidates = [os.path.splitext(location)[0] + ".txt", os.path.join(location, "description.txt")]
+    candidates.append(os.path.join(os.path.dirname(location.rstrip("/")), "description.txt"))
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            with open(candidate, encoding="utf-8") as handle:
+                text = handle.read().strip()
+            if text:
+                return text
+    return None
+
+
+def decode_video(path: str, target_fps: float | None = None) -> tuple[np.ndarray, float]:
+    """Decode with PyAV to RGB frames, keeping about `target_fps` frames per second."""
+    import av
+
+    try:
+        container = av.open(path)
+    except Exception as error:  # PyAV raises several error types for unreadable files
+        raise ValueError(f"Cannot open video {path!r}: {error}") from error
+    with container:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or 30.0)
+        keep_every = max(1, round(fps / target_fps)) if target_fps else 1
+        try:
+            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+        except Exception as error:
+            raise ValueError(f"Video {path!r} is corrupt: {error}") from error
+    if not frames:
+        raise ValueError(f"Video {path!r} has no frames.")
+    return np.stack(frames[::keep_every]), fps / keep_every
+
+
+def load_video_folder(ref: EpisodeRef, target_fps: float | None = None) -> RawEpisode:
+    from PIL import Image
+
+    if os.path.isdir(ref.location):
+        files = sorted(f for f in os.listdir(ref.location) if f.lower().endswith(FRAME_EXTENSIONS))
+        frames = np.stack([np.asarray(Image.open(os.path.join(ref.location, f)).convert("RGB")) for f in files])
+        fps = float(target_fps or 10.0)
+    else:
+        frames, fps = decode_video(ref.location, target_fps)
+    return RawEpisode(ref.episode_id, frames, fps, task=read_description(ref.location))
+
+
+# -------------------------------------------------------------------------------------------------- RGB-D npz
+def rgbd_refs(path: str) -> list[EpisodeRef]:
+    """One `.npz` per episode with `frames`, `depth`, `intrinsics`, `extrinsics` and optionally `task`, `fps`."""
+    files = sorted(glob.glob(os.path.join(path, "*.npz")))
+    if not files:
+        raise FileNotFoundError(f"No RGB-D episodes (*.npz) found in {path!r}.")
+    return [EpisodeRef("rgbd", os.path.splitext(os.path.basename(f))[0], f) for f in files]
+
+
+def load_rgbd(ref: EpisodeRef) -> RawEpisode:
+    with np.load(ref.location, allow_pickle=False) as data:
+        missing = {"frames", "depth", "intrinsics", "extrinsics"} - set(data.files)
+        if missing:
+            raise ValueError(f"RGB-D episode {ref.location!r} lacks {sorted(missing)}.")
+        return RawEpisode(
+            ref.episode_id,
+            data["frames"],
+            float(data["fps"]) if "fps" in data.files else 10.0,
+            depth=data["depth"].astype(np.float32),
+            intrinsics=data["intrinsics"].astype(np.float64),
+            extrinsics=data["extrinsics"].astype(np.float64),
+            task=str(data["task"]) if "task" in data.files else None,
+        )
+
+
+# ----------------------------------------------------------------------------------- SceneTracker / LSFOdyssey
+def scenetracker_refs(path: str) -> list[EpisodeRef]:
+    """Folders holding `rgb.mp4`, `deps.npz`, `intris.npz` and `track.npz` (the LSFOdyssey demo layout)."""
+    folders = [path] if os.path.isfile(os.path.join(path, "rgb.mp4")) else sorted(
+        os.path.dirname(f) for f in glob.glob(os.path.join(path, "*", "rgb.mp4"))
+    )
+    if not folders:
+        raise FileNotFoundError(f"No SceneTracker-style episode (rgb.mp4 + npz files) found in {path!r}.")
+    return [EpisodeRef("scenetracker", os.path.basename(os.path.normpath(f)), f) for f in folders]
+
+
+def load_scenetracker(ref: EpisodeRef) -> RawEpisode:
+    frames, fps = decode_video(os.path.join(ref.location, "rgb.mp4"))
+    depth = np.load(os.path.join(ref.location, "deps.npz"))["deps"][:, 0].astype(np.float32)
+    cameras = np.load(os.path.join(ref.location, "intris.npz"))
+    track = np.load(os.path.join(ref.location, "track.npz"))["track_g"]
+    return RawEpisode(
+        ref.episode_id,
+        frames,
+        fps,
+        depth=depth,
+        intrinsics=cameras["intris"][0, 0].astype(np.float64),
+        extrinsics=cameras["extris"][0].astype(np.float64),
+        tracks=track[..., :2].astype(np.float32),
+        track_visible=(track[..., 3] > 0) & (track[..., 4] > 0),
+    )
+
+
+SOURCES = {
+    "procedural": load_procedural,
+    "video_folder": load_video_folder,
+    "rgbd": load_rgbd,
+    "scenetracker": load_scenetracker,
+}
+
+__all__ = [
+    "EpisodeRef",
+    "RawEpisode",
+    "SOURCES",
+    "decode_video",
+    "procedural_refs",
+    "rgbd_refs",
+    "scenetracker_refs",
+    "video_folder_refs",
+]

@@ -1,0 +1,291 @@
+"""TraceExtract as a `datasets` builder: videos in, 3D trace records out, publishable to the Hub and streamable.
+
+`datasets` has no loading scripts, so the builder is instantiated directly:
+
+```python
+from mu0.dataset_builders import TraceExtract
+
+builder = TraceExtract(config_name="samples", source="procedural", num_episodes=8, cache_dir="data/cache")
+builder.download_and_prepare(num_proc=2)
+samples = builder.as_dataset(split="train")
+samples.push_to_hub("me/my-traces", config_name="samples")
+```
+
+Two configurations share the extraction: `episodes` (one row per episode: world tracks, cameras, motion, events,
+captions) and `samples` (one self-contained row per (episode, frame t) for streaming training). Each episode is
+extracted once into `work_dir/episodes/<id>.npz` (atomic write); a re-run skips finished episodes, and failed or
+rejected episodes are logged in `work_dir/failures.jsonl` and counted, never half-written.
+"""
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+import datasets
+import numpy as np
+from PIL import Image
+
+from .extraction import EpisodeRejected, ExtractedEpisode, ExtractionSettings, episode_samples, extract_episode
+from .sources import SOURCES, procedural_refs, rgbd_refs, scenetracker_refs, video_folder_refs
+from .statistics import TraceStatistics, save_statistics
+
+logger = logging.getLogger(__name__)
+
+CAPTION_FEATURES = {
+    "text": datasets.Value("string"),
+    "style": datasets.Value("string"),
+    "level": datasets.Value("string"),
+    "start": datasets.Value("int32"),
+    "end": datasets.Value("int32"),
+}
+
+
+def _float_list(depth: int) -> datasets.List:
+    feature = datasets.Value("float32")
+    for _ in range(depth):
+        feature = datasets.List(feature)
+    return feature
+
+
+def _bool_list(depth: int) -> datasets.List:
+    feature = datasets.Value("bool")
+    for _ in range(depth):
+        feature = datasets.List(feature)
+    return feature
+
+
+EPISODE_FEATURES = datasets.Features(
+    {
+        "episode_id": datasets.Value("string"),
+        "task": datasets.Value("string"),
+        "fps": datasets.Value("float32"),
+        "frames": datasets.List(datasets.Image()),
+        "intrinsics": _float_list(2),
+        "extrinsics": _float_list(3),
+        "tracks_world": _float_list(3),
+        "visible": _bool_list(2),
+        "cluster_ids": datasets.List(datasets.Value("int64")),
+        "moving": datasets.List(datasets.Value("bool")),
+        "events": datasets.List(datasets.List(datasets.Value("int32"))),
+        "captions": datasets.List(CAPTION_FEATURES),
+        "metadata": datasets.Value("string"),
+    }
+)
+
+SAMPLE_FEATURES = datasets.Features(
+    {
+        "episode_id": datasets.Value("string"),
+        "frame_index": datasets.Value("int32"),
+        "image": datasets.Image(),
+        "depth_mm": datasets.Image(),
+        "intrinsics": _float_list(2),
+        "query_uv": _float_list(2),
+        "query_z": _float_list(1),
+        "history": _float_list(3),
+        "history_valid": _bool_list(2),
+        "future": _float_list(3),
+        "future_valid": _bool_list(2),
+        "future_raw": _float_list(3),
+        "future_raw_valid": _bool_list(2),
+        "track_ids": datasets.List(datasets.Value("int64")),
+        "cluster_ids": datasets.List(datasets.Value("int64")),
+        "moving": datasets.List(datasets.Value("bool")),
+        "captions": datasets.List(CAPTION_FEATURES),
+        "task": datasets.Value("string"),
+    }
+)
+
+REF_LISTERS = {
+    "procedural": lambda config: procedural_refs(config.num_episodes, config.seed),
+    "video_folder": lambda config: video_folder_refs(config.source_path),
+    "rgbd": lambda config: rgbd_refs(config.source_path),
+    "scenetracker": lambda config: scenetracker_refs(config.source_path),
+}
+
+
+@dataclass
+class TraceExtractConfig(datasets.BuilderConfig):
+    """Which source, which backend for each stage, and how to shard the work.
+
+    `source`: procedural | video_folder | rgbd | scenetracker; `source_path` for the folder sources,
+    `num_episodes`/`seed`/`num_frames`/`image_size`/`moving_camera` for procedural. Stage backends and trace
+    lengths are the fields of `ExtractionSettings`. `shard_index`/`num_shards` split the episodes across machines.
+    """
+
+    source: str = "procedural"
+    source_path: str | None = None
+    num_episodes: int = 8
+    seed: int = 0
+    num_frames: int = 48
+    image_size: int = 128
+    moving_camera: bool = False
+    target_fps: float | None = None
+    work_dir: str | None = None
+    shard_index: int = 0
+    num_shards: int = 1
+    settings: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Called by the builder: `datasets` sets overrides on a copy of the config after construction."""
+        if self.source not in SOURCES:
+            raise ValueError(f"Unknown source {self.source!r}; choose from {sorted(SOURCES)}.")
+        if self.source != "procedural" and not self.source_path:
+            raise ValueError(f"source={self.source!r} needs source_path (the folder to read).")
+        if not 0 <= self.shard_index < self.num_shards:
+            raise ValueError(f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}.")
+        self.extraction  # validates the stage backends
+
+    @property
+    def extraction(self) -> ExtractionSettings:
+        return ExtractionSettings(**self.settings)
+
+
+def _encode_depth_mm(depth: np.ndarray | None) -> Image.Image:
+    """Metric depth as a 16-bit PNG in millimetres (0 = invalid): compact, lossless to 1 mm, streamable."""
+    if depth is None:
+        return Image.fromarray(np.zeros((1, 1), dtype=np.uint16))
+    millimetres = np.where(np.isfinite(depth) & (depth > 0), np.clip(depth * 1000.0, 1, 65535), 0)
+    return Image.fromarray(millimetres.round().astype(np.uint16))
+
+
+def decode_depth_mm(image) -> np.ndarray:
+    depth = np.asarray(image, dtype=np.float32) / 1000.0
+    return np.where(depth > 0, depth, np.nan)
+
+
+class TraceExtract(datasets.GeneratorBasedBuilder):
+    BUILDER_CONFIG_CLASS = TraceExtractConfig
+    BUILDER_CONFIGS = [
+        TraceExtractConfig(name="episodes", description="one row per episode"),
+        TraceExtractConfig(name="samples", description="one row per (episode, frame) for training"),
+    ]
+    DEFAULT_CONFIG_NAME = "samples"
+    DEFAULT_WRITER_BATCH_SIZE = 16
+
+    def _info(self) -> datasets.DatasetInfo:
+        self.config.validate()
+        features = EPISODE_FEATURES if self.config.name == "episodes" else SAMPLE_FEATURES
+        return datasets.DatasetInfo(description=__doc__, features=features)
+
+    @property
+    def work_dir(self) -> str:
+        return self.config.work_dir or os.path.join(self._cache_dir_root, "trace_extract_work")
+
+    def _split_generators(self, dl_manager):
+        refs = REF_LISTERS[self.config.source](self.config)
+        refs = refs[self.config.shard_index :: self.config.num_shards]
+        return [datasets.SplitGenerator(name=datasets.Split.TRAIN, gen_kwargs={"refs": refs})]
+
+    def _load_raw(self, ref):
+        if ref.source == "procedural":
+            return SOURCES["procedural"](ref, self.config.num_frames, self.config.image_size, self.config.moving_camera)
+        if ref.source == "video_folder":
+            return SOURCES["video_folder"](ref, self.config.target_fps)
+        return SOURCES[ref.source](ref)
+
+    def extracted_episode(self, ref) -> ExtractedEpisode | None:
+        """The cached extraction of `ref`, computing and saving it first if needed; None if it failed."""
+        path = os.path.join(self.work_dir, "episodes", f"{ref.episode_id}.npz")
+        if os.path.exists(path):
+            return ExtractedEpisode.load(path)
+        try:
+            episode = extract_episode(self._load_raw(ref), self.config.extraction)
+        except (ValueError, EpisodeRejected) as error:
+            kind = "rejected" if isinstance(error, EpisodeRejected) else "failed"
+            logger.warning("Episode %s %s: %s", ref.episode_id, kind, error)
+            self._record_failure(ref.episode_id, kind, str(error))
+            return None
+        episode.save(path)
+        self._save_partial_statistics(episode)
+        return episode
+
+    def _record_failure(self, episode_id: str, kind: str, reason: str) -> None:
+        os.makedirs(self.work_dir, exist_ok=True)
+        with open(os.path.join(self.work_dir, "failures.jsonl"), "a") as handle:
+            handle.write(json.dumps({"episode_id": episode_id, "kind": kind, "reason": reason}) + "\n")
+
+    def _save_partial_statistics(self, episode: ExtractedEpisode) -> None:
+        """Per-episode statistic reservoirs, computed while the frames are in memory (no second decode)."""
+        statistics = TraceStatistics(reservoir_size=20_000)
+        for sample in episode_samples(episode, self.config.extraction):
+            horizon = self.config.extraction.horizon
+            statistics.add(sample["query_uv"], sample["query_z"], sample["future"][:, :horizon],
+                           sample["future_valid"][:, :horizon], episode.image_size, sample["depth"])
+        folder = os.path.join(self.work_dir, "statistics")
+        os.makedirs(folder, exist_ok=True)
+        deltas = np.concatenate(statistics.deltas) if statistics.deltas else np.zeros((0, 3))
+        log_depths = np.concatenate(statistics.log_depths) if statistics.log_depths else np.zeros(0)
+        path = os.path.join(folder, f"{episode.episode_id}.npz")
+        with open(path + ".tmp", "wb") as handle:
+            np.savez(handle, deltas=deltas, log_depths=log_depths)
+        os.replace(path + ".tmp", path)
+
+    def compute_statistics(self) -> dict:
+        """Aggregate the per-episode reservoirs into processor statistics and save them beside the dataset."""
+        folder = os.path.join(self.work_dir, "statistics")
+        files = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        if not files:
+            raise FileNotFoundError(f"No per-episode statistics in {folder}: run download_and_prepare() first.")
+        statistics = TraceStatistics()
+        for name in files:
+            with np.load(os.path.join(folder, name)) as data:
+                statistics.deltas.append(data["deltas"])
+                statistics.log_depths.append(data["log_depths"])
+        result = statistics.compute()
+        save_statistics(result, self.work_dir)
+        return result
+
+    def _generate_examples(self, refs):
+        from tqdm.auto import tqdm
+
+        for ref in tqdm(refs, desc=f"TraceExtract {self.config.name}", unit="episode"):
+            episode = self.extracted_episode(ref)
+            if episode is None:
+                continue
+            if self.config.name == "episodes":
+                yield ref.episode_id, self._episode_row(episode)
+                continue
+            for sample in episode_samples(episode, self.config.extraction):
+                key = f"{ref.episode_id}/{sample['frame_index']:06d}"
+                yield key, self._sample_row(sample)
+
+    @staticmethod
+    def _episode_row(episode: ExtractedEpisode) -> dict:
+        return {
+            "episode_id": episode.episode_id,
+            "task": episode.task or "",
+            "fps": episode.fps,
+            "frames": list(episode.frames),
+            "intrinsics": episode.intrinsics,
+            "extrinsics": episode.extrinsics,
+            "tracks_world": np.nan_to_num(episode.world),
+            "visible": episode.visible,
+            "cluster_ids": episode.cluster_ids,
+            "moving": episode.moving,
+            "events": [list(event) for event in episode.events],
+            "captions": episode.captions,
+            "metadata": json.dumps(episode.metadata),
+        }
+
+    @staticmethod
+    def _sample_row(sample: dict) -> dict:
+        row = {key: sample[key] for key in SAMPLE_FEATURES if key not in ("depth_mm",)}
+        row["depth_mm"] = _encode_depth_mm(sample["depth"])
+        return row
+
+
+def decode_sample(row: dict) -> dict:
+    """A `samples` row (as `datasets` returns it) to numpy arrays ready for `Mu0Processor`."""
+    image = np.asarray(row["image"].convert("RGB")) if isinstance(row["image"], Image.Image) else np.asarray(row["image"])
+    depth = decode_depth_mm(row["depth_mm"])
+    decoded = {key: np.asarray(row[key]) for key in ("query_uv", "query_z", "history", "history_valid", "future",
+                                                     "future_valid", "future_raw", "future_raw_valid", "track_ids", "cluster_ids",
+                                                     "moving", "intrinsics")}
+    decoded.update(image=image, depth=depth if depth.shape == image.shape[:2] else None,
+                   captions=row["captions"], task=row["task"], episode_id=row["episode_id"], frame_index=row["frame_index"])
+    return decoded
+
+
+__all__ = ["TraceExtract", "TraceExtractConfig", "decode_sample", "decode_depth_mm"]
+
