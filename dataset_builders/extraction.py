@@ -153,6 +153,8 @@ def _tracks(raw: RawEpisode, settings: ExtractionSettings) -> tuple[np.ndarray, 
 
 def extract_episode(raw: RawEpisode, settings: ExtractionSettings) -> ExtractedEpisode:
     """Run every stage on one episode; raises ValueError on bad input and EpisodeRejected on unusable data."""
+    if len(raw.frames) <= settings.history + 1:
+        raise EpisodeRejected(f"{len(raw.frames)} frames: too short for a history of {settings.history} and a future")
     depth, intrinsics, extrinsics = _camera(raw, settings)
     tracks, visible, cluster_ids = _tracks(raw, settings)
     coverage = visible_coverage(visible)

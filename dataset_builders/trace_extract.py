@@ -256,7 +256,7 @@ class TraceExtract(datasets.GeneratorBasedBuilder):
             "episode_id": episode.episode_id,
             "task": episode.task or "",
             "fps": episode.fps,
-            "frames": list(episode.frames),
+            "frames": [Image.fromarray(frame) for frame in episode.frames],
             "intrinsics": episode.intrinsics,
             "extrinsics": episode.extrinsics,
             "tracks_world": np.nan_to_num(episode.world),

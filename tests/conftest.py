@@ -75,3 +75,6 @@ def tiny_processor(tiny_config):
 @pytest.fixture()
 def tiny_model(tiny_config):
     return make_model(tiny_config)
+
+
+from hub_stand_in import hub  # noqa: E402,F401  (the offline Hub fixture)

@@ -108,6 +108,12 @@ def test_backend_requirements_are_explicit():
     assert np.allclose(static.extrinsics, np.eye(4)) and static.metadata["backends"]["camera"] == "static"
 
 
+def test_short_episode_is_rejected():
+    raw = load_procedural(procedural_refs(1)[0], num_frames=9, image_size=64)
+    with pytest.raises(EpisodeRejected, match="too short"):
+        extract_episode(raw, ExtractionSettings())
+
+
 def test_bad_episodes_raise():
     frames = np.zeros((5, 8, 8, 3), np.uint8)
     with pytest.raises(ValueError, match="depth has shape"):
