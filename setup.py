@@ -30,7 +30,7 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGE_DIR),
     package_dir=PACKAGE_DIR,
-    package_data={"mu0.model_cards": ["*.md"], "mu0.training": ["recipes/*.json"]},
+    package_data={"mu0.model_cards": ["*.md"], "mu0.training": ["recipes/*.json", "accelerate/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "transformers>=5.0",

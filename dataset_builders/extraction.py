@@ -204,7 +204,8 @@ def episode_samples(episode: ExtractedEpisode, settings: ExtractionSettings):
     """One sample per frame t (every `frame_stride`): tracks visible at t, projected through camera t.
 
     Future and history are retargeted by arc length (one step = 0.05 of robust path length) and the raw
-    frame-time future is kept too. Frames with fewer than `history` frames before them are skipped.
+    frame-time future is kept too. Frames with fewer than `history` frames before them, and frames after which
+    nothing moves (no retargeted future exists), are skipped.
     """
     num_frames = len(episode.frames)
     for frame in range(settings.history, num_frames - 1, settings.frame_stride):
@@ -217,6 +218,8 @@ def episode_samples(episode: ExtractedEpisode, settings: ExtractionSettings):
         normalized = normalize_pixels(traces[..., :2], episode.image_size)
         speed = robust_speed(normalized, valid)
         future, future_valid = interpolate_at(traces, valid, retarget_times(speed, frame, settings.retarget_steps, 1))
+        if not future_valid.any():
+            continue  # nothing moves after t: a retargeted future does not exist
         history, history_valid = interpolate_at(traces, valid, retarget_times(speed, frame, settings.history, -1))
         raw_steps = frame + np.arange(1, settings.horizon + 1, dtype=np.float64)
         raw_steps[raw_steps > num_frames - 1] = np.nan

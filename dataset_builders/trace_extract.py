@@ -73,28 +73,33 @@ EPISODE_FEATURES = datasets.Features(
     }
 )
 
-SAMPLE_FEATURES = datasets.Features(
-    {
-        "episode_id": datasets.Value("string"),
-        "frame_index": datasets.Value("int32"),
-        "image": datasets.Image(),
-        "depth_mm": datasets.Image(),
-        "intrinsics": _float_list(2),
-        "query_uv": _float_list(2),
-        "query_z": _float_list(1),
-        "history": _float_list(3),
-        "history_valid": _bool_list(2),
-        "future": _float_list(3),
-        "future_valid": _bool_list(2),
-        "future_raw": _float_list(3),
-        "future_raw_valid": _bool_list(2),
-        "track_ids": datasets.List(datasets.Value("int64")),
-        "cluster_ids": datasets.List(datasets.Value("int64")),
-        "moving": datasets.List(datasets.Value("bool")),
-        "captions": datasets.List(CAPTION_FEATURES),
-        "task": datasets.Value("string"),
-    }
-)
+def sample_features(settings: ExtractionSettings) -> datasets.Features:
+    """Per-query arrays use fixed-shape Array features (dynamic query count): they decode to numpy without
+    walking nested Python lists, which matters for 128-step futures of hundreds of queries."""
+    history, future, raw = settings.history, settings.retarget_steps, settings.horizon
+    return datasets.Features(
+        {
+            "episode_id": datasets.Value("string"),
+            "frame_index": datasets.Value("int32"),
+            "image": datasets.Image(),
+            "depth_mm": datasets.Image(),
+            "intrinsics": datasets.Array2D((3, 3), "float32"),
+            "query_uv": datasets.Array2D((None, 2), "float32"),
+            "query_z": datasets.List(datasets.Value("float32")),
+            "history": datasets.Array3D((None, history, 3), "float32"),
+            "history_valid": datasets.Array2D((None, history), "bool"),
+            "future": datasets.Array3D((None, future, 3), "float32"),
+            "future_valid": datasets.Array2D((None, future), "bool"),
+            "future_raw": datasets.Array3D((None, raw, 3), "float32"),
+            "future_raw_valid": datasets.Array2D((None, raw), "bool"),
+            "track_ids": datasets.List(datasets.Value("int64")),
+            "cluster_ids": datasets.List(datasets.Value("int64")),
+            "moving": datasets.List(datasets.Value("bool")),
+            "captions": datasets.List(CAPTION_FEATURES),
+            "task": datasets.Value("string"),
+        }
+    )
+
 
 REF_LISTERS = {
     "procedural": lambda config: procedural_refs(config.num_episodes, config.seed),
@@ -165,7 +170,7 @@ class TraceExtract(datasets.GeneratorBasedBuilder):
 
     def _info(self) -> datasets.DatasetInfo:
         self.config.validate()
-        features = EPISODE_FEATURES if self.config.name == "episodes" else SAMPLE_FEATURES
+        features = EPISODE_FEATURES if self.config.name == "episodes" else sample_features(self.config.extraction)
         return datasets.DatasetInfo(description=__doc__, features=features)
 
     @property
@@ -270,7 +275,7 @@ class TraceExtract(datasets.GeneratorBasedBuilder):
 
     @staticmethod
     def _sample_row(sample: dict) -> dict:
-        row = {key: sample[key] for key in SAMPLE_FEATURES if key not in ("depth_mm",)}
+        row = {key: value for key, value in sample.items() if key != "depth"}
         row["depth_mm"] = _encode_depth_mm(sample["depth"])
         return row
 

@@ -1,7 +1,8 @@
 """Mu0Processor: images, depth, prompts, query points and trace statistics in; model tensors out; traces back out.
 
 Traces are (u, v, z): u, v the pixel position normalised to [-1, 1] by width and height, z metric depth, all in the
-camera of the current frame. The model works on anchor-relative deltas divided by the per-axis `delta_scale`
+camera of the current frame. Pixel coordinates follow OpenCV (pixel centres at integers), so the image spans
+x in [-0.5, W - 0.5] and u = 2 (x + 0.5) / W - 1 spans [-1, 1] edge to edge. The model works on anchor-relative deltas divided by the per-axis `delta_scale`
 (95th percentile of |delta| over the training set); the statistics travel with the processor and are never defaulted.
 """
 
@@ -147,8 +148,8 @@ class Mu0Processor(ProcessorMixin):
         points = points.copy()
         if not normalized:
             height, width = size
-            points[..., 0] = points[..., 0] / width * 2 - 1
-            points[..., 1] = points[..., 1] / height * 2 - 1
+            points[..., 0] = (points[..., 0] + 0.5) / width * 2 - 1
+            points[..., 1] = (points[..., 1] + 0.5) / height * 2 - 1
         return points
 
     def _encode_queries(self, per_image: dict, image_sizes: list, normalized: bool) -> dict[str, torch.Tensor]:
@@ -260,7 +261,10 @@ class Mu0Processor(ProcessorMixin):
         sizes = image_sizes.to(traces.device).float()
         width, height = sizes[:, 1], sizes[:, 0]
         pixels = torch.stack(
-            [(uvz[..., 0] + 1) / 2 * width[:, None, None, None], (uvz[..., 1] + 1) / 2 * height[:, None, None, None]],
+            [
+                (uvz[..., 0] + 1) / 2 * width[:, None, None, None] - 0.5,
+                (uvz[..., 1] + 1) / 2 * height[:, None, None, None] - 0.5,
+            ],
             dim=-1,
         )
         output = {"pixels": pixels}

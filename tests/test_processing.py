@@ -69,12 +69,19 @@ def tokens(processor: Mu0Processor, ids: torch.Tensor) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ query points
 def test_pixel_to_normalized_corners_and_centre(proc):
-    points = np.array([[0.0, 0.0], [128.0, 96.0], [64.0, 48.0], [32.0, 72.0]])
+    # OpenCV convention: pixel centres at integers, the image spans [-0.5, W - 0.5] x [-0.5, H - 0.5]
+    points = np.array([[-0.5, -0.5], [127.5, 95.5], [63.5, 47.5], [31.5, 71.5], [0.0, 0.0], [64.0, 48.0]])
     batch = proc(images=blank(), query_points=points)
-    # u = 2x/W - 1, v = 2y/H - 1: (32, 72) -> (64/128 - 1, 144/96 - 1) = (-0.5, 0.5)
-    expected = torch.tensor([[[-1.0, -1.0], [1.0, 1.0], [0.0, 0.0], [-0.5, 0.5]]])
+    # u = 2(x + 0.5)/W - 1, v = 2(y + 0.5)/H - 1:
+    #   outer edges (-0.5, -0.5) -> (-1, -1) and (127.5, 95.5) -> (256/128 - 1, 192/96 - 1) = (1, 1)
+    #   (63.5, 47.5) -> (128/128 - 1, 96/96 - 1) = (0, 0); (31.5, 71.5) -> (64/128 - 1, 144/96 - 1) = (-0.5, 0.5)
+    #   first pixel centre (0, 0) -> (1/128 - 1, 1/96 - 1) = (-0.9921875, -0.98958333)
+    #   pixel centre (64, 48) -> (129/128 - 1, 97/96 - 1) = (0.0078125, 0.01041667)
+    expected = torch.tensor(
+        [[[-1.0, -1.0], [1.0, 1.0], [0.0, 0.0], [-0.5, 0.5], [-127 / 128, -95 / 96], [1 / 128, 1 / 96]]]
+    )
     torch.testing.assert_close(batch["query_points"], expected, atol=1e-6, rtol=0)
-    assert batch["query_mask"].tolist() == [[True, True, True, True]]
+    assert batch["query_mask"].tolist() == [[True, True, True, True, True, True]]
     assert "query_depth" not in batch
 
 
@@ -87,10 +94,12 @@ def test_points_normalized_pass_through(proc):
 
 
 def test_query_mask_pads_shorter_samples_and_image_sizes_are_height_width(proc):
-    points = [np.array([[0.0, 0.0], [64.0, 48.0], [128.0, 96.0]]), np.array([[16.0, 12.0]])]
+    points = [np.array([[-0.5, -0.5], [63.5, 47.5], [127.5, 95.5]]), np.array([[15.5, 11.5]])]
     batch = proc(images=[blank(), blank(width=64, height=48)], query_points=points)
     assert batch["query_mask"].tolist() == [[True, True, True], [True, False, False]]
-    # second image is W=64, H=48: (16, 12) -> (32/64 - 1, 24/48 - 1) = (-0.5, -0.5); padding stays zero
+    # first image 128x96: u = 2(x + 0.5)/128 - 1 -> -1, 0, 1 (and likewise v)
+    # second image is W=64, H=48: (15.5, 11.5) -> (32/64 - 1, 24/48 - 1) = (-0.5, -0.5)
+    #   (on a 128x96 image it would be (-0.75, -0.75)); padding stays zero
     torch.testing.assert_close(
         batch["query_points"],
         torch.tensor([[[-1.0, -1.0], [0.0, 0.0], [1.0, 1.0]], [[-0.5, -0.5], [0.0, 0.0], [0.0, 0.0]]]),
@@ -103,7 +112,8 @@ def test_query_mask_pads_shorter_samples_and_image_sizes_are_height_width(proc):
 def test_image_sizes_for_pil_and_channel_first_tensor(proc):
     pil = Image.fromarray(blank())  # PIL .size is (width, height)
     tensor = torch.zeros(3, H, W)
-    batch = proc(images=[pil, tensor], query_points=[np.array([[128.0, 96.0]]), np.array([[128.0, 96.0]])])
+    # the bottom-right image corner (W - 0.5, H - 0.5) -> (2*128/128 - 1, 2*96/96 - 1) = (1, 1)
+    batch = proc(images=[pil, tensor], query_points=[np.array([[127.5, 95.5]]), np.array([[127.5, 95.5]])])
     assert batch["image_sizes"].tolist() == [[96, 128], [96, 128]]
     torch.testing.assert_close(batch["query_points"], torch.ones(2, 1, 2))
 
@@ -111,7 +121,10 @@ def test_image_sizes_for_pil_and_channel_first_tensor(proc):
 def test_query_depth_is_third_column(proc):
     batch = proc(images=blank(), query_points=np.array([[0.0, 0.0, 1.25], [64.0, 48.0, 2.5]]))
     torch.testing.assert_close(batch["query_depth"], torch.tensor([[1.25, 2.5]]))
-    torch.testing.assert_close(batch["query_points"], torch.tensor([[[-1.0, -1.0], [0.0, 0.0]]]))
+    # (0, 0) -> (1/128 - 1, 1/96 - 1); (64, 48) -> (129/128 - 1, 97/96 - 1) = (1/128, 1/96)
+    torch.testing.assert_close(
+        batch["query_points"], torch.tensor([[[-127 / 128, -95 / 96], [1 / 128, 1 / 96]]]), atol=1e-6, rtol=0
+    )
 
 
 # -------------------------------------------------------------------------------------------- future / history
@@ -277,8 +290,8 @@ def test_post_process_without_depth_gives_pixels_only(proc):
     traces = torch.zeros(1, 1, 1, 4, 3)
     traces[0, 0, 0, :, 0] = torch.tensor([1.0, 2.0, 3.0, 4.0])  # u deltas of 0.1 per unit
     out = proc.post_process_traces(traces, torch.tensor([[[0.0, 0.0]]]), torch.tensor([[H, W]]))
-    # u = 0 + 0.1k -> x = (0.1k + 1) / 2 * 128 = 64 + 6.4k; v stays 0 -> y = 48
-    expected = torch.tensor([[70.4, 48.0], [76.8, 48.0], [83.2, 48.0], [89.6, 48.0]])
+    # u = 0 + 0.1k -> x = (0.1k + 1) / 2 * 128 - 0.5 = 63.5 + 6.4k; v stays 0 -> y = 96/2 - 0.5 = 47.5
+    expected = torch.tensor([[69.9, 47.5], [76.3, 47.5], [82.7, 47.5], [89.1, 47.5]])
     torch.testing.assert_close(out["pixels"][0, 0, 0], expected, atol=1e-4, rtol=0)
     assert "xyz" not in out
     with pytest.raises(ValueError, match="query_depth"):
@@ -348,9 +361,15 @@ def test_max_queries_is_inclusive(proc):
     assert batch["query_mask"].shape == (1, MAX_QUERIES) and bool(batch["query_mask"].all())
 
 
-@pytest.mark.parametrize("outside", [[128.5, 10.0], [-0.5, 10.0], [10.0, 96.5], [10.0, -1.0]])
+@pytest.mark.parametrize(
+    "outside",
+    # the 128x96 image spans [-0.5, 127.5] x [-0.5, 95.5]: x = W -> u = 1 + 1/128, x = -0.6 -> u = -1 - 0.2/128
+    [[128.5, 10.0], [128.0, 10.0], [-0.6, 10.0], [10.0, 96.5], [10.0, 96.0], [10.0, -0.6], [10.0, -1.0]],
+)
 def test_points_outside_image_name_the_sample(proc, outside):
-    points = [np.array([[1.0, 1.0]]), np.array([[5.0, 5.0], outside])]
+    # the boundary points (-0.5, -0.5) -> (-1, -1) and (W - 0.5, H - 0.5) -> (1, 1) are inside: only point 1 of
+    # sample 1 may be named
+    points = [np.array([[-0.5, -0.5]]), np.array([[127.5, 95.5], outside])]
     with pytest.raises(ValueError, match="Query point 1 of sample 1") as error:
         proc(images=[blank(), blank()], query_points=points)
     assert "128x96" in str(error.value)

@@ -9,6 +9,8 @@ from .. import __version__
 EXAMPLES = """examples:
   mu0 demo                      synthetic data -> train a small μ0 -> evaluate -> save (a few minutes, no downloads)
   mu0 demo --quick --output-dir /tmp/mu0-demo
+  mu0 train --recipe tiny-cpu --dataset data/samples --output-dir outputs/tiny
+  mu0 train --recipe mu0-smolvlm2-2.2b --dataset me/my-traces --push-to-hub me/mu0-run1
 """
 
 
@@ -29,6 +31,34 @@ def demo(args: argparse.Namespace) -> None:
     print(f"model and processor saved to {args.output_dir}/model (load with Mu0ForTracePrediction.from_pretrained)")
 
 
+def train(args: argparse.Namespace) -> None:
+    from .pretrain import load_recipe, load_samples, make_trainer
+
+    recipe = load_recipe(args.recipe)
+    samples, statistics = load_samples(args.dataset)
+    evaluation = None
+    if args.eval_samples:
+        if not hasattr(samples, "select"):
+            raise ValueError("--eval-samples needs a local dataset (a streamed Hub dataset has no random access).")
+        evaluation = samples.select(range(min(args.eval_samples, len(samples))))
+    trainer = make_trainer(recipe, samples, statistics, args.output_dir, eval_dataset=evaluation, max_steps=args.max_steps)
+    trainer.train(resume_from_checkpoint=args.resume)
+    trainer.save_model(args.output_dir)
+    trainer.processing_class.save_pretrained(args.output_dir)
+    if evaluation is not None:
+        metrics = trainer.evaluate()
+        print("| metric | value |\n|---|---|")
+        for key in sorted(metrics):
+            if key.endswith("@32") and key.split("/")[1].split("@")[0] in ("ade", "fde", "min_ade", "min_fde"):
+                print(f"| {key.removeprefix('eval_')} | {metrics[key]:.4f} |")
+    if trainer.skipped_nonfinite_steps:
+        print(f"skipped {trainer.skipped_nonfinite_steps} batches with a non-finite loss")
+    if args.push_to_hub:
+        trainer.model.push_to_hub(args.push_to_hub)
+        trainer.processing_class.push_to_hub(args.push_to_hub)
+    print(f"model and processor saved to {args.output_dir}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mu0", description="μ0: predict future 3D traces of query points.", epilog=EXAMPLES,
@@ -43,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--steps", type=int, default=None, help="training steps (default: 400, quick: 30)")
     demo_parser.add_argument("--seed", type=int, default=0)
     demo_parser.set_defaults(handler=demo)
+    train_parser = commands.add_parser("train", help="pretrain μ0 on a TraceExtract samples dataset")
+    train_parser.add_argument("--recipe", default="tiny-cpu", help="a named recipe or a recipe JSON path")
+    train_parser.add_argument("--dataset", required=True, help="a folder from save_samples() or a Hub dataset repo")
+    train_parser.add_argument("--output-dir", default="outputs/train")
+    train_parser.add_argument("--max-steps", type=int, default=None, help="override the recipe's max_steps")
+    train_parser.add_argument("--eval-samples", type=int, default=32, help="rows evaluated after training (0: none)")
+    train_parser.add_argument("--resume", default=None, help="a checkpoint folder to resume from")
+    train_parser.add_argument("--push-to-hub", default=None, metavar="REPO")
+    train_parser.set_defaults(handler=train)
     return parser
 
 

@@ -33,6 +33,8 @@ class Mu0TraceCollator:
     whose frame range covers the row's frame, colour jitter, depth noise and dropout, and history dropout (all
     history of a row with `history_dropout`, else per query with `history_query_dropout`), as in the paper recipe.
     In evaluation mode it keeps the first `max_queries` queries, the row's task text, and no augmentation.
+    With `seed=None` each batch draws its randomness from torch's generator, which `Trainer` checkpoints, so a
+    resumed run repeats the same augmentation.
     """
 
     processor: Mu0Processor
@@ -54,6 +56,11 @@ class Mu0TraceCollator:
             raise ValueError(f"Need 1 <= min_queries <= max_queries, got {self.min_queries}, {self.max_queries}.")
         self.rng = np.random.default_rng(self.seed)
 
+    def _batch_rng(self) -> np.random.Generator:
+        if self.seed is not None:
+            return self.rng
+        return np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item()))
+
     def _choose_queries(self, moving: np.ndarray, valid: np.ndarray) -> np.ndarray:
         candidates = np.flatnonzero(valid)
         if candidates.size == 0:
@@ -66,7 +73,8 @@ class Mu0TraceCollator:
         return self.rng.choice(pool, size=min(count, pool.size), replace=False)
 
     def _caption(self, row: dict) -> str:
-        captions = row.get("captions") or []
+        captions = row.get("captions")
+        captions = [] if captions is None else list(captions)
         if self.training and captions:
             return captions[int(self.rng.integers(len(captions)))]["text"]
         return row.get("task") or (captions[0]["text"] if captions else "")
@@ -81,6 +89,7 @@ class Mu0TraceCollator:
         return np.clip(value, 0, 255).astype(np.uint8)
 
     def __call__(self, rows: list[dict]):
+        self.rng = self._batch_rng()
         images, texts, points, depths, histories, history_masks, futures, future_masks, clusters = ([] for _ in range(9))
         future_key = "future_raw" if self.raw_future else "future"
         for row in rows:

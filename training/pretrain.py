@@ -1,0 +1,129 @@
+"""The pretraining recipe: TraceExtract `samples` (local or streamed from the Hub) -> `Mu0Trainer` -> checkpoint.
+
+Recipes are JSON files in `mu0/training/recipes/` (or any path): the model (a preset or the full config, optionally
+with pretrained backbones), the collator's sampling and augmentation, evaluation, and `TrainingArguments` fields.
+"""
+
+import json
+import os
+from importlib import resources
+
+from transformers import TrainingArguments, set_seed
+
+from .. import Mu0Config, Mu0ForTracePrediction, Mu0ImageProcessor, Mu0Processor, build_character_tokenizer
+from ..dataset_builders.statistics import STATISTICS_FILE
+from ..presets import preset_config
+from .collator import Mu0TraceCollator
+from .trainer import Mu0Trainer
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.name.removesuffix(".json") for p in resources.files("mu0.training").joinpath("recipes").iterdir()
+                  if p.name.endswith(".json"))
+
+
+def load_recipe(name_or_path: str) -> dict:
+    """A named recipe (`tiny-cpu`, `mu0-smolvlm2-2.2b`) or a path to a recipe JSON file."""
+    if os.path.isfile(name_or_path):
+        with open(name_or_path) as handle:
+            return json.load(handle)
+    if name_or_path not in available_recipes():
+        raise ValueError(f"Unknown recipe {name_or_path!r}: choose from {available_recipes()} or give a JSON path.")
+    return json.loads(resources.files("mu0.training").joinpath("recipes", f"{name_or_path}.json").read_text())
+
+
+def load_samples(dataset: str, split: str = "train"):
+    """A `samples` dataset and its statistics: a folder from `save_samples` or a Hub dataset repo (streamed)."""
+    if os.path.isdir(dataset):
+        from datasets import load_from_disk
+
+        statistics_path = os.path.join(dataset, STATISTICS_FILE)
+        if not os.path.exists(statistics_path):
+            raise FileNotFoundError(f"{dataset} has no {STATISTICS_FILE}: save it with mu0's save_samples().")
+        with open(statistics_path) as handle:
+            return load_from_disk(dataset), json.load(handle)
+    from datasets import load_dataset
+    from huggingface_hub import hf_hub_download
+
+    with open(hf_hub_download(dataset, STATISTICS_FILE, repo_type="dataset")) as handle:
+        statistics = json.load(handle)
+    return load_dataset(dataset, "samples", split=split, streaming=True), statistics
+
+
+def save_samples(samples, statistics: dict, path: str) -> None:
+    """Save a `samples` dataset with its statistics, the folder layout `load_samples` reads."""
+    samples.save_to_disk(path)
+    with open(os.path.join(path, STATISTICS_FILE), "w") as handle:
+        json.dump(statistics, handle, indent=2)
+
+
+def build_model_and_processor(recipe: dict, statistics: dict) -> tuple[Mu0ForTracePrediction, Mu0Processor]:
+    """The recipe's model (random preset, or the full config with pretrained backbones) and a processor with stats."""
+    model_recipe = recipe["model"]
+    if model_recipe.get("preset"):
+        config = preset_config(model_recipe["preset"], **model_recipe.get("overrides", {}))
+        model = Mu0ForTracePrediction(config)
+        tokenizer = build_character_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        config = Mu0Config(**model_recipe.get("overrides", {}))
+        model = Mu0ForTracePrediction.from_backbones(config) if model_recipe.get("from_backbones") else Mu0ForTracePrediction(config)
+        tokenizer = AutoTokenizer.from_pretrained(config.backbone_checkpoint)
+    processor = Mu0Processor(
+        Mu0ImageProcessor(image_size=config.image_size, dino_image_size=config.dino_image_size),
+        tokenizer,
+        **statistics,
+        history_length=config.history_length,
+        horizon=config.horizon,
+        max_prompt_length=config.max_prompt_length,
+        max_queries=config.max_queries,
+    )
+    return model, processor
+
+
+def make_trainer(
+    recipe: dict,
+    train_dataset,
+    statistics: dict,
+    output_dir: str,
+    eval_dataset=None,
+    max_steps: int | None = None,
+    model: Mu0ForTracePrediction | None = None,
+    processor: Mu0Processor | None = None,
+) -> Mu0Trainer:
+    arguments = dict(recipe["training"])
+    if model is None or processor is None:
+        set_seed(arguments.get("seed", 42))  # the same recipe builds the same initial model
+        model, processor = build_model_and_processor(recipe, statistics)
+    if max_steps is not None:
+        arguments["max_steps"] = max_steps
+    gradient_checkpointing = arguments.pop("gradient_checkpointing", False)
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    args = TrainingArguments(
+        output_dir=output_dir,
+        remove_unused_columns=False,  # the collator needs the raw TraceExtract columns
+        report_to=[],
+        eval_strategy="no",
+        **arguments,
+    )
+    collator_settings = recipe.get("collator", {})
+    evaluation = recipe.get("evaluation", {})
+    config = model.config
+    return Mu0Trainer(
+        model=model,
+        args=args,
+        # numpy rows decode per-query arrays without Python lists (an order of magnitude faster)
+        train_dataset=train_dataset.with_format("numpy"),
+        eval_dataset=None if eval_dataset is None else eval_dataset.with_format("numpy"),
+        processing_class=processor,
+        data_collator=Mu0TraceCollator(processor, horizon=config.horizon, use_depth=config.use_depth, **collator_settings),
+        eval_collator=Mu0TraceCollator(processor, horizon=config.horizon, use_depth=False, training=False,
+                                       max_queries=evaluation.get("max_queries", 16)),
+        num_eval_samples=evaluation.get("num_samples", 5),
+        eval_seed=args.seed,
+    )
+
+
+__all__ = ["available_recipes", "build_model_and_processor", "load_recipe", "load_samples", "make_trainer", "save_samples"]

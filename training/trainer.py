@@ -1,0 +1,68 @@
+"""Pretraining μ0 with `transformers.Trainer`: a non-finite-loss guard and trace-metric evaluation (best of N)."""
+
+import logging
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import Trainer
+
+from .metrics import trace_metrics
+
+logger = logging.getLogger(__name__)
+
+
+def absolute_traces(deltas: torch.Tensor, batch, delta_scale: torch.Tensor) -> torch.Tensor:
+    """Normalised anchor-relative deltas (..., N, H, 3) -> absolute (u, v, z) using the batch's query anchors."""
+    anchors = torch.cat([batch["query_points"], batch["query_depth"][..., None]], dim=-1)
+    extra = deltas.ndim - 4  # sample dimension of predictions
+    anchors = anchors.view(anchors.shape[0], *([1] * extra), anchors.shape[1], 1, 3)
+    return deltas * delta_scale + anchors
+
+
+class Mu0Trainer(Trainer):
+    """`Trainer` whose evaluation samples traces and reports ADE/FDE/DTW/Fréchet (and best-of-N) instead of a loss.
+
+    A batch whose loss is NaN or inf is skipped: its gradients are dropped (set to None, so the optimiser leaves
+    every parameter alone) and the event is counted in `skipped_nonfinite_steps`.
+    """
+
+    def __init__(self, *args, eval_collator=None, num_eval_samples: int = 5, eval_seed: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eval_collator = eval_collator
+        self.num_eval_samples = num_eval_samples
+        self.eval_seed = eval_seed
+        self.skipped_nonfinite_steps = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if not torch.isfinite(loss):
+            self.skipped_nonfinite_steps += 1
+            logger.warning("Non-finite loss at step %d: batch skipped (%d so far).", self.state.global_step,
+                           self.skipped_nonfinite_steps)
+            model.zero_grad(set_to_none=True)
+            loss = torch.zeros((), device=loss.device, requires_grad=True)
+        return (loss, outputs) if return_outputs else loss
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None or self.eval_collator is None:
+            raise ValueError("Evaluation needs an eval_dataset and an eval_collator (Mu0TraceCollator(training=False)).")
+        model = self.accelerator.unwrap_model(self.model).eval()
+        scale = self.processing_class.require_delta_scale()
+        loader = DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.eval_collator)
+        generator = torch.Generator().manual_seed(self.eval_seed)
+        predictions, targets, valids = [], [], []
+        for batch in loader:
+            inputs = {k: v.to(model.device) for k, v in batch.items() if k not in ("labels", "labels_mask", "cluster_ids")}
+            traces = model.predict_traces(**inputs, num_samples=self.num_eval_samples, generator=generator).traces.cpu()
+            # flatten the batch into the query axis so batches with different query counts concatenate
+            predictions.append(absolute_traces(traces, batch, scale).transpose(0, 1).flatten(1, 2))
+            targets.append(absolute_traces(batch["labels"], batch, scale).flatten(0, 1))
+            valids.append((batch["labels_mask"] & batch["query_mask"][..., None]).flatten(0, 1))
+        metrics = trace_metrics(torch.cat(predictions, dim=1), torch.cat(targets), torch.cat(valids))
+        metrics = {f"{metric_key_prefix}_{key}": value for key, value in metrics.items()}
+        self.log(metrics)
+        return metrics
+
+
+__all__ = ["Mu0Trainer", "absolute_traces"]
