@@ -15,9 +15,9 @@ PACKAGE_DIR = {
 }
 
 EXTRAS = {
-    "extract": ["opencv-python-headless>=4.8", "av>=12", "scipy>=1.10"],
+    "extract": ["opencv-python-headless>=4.8", "av>=12", "scipy>=1.10", "h5py>=3.8"],
     "viz": ["matplotlib>=3.7"],
-    "dev": ["pytest>=8", "opencv-python-headless>=4.8", "av>=12", "scipy>=1.10", "matplotlib>=3.7"],
+    "dev": ["pytest>=8", "opencv-python-headless>=4.8", "av>=12", "scipy>=1.10", "h5py>=3.8", "matplotlib>=3.7"],
 }
 
 setup(
@@ -41,6 +41,7 @@ setup(
         "safetensors>=0.4",
         "huggingface_hub>=1.0",
         "numpy>=1.24",
+        "scipy>=1.10",
         "pillow>=10",
         "tqdm>=4.66",
         "packaging",

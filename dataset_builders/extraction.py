@@ -4,6 +4,7 @@ Every stage runs through an explicit backend recorded in the episode's metadata;
 raises an error naming the missing input and the alternatives, never a silent fallback.
 """
 
+import functools
 import json
 import os
 import tempfile
@@ -29,9 +30,9 @@ from .trace_ops import (
 )
 
 CAMERA_BACKENDS = ("given", "static")
-KEYPOINT_BACKENDS = ("given", "grid", "motion")
+KEYPOINT_BACKENDS = ("given", "grid", "motion", "dino")
 TRACKER_BACKENDS = ("given", "lk")
-CAPTION_BACKENDS = ("given", "template")
+CAPTION_BACKENDS = ("given", "template", "vlm")
 
 
 @dataclass
@@ -41,6 +42,8 @@ class ExtractionSettings:
     tracker: str = "given"
     captions: str = "template"
     num_keypoints: int = 256
+    dino_model: str = "facebook/dinov2-base"
+    caption_model: str | None = None
     min_coverage: float = MIN_COVERAGE
     history: int = 8
     horizon: int = 32
@@ -59,6 +62,8 @@ class ExtractionSettings:
                 raise ValueError(f"Unknown {name} backend {getattr(self, name)!r}; choose from {allowed}.")
         if self.tracker == "given" and self.keypoints != "given":
             raise ValueError("tracker='given' follows the source's own points: use keypoints='given' with it.")
+        if self.captions == "vlm" and not self.caption_model:
+            raise ValueError("captions='vlm' needs caption_model: an image-text-to-text checkpoint (Hub id or folder).")
 
 
 @dataclass
@@ -113,6 +118,19 @@ class EpisodeRejected(Exception):
     """An episode that is readable but unusable (e.g. low track coverage): counted and skipped, with the reason."""
 
 
+@functools.lru_cache(maxsize=4)
+def _pretrained(kind: str, name_or_path: str):
+    """Load a stage's model once per process (extraction calls it for every episode)."""
+    from transformers import AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
+
+    try:
+        if kind == "dino":
+            return AutoModel.from_pretrained(name_or_path).eval(), AutoImageProcessor.from_pretrained(name_or_path)
+        return AutoModelForImageTextToText.from_pretrained(name_or_path).eval(), AutoProcessor.from_pretrained(name_or_path)
+    except OSError as error:
+        raise ValueError(f"Cannot load the {kind} backend's checkpoint {name_or_path!r}: {error}") from error
+
+
 def _camera(raw: RawEpisode, settings: ExtractionSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if raw.depth is None or raw.intrinsics is None:
         raise ValueError(
@@ -140,6 +158,11 @@ def _tracks(raw: RawEpisode, settings: ExtractionSettings) -> tuple[np.ndarray, 
         points, clusters = grid_keypoints(raw.image_size, settings.num_keypoints)
     elif settings.keypoints == "motion":
         points, clusters = motion_keypoints(raw.frames, settings.num_keypoints, rng)
+    elif settings.keypoints == "dino":
+        from .learned_backends import dino_keypoints
+
+        model, image_processor = _pretrained("dino", settings.dino_model)
+        points, clusters = dino_keypoints(raw.frames, model=model, image_processor=image_processor, rng=rng)
     else:
         if raw.tracks is None:
             raise ValueError(f"Episode {raw.episode_id}: keypoints='given' but the source has no points; use 'grid' or 'motion'.")
@@ -168,6 +191,11 @@ def extract_episode(raw: RawEpisode, settings: ExtractionSettings) -> ExtractedE
     events = motion_events(anchor_traces[..., :2], anchor_valid, moving)
     if settings.captions == "given":
         captions = given_captions(raw.task, len(raw.frames))
+    elif settings.captions == "vlm":
+        from .learned_backends import vlm_captions
+
+        model, processor = _pretrained("vlm", settings.caption_model)
+        captions = vlm_captions(events, raw.frames, model=model, processor=processor)
     else:
         uvz = np.concatenate([normalize_pixels(anchor_traces[..., :2], raw.image_size), anchor_traces[..., 2:]], -1)
         captions = template_captions(events, uvz, anchor_valid, moving)

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from .extraction import EpisodeRejected, ExtractedEpisode, ExtractionSettings, episode_samples, extract_episode
+from .robot_sources import ROBOT_SOURCES, egodex_refs, lerobot_refs
 from .sources import SOURCES, procedural_refs, rgbd_refs, scenetracker_refs, video_folder_refs
 from .statistics import TraceStatistics, save_statistics
 
@@ -106,14 +107,18 @@ REF_LISTERS = {
     "video_folder": lambda config: video_folder_refs(config.source_path),
     "rgbd": lambda config: rgbd_refs(config.source_path),
     "scenetracker": lambda config: scenetracker_refs(config.source_path),
+    "egodex": lambda config: egodex_refs(config.source_path),
+    "lerobot": lambda config: lerobot_refs(config.source_path, config.camera_key),
 }
+LOADERS = {**SOURCES, **ROBOT_SOURCES}
 
 
 @dataclass
 class TraceExtractConfig(datasets.BuilderConfig):
     """Which source, which backend for each stage, and how to shard the work.
 
-    `source`: procedural | video_folder | rgbd | scenetracker; `source_path` for the folder sources,
+    `source`: procedural | video_folder | rgbd | scenetracker | egodex | lerobot; `source_path` for the folder
+    sources (`camera_key` picks a LeRobot camera),
     `num_episodes`/`seed`/`num_frames`/`image_size`/`moving_camera` for procedural. Stage backends and trace
     lengths are the fields of `ExtractionSettings`. `shard_index`/`num_shards` split the episodes across machines.
     """
@@ -126,6 +131,7 @@ class TraceExtractConfig(datasets.BuilderConfig):
     image_size: int = 128
     moving_camera: bool = False
     target_fps: float | None = None
+    camera_key: str | None = None
     work_dir: str | None = None
     shard_index: int = 0
     num_shards: int = 1
@@ -133,8 +139,8 @@ class TraceExtractConfig(datasets.BuilderConfig):
 
     def validate(self) -> None:
         """Called by the builder: `datasets` sets overrides on a copy of the config after construction."""
-        if self.source not in SOURCES:
-            raise ValueError(f"Unknown source {self.source!r}; choose from {sorted(SOURCES)}.")
+        if self.source not in LOADERS:
+            raise ValueError(f"Unknown source {self.source!r}; choose from {sorted(LOADERS)}.")
         if self.source != "procedural" and not self.source_path:
             raise ValueError(f"source={self.source!r} needs source_path (the folder to read).")
         if not 0 <= self.shard_index < self.num_shards:
@@ -185,9 +191,9 @@ class TraceExtract(datasets.GeneratorBasedBuilder):
     def _load_raw(self, ref):
         if ref.source == "procedural":
             return SOURCES["procedural"](ref, self.config.num_frames, self.config.image_size, self.config.moving_camera)
-        if ref.source == "video_folder":
-            return SOURCES["video_folder"](ref, self.config.target_fps)
-        return SOURCES[ref.source](ref)
+        if ref.source in ("video_folder", "egodex"):
+            return LOADERS[ref.source](ref, target_fps=self.config.target_fps)
+        return LOADERS[ref.source](ref)
 
     def extracted_episode(self, ref) -> ExtractedEpisode | None:
         """The cached extraction of `ref`, computing and saving it first if needed; None if it failed."""
@@ -226,10 +232,13 @@ class TraceExtract(datasets.GeneratorBasedBuilder):
             np.savez(handle, deltas=deltas, log_depths=log_depths)
         os.replace(path + ".tmp", path)
 
-    def compute_statistics(self) -> dict:
-        """Aggregate the per-episode reservoirs into processor statistics and save them beside the dataset."""
+    def compute_statistics(self, episode_ids: list[str] | None = None) -> dict:
+        """Aggregate the per-episode reservoirs (of `episode_ids`, default all: pass the training episodes to keep
+        held-out ones out) into processor statistics and save them beside the dataset."""
         folder = os.path.join(self.work_dir, "statistics")
         files = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        if episode_ids is not None:
+            files = [name for name in files if name.removesuffix(".npz") in set(episode_ids)]
         if not files:
             raise FileNotFoundError(f"No per-episode statistics in {folder}: run download_and_prepare() first.")
         statistics = TraceStatistics()
