@@ -6,12 +6,10 @@ import pytest
 import torch
 
 from mu0.training.metrics import (
-    constant_velocity_traces,
     displacement_errors,
     dtw_distance,
     frechet_distance,
     trace_metrics,
-    zero_motion_traces,
 )
 
 
@@ -99,13 +97,3 @@ def test_trace_metrics_keys_components_and_best_of_n():
     assert {key.split("@")[1] for key in metrics} == {"8", "16", "32"}
     with pytest.raises(ValueError, match="Shapes"):
         trace_metrics(predictions, target[:, :1], torch.ones(1, 1, 32, dtype=torch.bool))
-
-
-def test_baselines():
-    anchors = torch.tensor([[[0.1, 0.2, 1.0]]])
-    previous = torch.tensor([[[0.0, 0.2, 1.1]]])
-    assert torch.equal(zero_motion_traces(anchors, 4)[0, 0, 0, 3], anchors[0, 0])
-    moved = constant_velocity_traces(anchors, previous, torch.tensor([[True]]), 4)
-    torch.testing.assert_close(moved[0, 0, 0, 3], torch.tensor([0.5, 0.2, 0.6]))
-    still = constant_velocity_traces(anchors, previous, torch.tensor([[False]]), 4)
-    torch.testing.assert_close(still[0, 0, 0, 3], anchors[0, 0])

@@ -110,16 +110,4 @@ def trace_metrics(
     return results
 
 
-def zero_motion_traces(anchors: torch.Tensor, horizon: int) -> torch.Tensor:
-    """Every query stays where it is: (..., N, 3) -> (..., 1, N, H, 3)."""
-    return anchors[..., None, :, None, :].expand(*anchors.shape[:-2], 1, anchors.shape[-2], horizon, 3)
-
-
-def constant_velocity_traces(anchors: torch.Tensor, previous: torch.Tensor, previous_valid: torch.Tensor, horizon: int):
-    """Extrapolate the last observed step (anchor - previous position); queries without history stay still."""
-    velocity = (anchors - previous) * previous_valid[..., None]
-    steps = torch.arange(1, horizon + 1, dtype=anchors.dtype, device=anchors.device)
-    return (anchors[..., :, None, :] + steps[:, None] * velocity[..., :, None, :]).unsqueeze(-4)
-
-
-__all__ = ["trace_metrics", "displacement_errors", "dtw_distance", "frechet_distance", "zero_motion_traces", "constant_velocity_traces"]
+__all__ = ["trace_metrics", "displacement_errors", "dtw_distance", "frechet_distance"]

@@ -1,6 +1,7 @@
 """Pretraining μ0 with `transformers.Trainer`: a non-finite-loss guard and trace-metric evaluation (best of N)."""
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch.utils.data import DataLoader
@@ -17,6 +18,53 @@ def absolute_traces(deltas: torch.Tensor, batch, delta_scale: torch.Tensor) -> t
     extra = deltas.ndim - 4  # sample dimension of predictions
     anchors = anchors.view(anchors.shape[0], *([1] * extra), anchors.shape[1], 1, 3)
     return deltas * delta_scale + anchors
+
+
+Predictor = Callable[[dict], torch.Tensor]
+
+
+def evaluate_predictors(
+    predictors: dict[str, Predictor], dataset, collator, delta_scale: torch.Tensor, batch_size: int = 8
+) -> dict[str, dict[str, float]]:
+    """Trace metrics of several predictors on the same batches (same queries, same targets).
+
+    A predictor maps a collated batch to normalised deltas (B, S, N, H, 3); metrics are computed on absolute
+    (u, v, z) over valid steps, best of S for the `min_` keys.
+    """
+    predictions = {name: [] for name in predictors}
+    targets, valids = [], []
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collator):
+        for name, predict in predictors.items():
+            traces = predict(batch).cpu()
+            # flatten the batch into the query axis so batches with different query counts concatenate
+            predictions[name].append(absolute_traces(traces, batch, delta_scale).transpose(0, 1).flatten(1, 2))
+        targets.append(absolute_traces(batch["labels"], batch, delta_scale).flatten(0, 1))
+        valids.append((batch["labels_mask"] & batch["query_mask"][..., None]).flatten(0, 1))
+    target, valid = torch.cat(targets), torch.cat(valids)
+    return {name: trace_metrics(torch.cat(values, dim=1), target, valid) for name, values in predictions.items()}
+
+
+def zero_motion(batch) -> torch.Tensor:
+    """Every query stays where it is."""
+    return torch.zeros_like(batch["labels"]).unsqueeze(1)
+
+
+def constant_velocity(batch) -> torch.Tensor:
+    """Repeat the last observed step; history steps are spaced like future steps, so one step per future step."""
+    last_step = -batch["history"][:, :, 0] * batch["history_mask"][:, :, 0, None]
+    steps = torch.arange(1, batch["labels"].shape[2] + 1, dtype=last_step.dtype)
+    return (steps[None, None, :, None] * last_step[:, :, None, :]).unsqueeze(1)
+
+
+def sampler(model, num_samples: int, seed: int) -> Predictor:
+    """μ0 sampling as a predictor, with its own seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def predict(batch) -> torch.Tensor:
+        inputs = {k: v.to(model.device) for k, v in batch.items() if k not in ("labels", "labels_mask", "cluster_ids")}
+        return model.predict_traces(**inputs, num_samples=num_samples, generator=generator).traces
+
+    return predict
 
 
 class Mu0Trainer(Trainer):
@@ -49,20 +97,12 @@ class Mu0Trainer(Trainer):
             raise ValueError("Evaluation needs an eval_dataset and an eval_collator (Mu0TraceCollator(training=False)).")
         model = self.accelerator.unwrap_model(self.model).eval()
         scale = self.processing_class.require_delta_scale()
-        loader = DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.eval_collator)
-        generator = torch.Generator().manual_seed(self.eval_seed)
-        predictions, targets, valids = [], [], []
-        for batch in loader:
-            inputs = {k: v.to(model.device) for k, v in batch.items() if k not in ("labels", "labels_mask", "cluster_ids")}
-            traces = model.predict_traces(**inputs, num_samples=self.num_eval_samples, generator=generator).traces.cpu()
-            # flatten the batch into the query axis so batches with different query counts concatenate
-            predictions.append(absolute_traces(traces, batch, scale).transpose(0, 1).flatten(1, 2))
-            targets.append(absolute_traces(batch["labels"], batch, scale).flatten(0, 1))
-            valids.append((batch["labels_mask"] & batch["query_mask"][..., None]).flatten(0, 1))
-        metrics = trace_metrics(torch.cat(predictions, dim=1), torch.cat(targets), torch.cat(valids))
+        predictor = sampler(model, self.num_eval_samples, self.eval_seed)
+        metrics = evaluate_predictors({"mu0": predictor}, dataset, self.eval_collator, scale,
+                                      self.args.per_device_eval_batch_size)["mu0"]
         metrics = {f"{metric_key_prefix}_{key}": value for key, value in metrics.items()}
         self.log(metrics)
         return metrics
 
 
-__all__ = ["Mu0Trainer", "absolute_traces"]
+__all__ = ["Mu0Trainer", "absolute_traces", "constant_velocity", "evaluate_predictors", "sampler", "zero_motion"]
