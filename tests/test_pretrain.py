@@ -114,3 +114,18 @@ def test_accelerate_configs_load(name, kind):
         assert "Mu0ExpertLayer" in config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"]
     if kind == "DEEPSPEED":
         assert config.deepspeed_config["zero_stage"] == 2
+
+
+def test_baseline_predictors_by_hand():
+    from mu0.training.trainer import constant_velocity, zero_motion
+
+    batch = {
+        "labels": torch.zeros(1, 2, 4, 3),
+        "history": torch.tensor([[[[0.1, -0.2, 0.0]] * 8, [[0.3, 0.0, 0.1]] * 8]]),
+        "history_mask": torch.tensor([[[True] * 8, [False] * 8]]),
+    }
+    assert zero_motion(batch).shape == (1, 1, 2, 4, 3) and not zero_motion(batch).any()
+    moving = constant_velocity(batch)
+    # the previous position was 0.1 left and 0.2 below in delta units: keep going the other way, one step per step
+    torch.testing.assert_close(moving[0, 0, 0, 2], torch.tensor([-0.3, 0.6, 0.0]))
+    assert not moving[0, 0, 1].any()  # no history: no motion
