@@ -29,7 +29,8 @@ from .trace_ops import (
     visible_coverage,
 )
 
-CAMERA_BACKENDS = ("given", "static")
+DEPTH_BACKENDS = ("given", "depth_anything")
+CAMERA_BACKENDS = ("given", "static", "estimated")
 KEYPOINT_BACKENDS = ("given", "grid", "motion", "dino")
 TRACKER_BACKENDS = ("given", "lk")
 CAPTION_BACKENDS = ("given", "template", "vlm")
@@ -37,11 +38,14 @@ CAPTION_BACKENDS = ("given", "template", "vlm")
 
 @dataclass
 class ExtractionSettings:
+    depth: str = "given"
     camera: str = "given"
     keypoints: str = "given"
     tracker: str = "given"
     captions: str = "template"
     num_keypoints: int = 256
+    depth_model: str = "depth-anything/Depth-Anything-V2-Metric-Indoor-Small-hf"
+    field_of_view: float | None = None
     dino_model: str = "facebook/dinov2-base"
     caption_model: str | None = None
     min_coverage: float = MIN_COVERAGE
@@ -53,6 +57,7 @@ class ExtractionSettings:
 
     def __post_init__(self):
         for name, allowed in (
+            ("depth", DEPTH_BACKENDS),
             ("camera", CAMERA_BACKENDS),
             ("keypoints", KEYPOINT_BACKENDS),
             ("tracker", TRACKER_BACKENDS),
@@ -126,22 +131,53 @@ def _pretrained(kind: str, name_or_path: str):
     try:
         if kind == "dino":
             return AutoModel.from_pretrained(name_or_path).eval(), AutoImageProcessor.from_pretrained(name_or_path)
+        if kind == "depth":
+            from transformers import AutoModelForDepthEstimation
+
+            return AutoModelForDepthEstimation.from_pretrained(name_or_path).eval(), AutoImageProcessor.from_pretrained(name_or_path)
         return AutoModelForImageTextToText.from_pretrained(name_or_path).eval(), AutoProcessor.from_pretrained(name_or_path)
     except OSError as error:
         raise ValueError(f"Cannot load the {kind} backend's checkpoint {name_or_path!r}: {error}") from error
 
 
-def _camera(raw: RawEpisode, settings: ExtractionSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    if raw.depth is None or raw.intrinsics is None:
+def _depth(raw: RawEpisode, settings: ExtractionSettings) -> tuple[np.ndarray, np.ndarray, str]:
+    """Metric depth (T, H, W) and intrinsics, with where the intrinsics came from."""
+    if settings.depth == "given":
+        if raw.depth is None:
+            raise ValueError(
+                f"Episode {raw.episode_id}: depth='given' but the source has no depth; use depth='depth_anything'."
+            )
+        depth = raw.depth
+    else:
+        from .depth_backends import estimate_depth_depth_anything
+
+        model, image_processor = _pretrained("depth", settings.depth_model)
+        depth = estimate_depth_depth_anything(raw.frames, model=model, image_processor=image_processor)
+    if raw.intrinsics is not None:
+        return depth, raw.intrinsics, "source"
+    if settings.field_of_view is None:
         raise ValueError(
-            f"Episode {raw.episode_id}: camera={settings.camera!r} needs depth and intrinsics from the source; this "
-            "source provides none (use an RGB-D source, or a depth estimation backend)."
+            f"Episode {raw.episode_id}: the source has no intrinsics; set field_of_view (degrees) to use a "
+            "pinhole guess, or provide calibrated intrinsics."
         )
+    from .depth_backends import estimate_intrinsics
+
+    return depth, estimate_intrinsics(raw.image_size, settings.field_of_view), f"guessed from {settings.field_of_view} deg"
+
+
+def _extrinsics(raw, settings, depth, intrinsics, tracks, visible) -> np.ndarray:
     if settings.camera == "given":
         if raw.extrinsics is None:
-            raise ValueError(f"Episode {raw.episode_id}: camera='given' needs extrinsics; use camera='static' for a fixed camera.")
-        return raw.depth, raw.intrinsics, raw.extrinsics
-    return raw.depth, raw.intrinsics, np.repeat(np.eye(4)[None], len(raw.frames), axis=0)
+            raise ValueError(
+                f"Episode {raw.episode_id}: camera='given' needs extrinsics; use camera='static' for a fixed camera "
+                "or 'estimated' for poses from the tracks."
+            )
+        return raw.extrinsics
+    if settings.camera == "static":
+        return np.repeat(np.eye(4)[None], len(raw.frames), axis=0)
+    from .depth_backends import estimate_poses
+
+    return estimate_poses(raw.frames, depth, intrinsics, tracks, visible)
 
 
 def _tracks(raw: RawEpisode, settings: ExtractionSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -152,7 +188,7 @@ def _tracks(raw: RawEpisode, settings: ExtractionSettings) -> tuple[np.ndarray, 
         visible = raw.track_visible if raw.track_visible is not None else np.isfinite(raw.tracks).all(-1)
         clusters = raw.cluster_ids if raw.cluster_ids is not None else np.zeros(raw.tracks.shape[1], dtype=np.int64)
         return raw.tracks, visible & np.isfinite(raw.tracks).all(-1), clusters
-    from .tracking import track_points_lk
+    from .tracking import track_progressive
 
     if settings.keypoints == "grid":
         points, clusters = grid_keypoints(raw.image_size, settings.num_keypoints)
@@ -170,19 +206,22 @@ def _tracks(raw: RawEpisode, settings: ExtractionSettings) -> tuple[np.ndarray, 
         points = raw.tracks[0][start]
         clusters = (raw.cluster_ids[start] if raw.cluster_ids is not None else np.zeros(len(points), np.int64))
     queries = np.column_stack([np.zeros(len(points)), points])
-    result = track_points_lk(raw.frames, queries)
-    return result.tracks, result.visible, clusters
+    # progressive: new points join every 50 frames wherever existing tracks no longer cover the image
+    result = track_progressive(raw.frames, queries, chunk=50)
+    added = result.tracks.shape[1] - len(points)
+    return result.tracks, result.visible, np.concatenate([clusters, np.full(added, -1, dtype=np.int64)])
 
 
 def extract_episode(raw: RawEpisode, settings: ExtractionSettings) -> ExtractedEpisode:
     """Run every stage on one episode; raises ValueError on bad input and EpisodeRejected on unusable data."""
     if len(raw.frames) <= settings.history + 1:
         raise EpisodeRejected(f"{len(raw.frames)} frames: too short for a history of {settings.history} and a future")
-    depth, intrinsics, extrinsics = _camera(raw, settings)
+    depth, intrinsics, intrinsics_origin = _depth(raw, settings)
     tracks, visible, cluster_ids = _tracks(raw, settings)
     coverage = visible_coverage(visible)
     if coverage < settings.min_coverage:
         raise EpisodeRejected(f"visible-track coverage {coverage:.2f} < {settings.min_coverage}")
+    extrinsics = _extrinsics(raw, settings, depth, intrinsics, tracks, visible)
     world, world_valid = lift_to_world(tracks, visible, depth, intrinsics, extrinsics)
     world, world_valid = fill_world_tracks(world, world_valid)
     # Motion is judged in one fixed camera (the first frame's), so camera motion does not count as object motion.
@@ -203,7 +242,8 @@ def extract_episode(raw: RawEpisode, settings: ExtractionSettings) -> ExtractedE
             captions.extend(given_captions(raw.task, len(raw.frames)))
     metadata = {
         **raw.metadata,
-        "backends": {k: getattr(settings, k) for k in ("camera", "keypoints", "tracker", "captions")},
+        "backends": {k: getattr(settings, k) for k in ("depth", "camera", "keypoints", "tracker", "captions")},
+        "intrinsics": intrinsics_origin,
         "coverage": coverage,
         "num_tracks": int(tracks.shape[1]),
         "num_moving": int(moving.sum()),

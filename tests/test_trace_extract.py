@@ -70,7 +70,7 @@ def test_episodes_config_and_resumability(tmp_path):
     assert stamps == [os.path.getmtime(tmp_path / "work" / "episodes" / name) for name in cached]
     assert len(episodes) == 2
     row = episodes[0]
-    assert json.loads(row["metadata"])["backends"] == {"camera": "given", "keypoints": "given", "tracker": "given", "captions": "template"}
+    assert json.loads(row["metadata"])["backends"] == {"depth": "given", "camera": "given", "keypoints": "given", "tracker": "given", "captions": "template"}
     assert np.asarray(row["tracks_world"]).shape[-1] == 3 and len(row["frames"]) == 30
 
 
@@ -95,8 +95,13 @@ def test_rejected_episode_is_counted_not_written(tmp_path):
 def test_backend_requirements_are_explicit():
     raw = load_procedural(procedural_refs(1)[0], num_frames=20, image_size=64)
     no_camera = RawEpisode(raw.episode_id, raw.frames, raw.fps, tracks=raw.tracks, track_visible=raw.track_visible)
-    with pytest.raises(ValueError, match="depth and intrinsics"):
+    with pytest.raises(ValueError, match="depth='given'"):
         extract_episode(no_camera, ExtractionSettings())
+    no_intrinsics = RawEpisode(raw.episode_id, raw.frames, raw.fps, raw.depth, None, raw.extrinsics, raw.tracks, raw.track_visible)
+    with pytest.raises(ValueError, match="field_of_view"):
+        extract_episode(no_intrinsics, ExtractionSettings())
+    guessed = extract_episode(no_intrinsics, ExtractionSettings(field_of_view=60.0))
+    assert guessed.metadata["intrinsics"].startswith("guessed")
     no_text = RawEpisode(raw.episode_id, raw.frames, raw.fps, raw.depth, raw.intrinsics, raw.extrinsics, raw.tracks, raw.track_visible)
     with pytest.raises(ValueError, match="captions='given'"):
         extract_episode(no_text, ExtractionSettings(captions="given"))
@@ -173,3 +178,34 @@ def test_samples_skip_frames_without_history():
     raw = load_procedural(procedural_refs(1)[0], num_frames=20, image_size=64)
     samples = list(episode_samples(extract_episode(raw, ExtractionSettings()), ExtractionSettings(frame_stride=1)))
     assert min(s["frame_index"] for s in samples) == 8
+
+
+def test_lk_tracking_and_estimated_camera_recover_the_scene():
+    """Raw pixels only (no given tracks or poses): grid keypoints, LK tracks, PnP poses from depth."""
+    episode = generate_episode(4, num_frames=24, image_size=96, moving_camera=True)
+    raw = RawEpisode("lk", episode.frames, 10.0, depth=episode.depth, intrinsics=episode.intrinsics, task=episode.task)
+    settings = ExtractionSettings(keypoints="grid", tracker="lk", camera="estimated", num_keypoints=128)
+    extracted = extract_episode(raw, settings)
+    assert extracted.metadata["backends"]["tracker"] == "lk" and extracted.metadata["backends"]["camera"] == "estimated"
+    # estimated poses are relative to frame 0: compare camera-to-camera-0 motion with the ground truth
+    truth = episode.extrinsics @ np.linalg.inv(episode.extrinsics[0])
+    translation_error = np.linalg.norm(extracted.extrinsics[:, :3, 3] - truth[:, :3, 3], axis=-1)
+    assert np.median(translation_error) < 0.01
+    # tracks of static surfaces stay put in the estimated world
+    static_world = np.where(extracted.world_valid[..., None], extracted.world, np.nan)[:, ~extracted.moving]
+    drift = np.nanmax(np.linalg.norm(static_world - np.nanmedian(static_world, axis=0), axis=-1), axis=0)
+    assert np.nanmedian(drift) < 0.01
+
+
+def test_depth_anything_backend_from_a_saved_checkpoint(tmp_path):
+    from test_depth_backends import tiny_depth_anything, tiny_processor
+
+    tiny_depth_anything().save_pretrained(tmp_path / "depth")
+    tiny_processor().save_pretrained(tmp_path / "depth")
+    raw = load_procedural(procedural_refs(1)[0], num_frames=12, image_size=64)
+    raw = RawEpisode(raw.episode_id, raw.frames, raw.fps, intrinsics=raw.intrinsics, tracks=raw.tracks,
+                     track_visible=raw.track_visible, task=raw.task)
+    extracted = extract_episode(raw, ExtractionSettings(depth="depth_anything", camera="static", depth_model=str(tmp_path / "depth"),
+                                                        min_coverage=0.0, captions="given"))
+    assert extracted.depth.shape == raw.frames.shape[:3] and np.isfinite(extracted.depth).all()
+    assert extracted.metadata["backends"]["depth"] == "depth_anything"
