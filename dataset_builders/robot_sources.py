@@ -8,64 +8,15 @@ depend on the datasets' own toolkits. Pixels follow OpenCV: pixel centres at int
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
 from fractions import Fraction
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
-from .sources import EpisodeRef, RawEpisode
-
-# ----------------------------------------------------------------------------------------------------- video
-class _Video(NamedTuple):
-    frames: np.ndarray  # (T, H, W, 3) uint8 RGB, every `keep_every`-th frame of the window
-    fps: float  # of the kept frames
-    keep_every: int
-    num_in_window: int  # frames of the window before subsampling, to check against per-frame labels
-
-
-def _read_video(path: str, target_fps: float | None = None, start: float = -math.inf, end: float = math.inf) -> _Video:
-    """Decode frames presented in [start, end) seconds, keeping about `target_fps` of them per second.
-
-    Only kept frames are converted to RGB arrays and decoding starts at the keyframe before `start`, so a short
-    episode inside a long multi-episode file, or a 1080p video at a lower rate, does not cost a full decode in memory.
-    """
-    import av
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Video {path!r} does not exist.")
-    try:
-        container = av.open(path)
-    except Exception as error:  # PyAV raises several error types for unreadable files
-        raise ValueError(f"Cannot open video {path!r}: {error}") from error
-    with container:
-        stream = container.streams.video[0]
-        fps = float(stream.average_rate or 30.0)
-        keep_every = max(1, round(fps / target_fps)) if target_fps else 1
-        if start > 0:
-            container.seek(int(start / stream.time_base), stream=stream)  # lands on the keyframe at or before
-        frames, count = [], 0
-        try:
-            for frame in container.decode(stream):
-                if frame.time is None:
-                    raise ValueError("a frame has no timestamp")
-                if frame.time < start:
-                    continue
-                if frame.time >= end:
-                    break
-                if count % keep_every == 0:
-                    frames.append(frame.to_ndarray(format="rgb24"))
-                count += 1
-        except (av.FFmpegError, ValueError) as error:
-            raise ValueError(f"Video {path!r} is corrupt: {error}") from error
-    if not frames:
-        window = "" if (start, end) == (-math.inf, math.inf) else f" in [{start:.3f}, {end:.3f}) s"
-        raise ValueError(f"Video {path!r} has no frames{window}.")
-    return _Video(np.stack(frames), fps / keep_every, keep_every, count)
-
+from .sources import EpisodeRef, RawEpisode, read_video
 
 # ---------------------------------------------------------------------------------------------------- EgoDex
 # Key names of Apple's EgoDex release; edit these if a release names them differently (errors list what is present).
@@ -201,7 +152,7 @@ def load_egodex(
                 confidences[:, index] = _hdf5_array(handle, key, hdf5_path, (num_poses,))
         task, task_source = _egodex_task(handle.attrs, hdf5_path)
 
-    video = _read_video(video_path, target_fps)
+    video = read_video(video_path, target_fps)
     if video.num_in_window != num_poses:
         raise ValueError(
             f"EgoDex episode {hdf5_path!r}: the video has {video.num_in_window} frames but "
@@ -402,7 +353,7 @@ def load_lerobot(ref: EpisodeRef, camera_key: str | None = None) -> RawEpisode:
         ),
     )
     half_frame = 0.5 / fps  # frame k of the episode sits at from_timestamp + k / fps, up to rounding
-    frames = _read_video(
+    frames = read_video(
         video_path, start=row[video + "from_timestamp"] - half_frame, end=row[video + "to_timestamp"] - half_frame
     ).frames
     if len(frames) != row["length"]:

@@ -6,8 +6,10 @@ extraction stages must supply it with an explicit backend.
 """
 
 import glob
+import math
 import os
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -119,10 +121,23 @@ def read_description(location: str) -> str | None:
     return None
 
 
-def decode_video(path: str, target_fps: float | None = None) -> tuple[np.ndarray, float]:
-    """Decode with PyAV to RGB frames, keeping about `target_fps` frames per second."""
+class VideoClip(NamedTuple):
+    frames: np.ndarray  # (T, H, W, 3) uint8 RGB, every `keep_every`-th frame of the window
+    fps: float  # of the kept frames
+    keep_every: int
+    num_in_window: int  # frames of the window before subsampling, to check against per-frame labels
+
+
+def read_video(path: str, target_fps: float | None = None, start: float = -math.inf, end: float = math.inf) -> VideoClip:
+    """Decode frames presented in [start, end) seconds, keeping about `target_fps` of them per second.
+
+    Only kept frames are converted to RGB arrays and decoding starts at the keyframe before `start`, so a short
+    episode inside a long multi-episode file, or a 1080p video at a lower rate, does not cost a full decode in memory.
+    """
     import av
 
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Video {path!r} does not exist.")
     try:
         container = av.open(path)
     except Exception as error:  # PyAV raises several error types for unreadable files
@@ -131,13 +146,26 @@ def decode_video(path: str, target_fps: float | None = None) -> tuple[np.ndarray
         stream = container.streams.video[0]
         fps = float(stream.average_rate or 30.0)
         keep_every = max(1, round(fps / target_fps)) if target_fps else 1
+        if start > 0:
+            container.seek(int(start / stream.time_base), stream=stream)  # lands on the keyframe at or before
+        frames, count = [], 0
         try:
-            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
-        except Exception as error:
+            for frame in container.decode(stream):
+                if frame.time is None:
+                    raise ValueError("a frame has no timestamp")
+                if frame.time < start:
+                    continue
+                if frame.time >= end:
+                    break
+                if count % keep_every == 0:
+                    frames.append(frame.to_ndarray(format="rgb24"))
+                count += 1
+        except (av.FFmpegError, ValueError) as error:
             raise ValueError(f"Video {path!r} is corrupt: {error}") from error
     if not frames:
-        raise ValueError(f"Video {path!r} has no frames.")
-    return np.stack(frames[::keep_every]), fps / keep_every
+        window = "" if (start, end) == (-math.inf, math.inf) else f" in [{start:.3f}, {end:.3f}) s"
+        raise ValueError(f"Video {path!r} has no frames{window}.")
+    return VideoClip(np.stack(frames), fps / keep_every, keep_every, count)
 
 
 def load_video_folder(ref: EpisodeRef, target_fps: float | None = None) -> RawEpisode:
@@ -148,7 +176,8 @@ def load_video_folder(ref: EpisodeRef, target_fps: float | None = None) -> RawEp
         frames = np.stack([np.asarray(Image.open(os.path.join(ref.location, f)).convert("RGB")) for f in files])
         fps = float(target_fps or 10.0)
     else:
-        frames, fps = decode_video(ref.location, target_fps)
+        video = read_video(ref.location, target_fps)
+        frames, fps = video.frames, video.fps
     return RawEpisode(ref.episode_id, frames, fps, task=read_description(ref.location))
 
 
@@ -189,7 +218,8 @@ def scenetracker_refs(path: str) -> list[EpisodeRef]:
 
 
 def load_scenetracker(ref: EpisodeRef) -> RawEpisode:
-    frames, fps = decode_video(os.path.join(ref.location, "rgb.mp4"))
+    video = read_video(os.path.join(ref.location, "rgb.mp4"))
+    frames, fps = video.frames, video.fps
     depth = np.load(os.path.join(ref.location, "deps.npz"))["deps"][:, 0].astype(np.float32)
     cameras = np.load(os.path.join(ref.location, "intris.npz"))
     track = np.load(os.path.join(ref.location, "track.npz"))["track_g"]
@@ -216,7 +246,7 @@ __all__ = [
     "EpisodeRef",
     "RawEpisode",
     "SOURCES",
-    "decode_video",
+    "read_video",
     "procedural_refs",
     "rgbd_refs",
     "scenetracker_refs",

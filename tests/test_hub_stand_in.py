@@ -11,7 +11,7 @@ import httpx2
 import pytest
 import torch
 from conftest import make_model
-from hub_stand_in import ENDPOINT, hub, install, uninstall  # noqa: F401 - `hub` is the fixture
+from hub_stand_in import ENDPOINT, install, uninstall
 from transformers import AutoModel, AutoProcessor, BertConfig, BertModel
 
 from mu0 import Mu0ForTracePrediction, Mu0Processor
