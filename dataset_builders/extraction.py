@@ -44,6 +44,7 @@ class ExtractionSettings:
     tracker: str = "given"
     captions: str = "template"
     num_keypoints: int = 256
+    lk_window: int = 21  # LK window side in px; ~11 suits images of 128 px and less
     depth_model: str = "depth-anything/Depth-Anything-V2-Metric-Indoor-Small-hf"
     field_of_view: float | None = None
     dino_model: str = "facebook/dinov2-base"
@@ -207,7 +208,7 @@ def _tracks(raw: RawEpisode, settings: ExtractionSettings) -> tuple[np.ndarray, 
         clusters = (raw.cluster_ids[start] if raw.cluster_ids is not None else np.zeros(len(points), np.int64))
     queries = np.column_stack([np.zeros(len(points)), points])
     # progressive: new points join every 50 frames wherever existing tracks no longer cover the image
-    result = track_progressive(raw.frames, queries, chunk=50)
+    result = track_progressive(raw.frames, queries, chunk=50, window=settings.lk_window)
     added = result.tracks.shape[1] - len(points)
     return result.tracks, result.visible, np.concatenate([clusters, np.full(added, -1, dtype=np.int64)])
 
