@@ -45,6 +45,7 @@ def train(args: argparse.Namespace) -> None:
     trainer.train(resume_from_checkpoint=args.resume)
     trainer.save_model(args.output_dir)
     trainer.processing_class.save_pretrained(args.output_dir)
+    metrics = None
     if evaluation is not None:
         metrics = trainer.evaluate()
         print("| metric | value |\n|---|---|")
@@ -54,8 +55,14 @@ def train(args: argparse.Namespace) -> None:
     if trainer.skipped_nonfinite_steps:
         print(f"skipped {trainer.skipped_nonfinite_steps} batches with a non-finite loss")
     if args.push_to_hub:
-        trainer.model.push_to_hub(args.push_to_hub)
-        trainer.processing_class.push_to_hub(args.push_to_hub)
+        import os
+
+        from .publishing import push_mu0_to_hub
+
+        push_mu0_to_hub(trainer.model, trainer.processing_class, args.push_to_hub,
+                        datasets=None if os.path.isdir(args.dataset) else [args.dataset],
+                        metrics=None if metrics is None else {k.removeprefix("eval_"): v for k, v in metrics.items()},
+                        recipe=args.recipe)
     print(f"model and processor saved to {args.output_dir}")
 
 
