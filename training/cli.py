@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import os
 import sys
 
 from .. import __version__
@@ -55,8 +56,6 @@ def train(args: argparse.Namespace) -> None:
     if trainer.skipped_nonfinite_steps:
         print(f"skipped {trainer.skipped_nonfinite_steps} batches with a non-finite loss")
     if args.push_to_hub:
-        import os
-
         from .publishing import push_mu0_to_hub
 
         push_mu0_to_hub(trainer.model, trainer.processing_class, args.push_to_hub,
