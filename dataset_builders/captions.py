@@ -33,12 +33,13 @@ def describe_motion(uvz: np.ndarray, valid: np.ndarray) -> dict[str, str]:
     points = np.arange(uvz.shape[1])
     delta = (uvz[last, points] - uvz[first, points])[valid.any(0)].mean(0)
     heights = -uvz[..., 1]
-    rise = np.nanmax(np.where(valid, heights, np.nan), axis=0) - heights[first, points]
+    rise = np.where(valid, heights, -np.inf).max(axis=0) - heights[first, points]
     horizontal = "right" if delta[0] > 0 else "left"
     vertical = "down" if delta[1] > 0 else "up"
     direction = horizontal if abs(delta[0]) >= abs(delta[1]) else vertical
     depth = "toward the camera" if delta[2] < -0.02 else "away from the camera" if delta[2] > 0.02 else ""
-    lifted = np.nanmean(rise[valid.any(0)]) > 0.1 and abs(delta[1]) < np.nanmean(rise[valid.any(0)])
+    mean_rise = rise[valid.any(0)].mean()
+    lifted = mean_rise > 0.1 and abs(delta[1]) < mean_rise
     skill = "pick and place" if lifted else "lift" if direction == "up" else "push" if direction in ("left", "right") else "lower"
     return {"direction": direction, "depth": depth, "skill": skill}
 

@@ -22,7 +22,7 @@ class DemoSettings:
     num_frames: int = 40
     image_size: int = 96
     frame_stride: int = 2
-    steps: int = 1500
+    steps: int = 3000
     num_samples: int = 5
     recipe: str = "tiny-cpu"
     seed: int = 0
