@@ -129,3 +129,15 @@ def test_baseline_predictors_by_hand():
     # the previous position was 0.1 left and 0.2 below in delta units: keep going the other way, one step per step
     torch.testing.assert_close(moving[0, 0, 0, 2], torch.tensor([-0.3, 0.6, 0.0]))
     assert not moving[0, 0, 1].any()  # no history: no motion
+
+
+def test_training_streams_samples_from_the_hub(hub, samples_folder, tmp_path):
+    from mu0.training.pretrain import push_samples_to_hub
+
+    samples, statistics = load_samples(samples_folder)
+    push_samples_to_hub(samples, statistics, "user/traces")
+    streamed, streamed_statistics = load_samples("user/traces")
+    assert streamed_statistics == statistics and not hasattr(streamed, "select")  # an IterableDataset
+    trainer = make_trainer(small_recipe(), streamed, streamed_statistics, str(tmp_path), max_steps=3)
+    trainer.train()
+    assert trainer.state.global_step == 3

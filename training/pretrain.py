@@ -57,6 +57,15 @@ def save_samples(samples, statistics: dict, path: str) -> None:
         json.dump(statistics, handle, indent=2)
 
 
+def push_samples_to_hub(samples, statistics: dict, repo_id: str) -> None:
+    """Publish a `samples` dataset (parquet, streamable) with the statistics file `load_samples` reads back."""
+    from huggingface_hub import HfApi
+
+    samples.push_to_hub(repo_id, config_name="samples")
+    HfApi().upload_file(path_or_fileobj=json.dumps(statistics, indent=2).encode(), path_in_repo=STATISTICS_FILE,
+                        repo_id=repo_id, repo_type="dataset", commit_message="Add trace statistics")
+
+
 def build_model_and_processor(recipe: dict, statistics: dict) -> tuple[Mu0ForTracePrediction, Mu0Processor]:
     """The recipe's model (random preset, or the full config with pretrained backbones) and a processor with stats."""
     model_recipe = recipe["model"]
@@ -126,4 +135,12 @@ def make_trainer(
     )
 
 
-__all__ = ["available_recipes", "build_model_and_processor", "load_recipe", "load_samples", "make_trainer", "save_samples"]
+__all__ = [
+    "available_recipes",
+    "build_model_and_processor",
+    "load_recipe",
+    "load_samples",
+    "make_trainer",
+    "push_samples_to_hub",
+    "save_samples",
+]
