@@ -141,3 +141,24 @@ def test_training_streams_samples_from_the_hub(hub, samples_folder, tmp_path):
     trainer = make_trainer(small_recipe(), streamed, streamed_statistics, str(tmp_path), max_steps=3)
     trainer.train()
     assert trainer.state.global_step == 3
+
+
+def test_trained_tiny_model_beats_zero_motion_on_its_training_episodes(tmp_path):
+    from mu0.training.trainer import constant_velocity, evaluate_predictors, sampler, zero_motion
+
+    builder = TraceExtract(config_name="samples", source="procedural", num_episodes=2, num_frames=30, image_size=64,
+                           cache_dir=str(tmp_path / "cache"), work_dir=str(tmp_path / "work"), settings={"frame_stride": 2})
+    builder.download_and_prepare()
+    samples = builder.as_dataset(split="train")
+    recipe = load_recipe("tiny-cpu")
+    recipe["collator"].update(min_queries=8, max_queries=16)
+    trainer = make_trainer(recipe, samples, builder.compute_statistics(), str(tmp_path / "out"), max_steps=300)
+    trainer.train()
+    results = evaluate_predictors(
+        {"mu0": sampler(trainer.model.eval(), 5, 0), "zero": zero_motion, "constant_velocity": constant_velocity},
+        samples.with_format("numpy"), trainer.eval_collator, trainer.processing_class.require_delta_scale(),
+    )
+    # measured: min-ADE 0.052 vs 0.082 and min-FDE 0.068 vs 0.135 (best of 5, normalised u, v)
+    assert results["mu0"]["uv/min_ade@32"] < 0.85 * results["zero"]["uv/min_ade@32"]
+    assert results["mu0"]["uv/min_fde@32"] < 0.75 * results["zero"]["uv/min_fde@32"]
+    assert results["mu0"]["uv/min_fde@32"] < results["constant_velocity"]["uv/min_fde@32"]
