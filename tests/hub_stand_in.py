@@ -766,6 +766,11 @@ def install(monkeypatch: pytest.MonkeyPatch, tmp_path, endpoint: str = ENDPOINT)
         if hasattr(constants, name):
             monkeypatch.setattr(constants, name, value)
     monkeypatch.setattr(hf_api_module.api, "endpoint", endpoint)  # the module-level HfApi behind model_info & co.
+    # transformers caches its own HfApi on first use (e.g. a failed offline from_pretrained in an earlier test):
+    # drop it so it is rebuilt with the stand-in's endpoint.
+    import transformers.utils.hub as transformers_hub
+
+    monkeypatch.setattr(transformers_hub, "_hf_api", None)
 
     # datasets keeps its own copies (import it now so that they are patched and restored, not frozen mid-test).
     try:

@@ -41,3 +41,21 @@ def test_errors_print_one_line_and_exit_non_zero(tmp_path, capsys):
     assert len(error) == 1 and error[0].startswith("mu0 demo: error:")
     with pytest.raises(SystemExit):
         main(["no-such-command"])
+
+
+def test_train_command_trains_evaluates_and_saves(tmp_path, capsys):
+    from mu0.dataset_builders.trace_extract import TraceExtract
+    from mu0.training.pretrain import save_samples
+
+    builder = TraceExtract(config_name="samples", source="procedural", num_episodes=2, num_frames=30, image_size=64,
+                           cache_dir=str(tmp_path / "cache"), work_dir=str(tmp_path / "work"), settings={"frame_stride": 4})
+    builder.download_and_prepare()
+    save_samples(builder.as_dataset(split="train"), builder.compute_statistics(), str(tmp_path / "samples"))
+    code = main(["train", "--dataset", str(tmp_path / "samples"), "--max-steps", "3", "--eval-samples", "4",
+                 "--output-dir", str(tmp_path / "run")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| uv/min_ade@32 |" in printed and "| uvz/fde@32 |" in printed
+    assert Mu0Processor.from_pretrained(tmp_path / "run").delta_scale == builder.compute_statistics()["delta_scale"]
+    assert Mu0ForTracePrediction.from_pretrained(tmp_path / "run").config.model_type == "mu0"
+    assert main(["train", "--dataset", str(tmp_path / "missing"), "--recipe", "tiny-cpu"]) == 1

@@ -230,3 +230,17 @@ def test_install_is_undone(tmp_path):
 
     with pytest.raises(OfflineModeIsEnabled):
         get_session().get(f"{ENDPOINT}/api/whoami-v2")
+
+
+def test_a_stale_transformers_api_client_is_replaced(monkeypatch, tmp_path, tiny_config):
+    """transformers caches one HfApi on first use; one made before the stand-in must not send pushes to the real Hub."""
+    import transformers.utils.hub as transformers_hub
+    from huggingface_hub import HfApi
+
+    monkeypatch.setattr(transformers_hub, "_hf_api", HfApi(endpoint="https://huggingface.co"))
+    stand_in = install(monkeypatch, tmp_path)
+    try:
+        make_model(tiny_config).push_to_hub("user/stale-client")
+        assert "model.safetensors" in stand_in.files("user/stale-client")
+    finally:
+        uninstall()
