@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from .checkpoints import load_checkpoint
+
 from .trace_ops import lift_to_world
 
 # Non-positive predictions are raised to this depth: positive, so log-depth stays finite, and well under the 1 mm
@@ -53,11 +55,11 @@ def estimate_depth_depth_anything(
     if model is None:
         from transformers import AutoModelForDepthEstimation
 
-        model = _load_checkpoint(AutoModelForDepthEstimation, model_name_or_path, "model")
+        model = load_checkpoint(AutoModelForDepthEstimation, model_name_or_path, "Depth Anything model")
     if image_processor is None:
         from transformers import AutoImageProcessor
 
-        image_processor = _load_checkpoint(AutoImageProcessor, model_name_or_path, "image processor")
+        image_processor = load_checkpoint(AutoImageProcessor, model_name_or_path, "Depth Anything image processor")
     estimation_type = getattr(model.config, "depth_estimation_type", None)
     if estimation_type != "metric":
         raise ValueError(
@@ -85,18 +87,6 @@ def estimate_depth_depth_anything(
     if not np.isfinite(depth).all():
         raise ValueError("The depth model produced non-finite values.")
     return depth
-
-
-def _load_checkpoint(auto_class, name: str, what: str):
-    """from_pretrained, with an error that names the checkpoint and the usual cause here: no network."""
-    try:
-        return auto_class.from_pretrained(name)
-    except OSError as error:
-        raise OSError(
-            f"Could not load the Depth Anything {what} from {name!r}: it is not a local folder nor in the Hugging "
-            "Face cache, and it could not be downloaded (offline, e.g. HF_HUB_OFFLINE=1, or no such repository). "
-            "Download it where the Hub is reachable, or pass a local path."
-        ) from error
 
 
 def estimate_intrinsics(image_size: tuple[int, int], fov_degrees: float = 60.0) -> np.ndarray:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .captions import covering, given_captions, template_captions
+from .checkpoints import load_checkpoint
 from .keypoints import grid_keypoints, motion_keypoints
 from .sources import RawEpisode
 from .trace_ops import (
@@ -126,19 +127,22 @@ class EpisodeRejected(Exception):
 
 @functools.lru_cache(maxsize=4)
 def _pretrained(kind: str, name_or_path: str):
-    """Load a stage's model once per process (extraction calls it for every episode)."""
-    from transformers import AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
+    """A stage's model and processor, loaded once per process (extraction calls it for every episode)."""
+    from transformers import (
+        AutoImageProcessor,
+        AutoModel,
+        AutoModelForDepthEstimation,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+    )
 
-    try:
-        if kind == "dino":
-            return AutoModel.from_pretrained(name_or_path).eval(), AutoImageProcessor.from_pretrained(name_or_path)
-        if kind == "depth":
-            from transformers import AutoModelForDepthEstimation
-
-            return AutoModelForDepthEstimation.from_pretrained(name_or_path).eval(), AutoImageProcessor.from_pretrained(name_or_path)
-        return AutoModelForImageTextToText.from_pretrained(name_or_path).eval(), AutoProcessor.from_pretrained(name_or_path)
-    except OSError as error:
-        raise ValueError(f"Cannot load the {kind} backend's checkpoint {name_or_path!r}: {error}") from error
+    model_class, processor_class = {
+        "dino": (AutoModel, AutoImageProcessor),
+        "depth": (AutoModelForDepthEstimation, AutoImageProcessor),
+        "vlm": (AutoModelForImageTextToText, AutoProcessor),
+    }[kind]
+    model = load_checkpoint(model_class, name_or_path, f"{kind} model").eval()
+    return model, load_checkpoint(processor_class, name_or_path, f"{kind} processor")
 
 
 def _depth(raw: RawEpisode, settings: ExtractionSettings) -> tuple[np.ndarray, np.ndarray, str]:

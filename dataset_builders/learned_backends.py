@@ -9,6 +9,7 @@ Pixel convention: OpenCV, pixel centres at integer coordinates.
 import numpy as np
 
 from .captions import STYLES, Caption, merge_captions
+from .checkpoints import load_checkpoint
 from .keypoints import kmeans
 
 FEATURE_BATCH_SIZE = 8  # sampled frames per DINOv2 forward pass
@@ -23,18 +24,6 @@ PROMPTS = {
     "image. Use the imperative mood.",
     "casual": "In at most 20 words, casually say what to do, as you would to a friend.",
 }
-
-
-def _load(auto_class, name: str, what: str):
-    """from_pretrained with an error that names the checkpoint and the usual cause here (offline, no weights)."""
-    try:
-        return auto_class.from_pretrained(name)
-    except OSError as error:
-        raise OSError(
-            f"Could not load the {what} from {name!r}: it is neither a local folder nor in the Hub cache, and it "
-            "cannot be downloaded (offline, e.g. HF_HUB_OFFLINE=1). Download it where the Hub is reachable, pass a "
-            "local path, or pass the object itself."
-        ) from error
 
 
 def _check_frames(frames: np.ndarray) -> np.ndarray:
@@ -226,11 +215,11 @@ def dino_keypoints(
     if model is None:
         from transformers import AutoModel
 
-        model = _load(AutoModel, model_name_or_path, "DINOv2 model")
+        model = load_checkpoint(AutoModel, model_name_or_path, "DINOv2 model")
     if image_processor is None:
         from transformers import AutoImageProcessor
 
-        image_processor = _load(AutoImageProcessor, model_name_or_path, "DINOv2 image processor")
+        image_processor = load_checkpoint(AutoImageProcessor, model_name_or_path, "DINOv2 image processor")
     rng = np.random.default_rng(0) if rng is None else rng
 
     features, (grid_height, grid_width) = _patch_features(frames[::frame_stride], model, image_processor)
@@ -300,11 +289,11 @@ def vlm_captions(
     if model is None:
         from transformers import AutoModelForImageTextToText
 
-        model = _load(AutoModelForImageTextToText, model_name_or_path, "captioning model")
+        model = load_checkpoint(AutoModelForImageTextToText, model_name_or_path, "captioning model")
     if processor is None:
         from transformers import AutoProcessor
 
-        processor = _load(AutoProcessor, model_name_or_path, "captioning processor")
+        processor = load_checkpoint(AutoProcessor, model_name_or_path, "captioning processor")
 
     model.eval()
     prompts = {style: _prompt(processor, PROMPTS[style]) for style in STYLES}

@@ -276,5 +276,5 @@ def test_vlm_captions_run_inside_extraction_from_a_saved_checkpoint(tmp_path):
     assert {c["style"] for c in chunk_captions} == {"descriptive", "imperative", "casual"}
     with pytest.raises(ValueError, match="caption_model"):
         ExtractionSettings(captions="vlm")
-    with pytest.raises(ValueError, match="no-such-vlm"):
+    with pytest.raises(OSError, match="no-such-vlm"):
         extract_episode(raw, ExtractionSettings(captions="vlm", caption_model=str(tmp_path / "no-such-vlm")))
