@@ -42,6 +42,7 @@ setup(
         "huggingface_hub>=1.0",
         "numpy>=1.24",
         "scipy>=1.10",
+        "matplotlib>=3.7",
         "pillow>=10",
         "tqdm>=4.66",
         "packaging",

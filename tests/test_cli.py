@@ -20,6 +20,15 @@ def test_demo_quick_writes_a_loadable_model_and_finite_metrics(tmp_path, capsys)
     for method in ("mu0", "zero_motion", "constant_velocity"):
         assert all(math.isfinite(value) for value in summary["metrics"][method].values())
     assert summary["eval_samples"] > 0 and summary["train_samples"] > 0
+    from PIL import Image
+
+    overlays = sorted(tmp_path.glob("overlay_*.png"))
+    assert overlays and summary["figures"][-1] == "traces_3d.png"
+    side = 4 * summary["settings"]["image_size"]
+    for path in overlays:  # ground truth and prediction side by side, each the frame upscaled 4x
+        with Image.open(path) as image:
+            assert image.size == (2 * side + 8, side)
+    assert (tmp_path / "traces_3d.png").stat().st_size > 10_000
     model = Mu0ForTracePrediction.from_pretrained(tmp_path / "model")
     processor = Mu0Processor.from_pretrained(tmp_path / "model")
     assert processor.delta_scale is not None and all(value > 0 for value in processor.delta_scale)

@@ -10,7 +10,12 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
+import numpy as np
+import torch
+from PIL import Image
+
 from ..dataset_builders.trace_extract import TraceExtract
+from ..processing.visualization import draw_traces, plot_traces_3d
 from .pretrain import load_recipe, make_trainer
 from .trainer import constant_velocity, evaluate_predictors, sampler, zero_motion
 
@@ -37,6 +42,37 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     for name, metrics in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{metrics[c]:.4f}" for c in TABLE_COLUMNS) + " |")
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def save_visualisations(model, processor, collator, rows: list[dict], output_dir: str, seed: int) -> list[str]:
+    """Ground truth (left) and μ0's first sample (right) over each held-out frame, plus one 3D plot in metres."""
+    batch = collator(rows)
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "labels_mask", "cluster_ids")}
+    prediction = model.predict_traces(**inputs, generator=torch.Generator().manual_seed(seed))
+    intrinsics = torch.stack([torch.as_tensor(np.asarray(row["intrinsics"]), dtype=torch.float32) for row in rows])
+    anchors = (batch["query_points"], batch["image_sizes"], batch["query_depth"], intrinsics)
+    predicted = processor.post_process_traces(prediction.traces, *anchors)
+    truth = processor.post_process_traces(batch["labels"][:, None], *anchors)
+    paths = []
+    for index, row in enumerate(rows):
+        real = batch["query_mask"][index].numpy()
+        image = np.asarray(row["image"])
+        panels = [
+            draw_traces(image, truth["pixels"][index, 0].numpy()[real], batch["labels_mask"][index].numpy()[real]),
+            draw_traces(image, predicted["pixels"][index, 0].numpy()[real], prediction.alive_mask[index, 0].numpy()[real]),
+        ]
+        canvas = Image.new("RGB", (panels[0].width * 2 + 8, panels[0].height), (255, 255, 255))
+        canvas.paste(panels[0], (0, 0))
+        canvas.paste(panels[1], (panels[0].width + 8, 0))
+        paths.append(os.path.join(output_dir, f"overlay_{index}.png"))
+        canvas.save(paths[-1])
+    real = batch["query_mask"][0].numpy()
+    paths.append(plot_traces_3d(
+        {"ground truth": truth["xyz"][0, 0].numpy()[real], "μ0": predicted["xyz"][0, 0].numpy()[real]},
+        os.path.join(output_dir, "traces_3d.png"), title=str(rows[0]["task"]),
+    ))
+    return paths
 
 
 def run_demo(output_dir: str, settings: DemoSettings) -> dict:
@@ -74,6 +110,11 @@ def run_demo(output_dir: str, settings: DemoSettings) -> dict:
         processor.require_delta_scale(),
     )
 
+    shown = evaluation.with_format("numpy")
+    figures = save_visualisations(model, processor, trainer.eval_collator,
+                                  [shown[i] for i in range(0, len(shown), max(1, len(shown) // 4))][:4],
+                                  output_dir, settings.seed)
+
     model_dir = os.path.join(output_dir, "model")
     model.save_pretrained(model_dir)
     processor.save_pretrained(model_dir)
@@ -86,6 +127,7 @@ def run_demo(output_dir: str, settings: DemoSettings) -> dict:
         "first_loss": losses[0] if losses else float("nan"),
         "last_loss": losses[-1] if losses else float("nan"),
         "metrics": results,
+        "figures": [os.path.basename(path) for path in figures],
         "wall_time_s": time.perf_counter() - start,
     }
     with open(os.path.join(output_dir, "metrics.json"), "w") as handle:
