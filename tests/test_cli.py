@@ -68,3 +68,31 @@ def test_train_command_trains_evaluates_and_saves(tmp_path, capsys):
     assert Mu0Processor.from_pretrained(tmp_path / "run").delta_scale == builder.compute_statistics()["delta_scale"]
     assert Mu0ForTracePrediction.from_pretrained(tmp_path / "run").config.model_type == "mu0"
     assert main(["train", "--dataset", str(tmp_path / "missing"), "--recipe", "tiny-cpu"]) == 1
+
+
+def test_predict_writes_overlay_plot_and_json(tmp_path, tiny_config, tiny_processor, capsys):
+    import numpy as np
+    from conftest import make_model
+    from PIL import Image
+
+    make_model(tiny_config).save_pretrained(tmp_path / "model")
+    tiny_processor.save_pretrained(tmp_path / "model")
+    Image.fromarray(np.full((48, 64, 3), 120, np.uint8)).save(tmp_path / "frame.png")
+    np.save(tmp_path / "depth.npy", np.full((48, 64), 0.9))
+    json_path = tmp_path / "K.json"
+    json_path.write_text(json.dumps([[60.0, 0, 31.5], [0, 60.0, 23.5], [0, 0, 1]]))
+    args = ["predict", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "frame.png"), "--prompt", "push",
+            "--points", "10,20", "40,30", "--depth", str(tmp_path / "depth.npy"), "--intrinsics", str(json_path),
+            "--samples", "2", "--output-dir", str(tmp_path / "out")]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "out" / "traces.json").read_text())
+    assert np.asarray(result["pixels"]).shape == (2, 2, tiny_config.horizon, 2)
+    xyz, pixels = np.asarray(result["xyz_m"]), np.asarray(result["pixels"])
+    # metric points are the predicted pixels unprojected with K at the predicted depth (queries start at 0.9 m)
+    np.testing.assert_allclose(xyz[..., 0], (pixels[..., 0] - 31.5) / 60.0 * xyz[..., 2], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(xyz[..., 1], (pixels[..., 1] - 23.5) / 60.0 * xyz[..., 2], rtol=1e-4, atol=1e-6)
+    assert np.abs(xyz[..., 2] - 0.9).max() < 0.5
+    assert (tmp_path / "out" / "overlay.png").exists() and (tmp_path / "out" / "traces_3d.png").exists()
+    assert main(["predict", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "frame.png"),
+                 "--points", "1,2,3"]) == 1
+    assert "x,y pairs" in capsys.readouterr().err

@@ -5,11 +5,14 @@ import logging
 import os
 import sys
 
+import numpy as np
+
 from .. import __version__
 
 EXAMPLES = """examples:
   mu0 demo                      synthetic data -> train a small μ0 -> evaluate -> save (a few minutes, no downloads)
   mu0 demo --quick --output-dir /tmp/mu0-demo
+  mu0 predict --model outputs/demo/model --image frame.png --prompt "push the red block" --grid 8
   mu0 train --recipe tiny-cpu --dataset data/samples --output-dir outputs/tiny
   mu0 train --recipe mu0-smolvlm2-2.2b --dataset me/my-traces --push-to-hub me/mu0-run1
 """
@@ -65,6 +68,68 @@ def train(args: argparse.Namespace) -> None:
     print(f"model and processor saved to {args.output_dir}")
 
 
+def grid_points(size: int, height: int, width: int) -> list[tuple[float, float]]:
+    """A size x size grid of pixel positions at cell centres."""
+    xs = (np.arange(size) + 0.5) * width / size - 0.5
+    ys = (np.arange(size) + 0.5) * height / size - 0.5
+    return [(float(x), float(y)) for y in ys for x in xs]
+
+
+def predict(args: argparse.Namespace) -> None:
+    import json
+
+    import torch
+    from PIL import Image
+
+    from .. import Mu0ForTracePrediction, Mu0Processor
+    from ..processing.visualization import draw_traces, plot_traces_3d
+
+    if not os.path.isfile(args.image):
+        raise FileNotFoundError(f"No image at {args.image!r}.")
+    image = np.asarray(Image.open(args.image).convert("RGB"))
+    height, width = image.shape[:2]
+    if args.points:
+        points = [tuple(float(v) for v in point.split(",")) for point in args.points]
+        if any(len(point) != 2 for point in points):
+            raise ValueError("--points takes x,y pairs in pixels, e.g. --points 120,80 200,150")
+    else:
+        points = grid_points(args.grid, height, width)
+    depth = intrinsics = None
+    if (args.depth is None) != (args.intrinsics is None):
+        raise ValueError("--depth and --intrinsics go together (metric traces need both).")
+    query = np.array(points, dtype=np.float64)
+    if args.depth is not None:
+        depth = np.load(args.depth).astype(np.float32)
+        with open(args.intrinsics) as handle:
+            intrinsics = torch.tensor(json.load(handle), dtype=torch.float32)[None]
+        rows = np.clip(np.round(query[:, 1]).astype(int), 0, height - 1)
+        columns = np.clip(np.round(query[:, 0]).astype(int), 0, width - 1)
+        query = np.column_stack([query, depth[rows, columns]])
+    model = Mu0ForTracePrediction.from_pretrained(args.model).eval()
+    processor = Mu0Processor.from_pretrained(args.model)
+    inputs = processor(images=image, text=args.prompt, query_points=query,
+                       depth=None if depth is None or not model.config.use_depth else depth)
+    prediction = model.predict_traces(**inputs, num_samples=args.samples,
+                                      generator=torch.Generator().manual_seed(args.seed))
+    traces = processor.post_process_traces(prediction.traces, inputs["query_points"], inputs["image_sizes"],
+                                            inputs.get("query_depth"), intrinsics)
+    os.makedirs(args.output_dir, exist_ok=True)
+    overlay = os.path.join(args.output_dir, "overlay.png")
+    draw_traces(image, traces["pixels"][0, 0].numpy(), prediction.alive_mask[0, 0].numpy()).save(overlay)
+    result = {"prompt": args.prompt, "query_points": points, "pixels": traces["pixels"][0].tolist(),
+              "alive": prediction.alive_mask[0].tolist()}
+    written = [overlay]
+    if "xyz" in traces:
+        result["xyz_m"] = traces["xyz"][0].tolist()
+        written.append(plot_traces_3d({f"sample {s}": traces["xyz"][0, s].numpy() for s in range(args.samples)},
+                                      os.path.join(args.output_dir, "traces_3d.png"), title=args.prompt))
+    path = os.path.join(args.output_dir, "traces.json")
+    with open(path + ".tmp", "w") as handle:
+        json.dump(result, handle)
+    os.replace(path + ".tmp", path)
+    print("\n".join(["wrote", *written, path]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mu0", description="μ0: predict future 3D traces of query points.", epilog=EXAMPLES,
@@ -88,6 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--resume", default=None, help="a checkpoint folder to resume from")
     train_parser.add_argument("--push-to-hub", default=None, metavar="REPO")
     train_parser.set_defaults(handler=train)
+    predict_parser = commands.add_parser("predict", help="predict traces for one image and write an overlay and JSON")
+    predict_parser.add_argument("--model", required=True, help="a saved model folder or Hub repo")
+    predict_parser.add_argument("--image", required=True)
+    predict_parser.add_argument("--prompt", default="", help="the instruction (default: predict future trajectory)")
+    predict_parser.add_argument("--points", nargs="+", default=None, metavar="X,Y", help="query pixels")
+    predict_parser.add_argument("--grid", type=int, default=8, help="an N x N query grid when --points is not given")
+    predict_parser.add_argument("--depth", default=None, help="metric depth map (.npy, H x W) for metric traces")
+    predict_parser.add_argument("--intrinsics", default=None, help="3x3 pixel intrinsics as JSON")
+    predict_parser.add_argument("--samples", type=int, default=1)
+    predict_parser.add_argument("--seed", type=int, default=0)
+    predict_parser.add_argument("--output-dir", default="outputs/predict")
+    predict_parser.set_defaults(handler=predict)
     return parser
 
 
