@@ -14,12 +14,14 @@ def draw_traces(
     line_width: int = 2,
     dot_radius: int = 3,
     colour: tuple[int, int, int] | None = None,
+    anchors: np.ndarray | None = None,
 ) -> Image.Image:
     """Overlay pixel traces (N, H, 2) on an image: each segment coloured by time (turbo, blue = now, red = last),
     a white start dot per query, and steps after a predicted stop (`alive` False) not drawn.
 
     The image is upscaled by `scale` first so traces of small frames stay readable. `colour` draws every trace in
-    one colour instead (e.g. ground truth in white next to a prediction).
+    one colour instead (e.g. ground truth in white next to a prediction). `anchors` (N, 2), the queries' current
+    pixels, start each trace where its point is now (model traces begin one step later).
     """
     canvas = Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
     canvas = canvas.resize((canvas.width * scale, canvas.height * scale), Image.NEAREST)
@@ -29,6 +31,12 @@ def draw_traces(
     alive = np.ones(traces.shape[:2], dtype=bool) if alive is None else np.asarray(alive, dtype=bool)
     if alive.shape != traces.shape[:2]:
         raise ValueError(f"alive must be {traces.shape[:2]}, got {alive.shape}.")
+    if anchors is not None:
+        anchors = np.asarray(anchors, dtype=np.float64)
+        if anchors.shape != (traces.shape[0], 2):
+            raise ValueError(f"anchors must be ({traces.shape[0]}, 2), got {anchors.shape}.")
+        traces = np.concatenate([anchors[:, None], traces], axis=1)
+        alive = np.concatenate([np.ones_like(alive[:, :1]), alive], axis=1)
     draw = ImageDraw.Draw(canvas)
     points = (traces + 0.5) * scale  # pixel centres of the upscaled image
     steps = traces.shape[1]

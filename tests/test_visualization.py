@@ -27,3 +27,13 @@ def test_overlay_and_plot_errors(tmp_path):
         draw_traces(np.zeros((8, 8, 3), np.uint8), np.zeros((1, 4, 2)), alive=np.ones((2, 4), bool))
     path = plot_traces_3d({"a": np.random.default_rng(0).normal(size=(3, 8, 3))}, str(tmp_path / "plot.png"))
     assert (tmp_path / "plot.png").stat().st_size > 5_000 and path.endswith("plot.png")
+
+
+def test_anchors_start_each_trace_at_the_query():
+    image = np.zeros((16, 16, 3), dtype=np.uint8)
+    trace = np.array([[[6.0, 8.0], [10.0, 8.0]]])
+    canvas = np.asarray(draw_traces(image, trace, anchors=np.array([[2.0, 8.0]]), scale=4, dot_radius=2))
+    assert tuple(canvas[34, 10]) == (255, 255, 255)  # the dot is at the anchor (2, 8), not at step 1 (6, 8)
+    assert canvas[34, 18].sum() > 0  # and a segment joins the anchor to step 1
+    with pytest.raises(ValueError, match="anchors"):
+        draw_traces(image, trace, anchors=np.zeros((2, 2)))

@@ -115,7 +115,8 @@ def predict(args: argparse.Namespace) -> None:
                                             inputs.get("query_depth"), intrinsics)
     os.makedirs(args.output_dir, exist_ok=True)
     overlay = os.path.join(args.output_dir, "overlay.png")
-    draw_traces(image, traces["pixels"][0, 0].numpy(), prediction.alive_mask[0, 0].numpy()).save(overlay)
+    draw_traces(image, traces["pixels"][0, 0].numpy(), prediction.alive_mask[0, 0].numpy(),
+                anchors=np.array(points)).save(overlay)
     result = {"prompt": args.prompt, "query_points": points, "pixels": traces["pixels"][0].tolist(),
               "alive": prediction.alive_mask[0].tolist()}
     written = [overlay]

@@ -58,9 +58,12 @@ def save_visualisations(model, processor, collator, rows: list[dict], output_dir
     for index, row in enumerate(rows):
         real = batch["query_mask"][index].numpy()
         image = np.asarray(row["image"])
+        height, width = batch["image_sizes"][index].tolist()
+        now = ((batch["query_points"][index].numpy()[real] + 1) / 2 * [width, height] - 0.5)  # query pixels at t
         panels = [
-            draw_traces(image, truth["pixels"][index, 0].numpy()[real], batch["labels_mask"][index].numpy()[real]),
-            draw_traces(image, predicted["pixels"][index, 0].numpy()[real], prediction.alive_mask[index, 0].numpy()[real]),
+            draw_traces(image, truth["pixels"][index, 0].numpy()[real], batch["labels_mask"][index].numpy()[real], anchors=now),
+            draw_traces(image, predicted["pixels"][index, 0].numpy()[real], prediction.alive_mask[index, 0].numpy()[real],
+                        anchors=now),
         ]
         canvas = Image.new("RGB", (panels[0].width * 2 + 8, panels[0].height), (255, 255, 255))
         canvas.paste(panels[0], (0, 0))
