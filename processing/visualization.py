@@ -54,6 +54,27 @@ def draw_traces(
     return canvas
 
 
+def write_video(frames: list[Image.Image], path: str, fps: float = 10.0) -> str:
+    """H.264 MP4 via PyAV (the `extract` extra), written to a temp name and renamed when complete."""
+    try:
+        import av
+    except ImportError as error:
+        raise ImportError("Writing MP4 needs PyAV: pip install 'mu0[extract]'.") from error
+    import os
+
+    width, height = (size - size % 2 for size in frames[0].size)  # H.264 wants even sides
+    temporary = path + ".tmp.mp4"
+    with av.open(temporary, "w") as container:
+        stream = container.add_stream("libx264", rate=max(1, round(fps)))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for frame in frames:
+            array = np.asarray(frame.convert("RGB"))[:height, :width]
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+        container.mux(stream.encode())
+    os.replace(temporary, path)
+    return path
+
+
 def plot_traces_3d(traces: dict[str, np.ndarray], path: str, title: str = "") -> str:
     """Save a 3D plot of camera-frame traces: `traces` maps a label to (N, H, 3) arrays of (x, y, z) in metres."""
     try:
@@ -81,4 +102,4 @@ def plot_traces_3d(traces: dict[str, np.ndarray], path: str, title: str = "") ->
     return path
 
 
-__all__ = ["draw_traces", "plot_traces_3d"]
+__all__ = ["draw_traces", "plot_traces_3d", "write_video"]

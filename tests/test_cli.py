@@ -96,3 +96,20 @@ def test_predict_writes_overlay_plot_and_json(tmp_path, tiny_config, tiny_proces
     assert main(["predict", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "frame.png"),
                  "--points", "1,2,3"]) == 1
     assert "x,y pairs" in capsys.readouterr().err
+
+
+def test_view_renders_an_episode_to_mp4(tmp_path, capsys):
+    import av
+
+    from mu0.dataset_builders.trace_extract import TraceExtract
+
+    builder = TraceExtract(config_name="episodes", source="procedural", num_episodes=1, num_frames=12, image_size=64,
+                           cache_dir=str(tmp_path / "cache"), work_dir=str(tmp_path / "work"))
+    builder.download_and_prepare()
+    builder.as_dataset(split="train").save_to_disk(str(tmp_path / "episodes"))
+    assert main(["view", str(tmp_path / "episodes"), "--output-dir", str(tmp_path / "out")]) == 0
+    with av.open(str(tmp_path / "out" / "episode_0.mp4")) as video:
+        frames = list(video.decode(video=0))
+    assert len(frames) == 12 and (frames[0].width, frames[0].height) == (128, 128)
+    assert main(["view", str(tmp_path / "episodes"), "--episode", "5"]) == 1
+    assert "out of range" in capsys.readouterr().err

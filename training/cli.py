@@ -13,6 +13,7 @@ EXAMPLES = """examples:
   mu0 demo                      synthetic data -> train a small μ0 -> evaluate -> save (a few minutes, no downloads)
   mu0 demo --quick --output-dir /tmp/mu0-demo
   mu0 predict --model outputs/demo/model --image frame.png --prompt "push the red block" --grid 8
+  mu0 view data/episodes --episode 3
   mu0 train --recipe tiny-cpu --dataset data/samples --output-dir outputs/tiny
   mu0 train --recipe mu0-smolvlm2-2.2b --dataset me/my-traces --push-to-hub me/mu0-run1
 """
@@ -131,6 +132,32 @@ def predict(args: argparse.Namespace) -> None:
     print("\n".join(["wrote", *written, path]))
 
 
+def view(args: argparse.Namespace) -> None:
+    """Render one extracted episode's tracks (in each frame's own camera) over its frames to an MP4."""
+    from ..dataset_builders.trace_ops import project_to_camera
+    from ..processing.visualization import draw_traces, write_video
+    from .pretrain import load_episodes
+
+    episodes = load_episodes(args.dataset)
+    if not 0 <= args.episode < len(episodes):
+        raise ValueError(f"--episode {args.episode} is out of range: the dataset has {len(episodes)} episodes.")
+    row = episodes[args.episode]
+    world = np.asarray(row["tracks_world"], dtype=np.float64)
+    visible = np.asarray(row["visible"], dtype=bool)
+    extrinsics, intrinsics = np.asarray(row["extrinsics"]), np.asarray(row["intrinsics"])
+    frames = []
+    for t, image in enumerate(row["frames"]):
+        start = max(0, t - args.trail)
+        window = visible[start : t + 1]
+        pixels, in_front = project_to_camera(world[start : t + 1], window, extrinsics[t], intrinsics)
+        shown = window[-1] & in_front.all(0)
+        trails = pixels[:, shown, :2].transpose(1, 0, 2)
+        frames.append(draw_traces(np.asarray(image), trails, scale=args.scale, dot_radius=1))
+    path = os.path.join(args.output_dir, f"episode_{args.episode}.mp4")
+    os.makedirs(args.output_dir, exist_ok=True)
+    print(f"wrote {write_video(frames, path, fps=row['fps'] or 10.0)} ({len(frames)} frames, {int(shown.sum())} tracks)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mu0", description="μ0: predict future 3D traces of query points.", epilog=EXAMPLES,
@@ -166,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict_parser.add_argument("--seed", type=int, default=0)
     predict_parser.add_argument("--output-dir", default="outputs/predict")
     predict_parser.set_defaults(handler=predict)
+    view_parser = commands.add_parser("view", help="render an extracted episode's tracks over its frames to MP4")
+    view_parser.add_argument("dataset", help="an episodes folder from save_to_disk or a Hub dataset repo")
+    view_parser.add_argument("--episode", type=int, default=0)
+    view_parser.add_argument("--trail", type=int, default=8, help="frames of track history drawn behind each point")
+    view_parser.add_argument("--scale", type=int, default=2)
+    view_parser.add_argument("--output-dir", default="outputs/view")
+    view_parser.set_defaults(handler=view)
     return parser
 
 

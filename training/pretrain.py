@@ -50,6 +50,17 @@ def load_samples(dataset: str, split: str = "train"):
     return load_dataset(dataset, "samples", split=split, streaming=True), statistics
 
 
+def load_episodes(dataset: str):
+    """An `episodes` dataset: a folder saved with `save_to_disk` or a Hub dataset repo."""
+    if os.path.isdir(dataset):
+        from datasets import load_from_disk
+
+        return load_from_disk(dataset)
+    from datasets import load_dataset
+
+    return load_dataset(dataset, "episodes", split="train")
+
+
 def save_samples(samples, statistics: dict, path: str) -> None:
     """Save a `samples` dataset with its statistics, the folder layout `load_samples` reads."""
     samples.save_to_disk(path)
@@ -139,6 +150,7 @@ __all__ = [
     "available_recipes",
     "build_model_and_processor",
     "load_recipe",
+    "load_episodes",
     "load_samples",
     "make_trainer",
     "push_samples_to_hub",
