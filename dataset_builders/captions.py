@@ -9,7 +9,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 STYLES = ("descriptive", "imperative", "casual")
-LEVELS = ("chunk", "pair", "triple", "segment")
 
 
 @dataclass
@@ -103,4 +102,4 @@ def covering(captions: list[dict], frame: int) -> list[dict]:
     return [caption for caption in captions if caption["start"] <= frame < caption["end"]]
 
 
-__all__ = ["Caption", "STYLES", "LEVELS", "covering", "describe_motion", "given_captions", "merge_captions", "template_captions"]
+__all__ = ["Caption", "STYLES", "covering", "describe_motion", "given_captions", "merge_captions", "template_captions"]

@@ -13,4 +13,16 @@ def load_checkpoint(auto_class, name: str, what: str):
         ) from error
 
 
-__all__ = ["load_checkpoint"]
+def resolve_model_and_processor(model, processor, name: str | None, model_class, processor_class, what: str):
+    """The given model and processor, loading whichever is missing from `name` (which is then required)."""
+    processor_label = "image processor" if "ImageProcessor" in processor_class.__name__ else "processor"
+    if (model is None or processor is None) and name is None:
+        raise ValueError(f"Pass model_name_or_path, or both a {what} model and its {processor_label}.")
+    if model is None:
+        model = load_checkpoint(model_class, name, f"{what} model")
+    if processor is None:
+        processor = load_checkpoint(processor_class, name, f"{what} {processor_label}")
+    return model, processor
+
+
+__all__ = ["load_checkpoint", "resolve_model_and_processor"]

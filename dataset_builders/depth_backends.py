@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .checkpoints import load_checkpoint
+from .checkpoints import resolve_model_and_processor
 
 from .trace_ops import lift_to_world
 
@@ -50,16 +50,11 @@ def estimate_depth_depth_anything(
         raise ValueError(f"frames must be (T, H, W, 3) uint8 RGB, got shape {frames.shape} and dtype {frames.dtype}.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    if (model is None or image_processor is None) and model_name_or_path is None:
-        raise ValueError("Pass model_name_or_path, or both a Depth Anything model and its image processor.")
-    if model is None:
-        from transformers import AutoModelForDepthEstimation
+    from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
-        model = load_checkpoint(AutoModelForDepthEstimation, model_name_or_path, "Depth Anything model")
-    if image_processor is None:
-        from transformers import AutoImageProcessor
-
-        image_processor = load_checkpoint(AutoImageProcessor, model_name_or_path, "Depth Anything image processor")
+    model, image_processor = resolve_model_and_processor(
+        model, image_processor, model_name_or_path, AutoModelForDepthEstimation, AutoImageProcessor, "Depth Anything"
+    )
     estimation_type = getattr(model.config, "depth_estimation_type", None)
     if estimation_type != "metric":
         raise ValueError(

@@ -16,6 +16,7 @@ from .captions import covering, given_captions, template_captions
 from .checkpoints import load_checkpoint
 from .keypoints import grid_keypoints, motion_keypoints
 from .sources import RawEpisode
+from .tracking import track_points_given, track_progressive
 from .trace_ops import (
     MIN_COVERAGE,
     fill_world_tracks,
@@ -190,10 +191,10 @@ def _tracks(raw: RawEpisode, settings: ExtractionSettings) -> tuple[np.ndarray, 
     if settings.tracker == "given":
         if raw.tracks is None:
             raise ValueError(f"Episode {raw.episode_id}: tracker='given' but the source has no tracks; use tracker='lk'.")
-        visible = raw.track_visible if raw.track_visible is not None else np.isfinite(raw.tracks).all(-1)
+        visible = raw.track_visible if raw.track_visible is not None else np.ones(raw.tracks.shape[:2], dtype=bool)
+        result = track_points_given(raw.tracks, visible)
         clusters = raw.cluster_ids if raw.cluster_ids is not None else np.zeros(raw.tracks.shape[1], dtype=np.int64)
-        return raw.tracks, visible & np.isfinite(raw.tracks).all(-1), clusters
-    from .tracking import track_progressive
+        return result.tracks, result.visible, clusters
 
     if settings.keypoints == "grid":
         points, clusters = grid_keypoints(raw.image_size, settings.num_keypoints)

@@ -9,7 +9,7 @@ Pixel convention: OpenCV, pixel centres at integer coordinates.
 import numpy as np
 
 from .captions import STYLES, Caption, merge_captions
-from .checkpoints import load_checkpoint
+from .checkpoints import resolve_model_and_processor
 from .keypoints import kmeans
 
 FEATURE_BATCH_SIZE = 8  # sampled frames per DINOv2 forward pass
@@ -212,14 +212,11 @@ def dino_keypoints(
         raise ValueError(f"frame_stride must be >= 1, got {frame_stride}.")
     if not 0.0 <= merge_threshold <= 2.0:
         raise ValueError(f"merge_threshold is a cosine distance in [0, 2], got {merge_threshold}.")
-    if model is None:
-        from transformers import AutoModel
+    from transformers import AutoImageProcessor, AutoModel
 
-        model = load_checkpoint(AutoModel, model_name_or_path, "DINOv2 model")
-    if image_processor is None:
-        from transformers import AutoImageProcessor
-
-        image_processor = load_checkpoint(AutoImageProcessor, model_name_or_path, "DINOv2 image processor")
+    model, image_processor = resolve_model_and_processor(
+        model, image_processor, model_name_or_path, AutoModel, AutoImageProcessor, "DINOv2"
+    )
     rng = np.random.default_rng(0) if rng is None else rng
 
     features, (grid_height, grid_width) = _patch_features(frames[::frame_stride], model, image_processor)
@@ -284,16 +281,11 @@ def vlm_captions(
             raise ValueError(f"Event {(start, end)} is not a non-empty range within the {len(frames)} frames.")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-    if (model is None or processor is None) and model_name_or_path is None:
-        raise ValueError("Pass model_name_or_path, or both an image-text-to-text model and its processor.")
-    if model is None:
-        from transformers import AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        model = load_checkpoint(AutoModelForImageTextToText, model_name_or_path, "captioning model")
-    if processor is None:
-        from transformers import AutoProcessor
-
-        processor = load_checkpoint(AutoProcessor, model_name_or_path, "captioning processor")
+    model, processor = resolve_model_and_processor(
+        model, processor, model_name_or_path, AutoModelForImageTextToText, AutoProcessor, "captioning"
+    )
 
     model.eval()
     prompts = {style: _prompt(processor, PROMPTS[style]) for style in STYLES}

@@ -65,9 +65,15 @@ def save_statistics(statistics: dict, directory: str) -> str:
 
 
 def load_statistics(directory: str) -> dict:
+    """Read `trace_statistics.json` from a local folder, or from a Hub dataset repo when no such folder exists."""
+    if not os.path.isdir(directory):
+        from huggingface_hub import hf_hub_download
+
+        with open(hf_hub_download(directory, STATISTICS_FILE, repo_type="dataset")) as handle:
+            return json.load(handle)
     path = os.path.join(directory, STATISTICS_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"No {STATISTICS_FILE} in {directory}: extract the dataset with statistics first.")
+        raise FileNotFoundError(f"No {STATISTICS_FILE} in {directory}: save the dataset with its statistics first.")
     with open(path) as handle:
         return json.load(handle)
 

@@ -18,11 +18,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
 # OpenCV's default stopping rule for the per-level Gauss–Newton iterations.
-_LK_CRITERIA = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 30, 0.01)
+_LK_TERMINATION = (30, 0.01)  # at most 30 iterations, or a step below 0.01 px
 
 
 @dataclass
@@ -241,10 +240,14 @@ class _LucasKanadeStep:
             raise ValueError(f"levels must be >= 0, got {levels}")
         if not fb_threshold > 0:
             raise ValueError(f"fb_threshold must be > 0, got {fb_threshold}")
+        import cv2  # OpenCV (the `extract` extra) is needed by LK only, not by given tracks
+
         gray = [cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) for frame in frames]
         return cls(gray, (window, window), levels, fb_threshold)
 
     def _flow(self, source: int, target: int, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import cv2
+
         moved, status, _ = cv2.calcOpticalFlowPyrLK(
             self.gray[source],
             self.gray[target],
@@ -252,7 +255,7 @@ class _LucasKanadeStep:
             None,
             winSize=self.window,
             maxLevel=self.levels,
-            criteria=_LK_CRITERIA,
+            criteria=(cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, *_LK_TERMINATION),
         )
         return moved.reshape(-1, 2), status.reshape(-1).astype(bool)
 

@@ -11,7 +11,7 @@ from importlib import resources
 from transformers import TrainingArguments, set_seed
 
 from .. import Mu0Config, Mu0ForTracePrediction, Mu0ImageProcessor, Mu0Processor, build_character_tokenizer
-from ..dataset_builders.statistics import STATISTICS_FILE
+from ..dataset_builders.statistics import STATISTICS_FILE, load_statistics, save_statistics
 from ..presets import preset_config
 from .collator import Mu0TraceCollator
 from .trainer import Mu0Trainer
@@ -34,19 +34,13 @@ def load_recipe(name_or_path: str) -> dict:
 
 def load_samples(dataset: str, split: str = "train"):
     """A `samples` dataset and its statistics: a folder from `save_samples` or a Hub dataset repo (streamed)."""
+    statistics = load_statistics(dataset)
     if os.path.isdir(dataset):
         from datasets import load_from_disk
 
-        statistics_path = os.path.join(dataset, STATISTICS_FILE)
-        if not os.path.exists(statistics_path):
-            raise FileNotFoundError(f"{dataset} has no {STATISTICS_FILE}: save it with mu0's save_samples().")
-        with open(statistics_path) as handle:
-            return load_from_disk(dataset), json.load(handle)
+        return load_from_disk(dataset), statistics
     from datasets import load_dataset
-    from huggingface_hub import hf_hub_download
 
-    with open(hf_hub_download(dataset, STATISTICS_FILE, repo_type="dataset")) as handle:
-        statistics = json.load(handle)
     return load_dataset(dataset, "samples", split=split, streaming=True), statistics
 
 
@@ -64,8 +58,7 @@ def load_episodes(dataset: str):
 def save_samples(samples, statistics: dict, path: str) -> None:
     """Save a `samples` dataset with its statistics, the folder layout `load_samples` reads."""
     samples.save_to_disk(path)
-    with open(os.path.join(path, STATISTICS_FILE), "w") as handle:
-        json.dump(statistics, handle, indent=2)
+    save_statistics(statistics, path)
 
 
 def push_samples_to_hub(samples, statistics: dict, repo_id: str) -> None:
