@@ -14,10 +14,17 @@ PACKAGE_DIR = {
     "mu0.model_cards": "model_cards",
 }
 
+EXTRACT = ["opencv-python-headless>=4.8", "av>=12", "scipy>=1.10", "h5py>=3.8"]
+# MuJoCo renders offscreen through EGL (`MUJOCO_GL=egl`); metaworld pins the MuJoCo release it supports.
+SIM = ["mujoco>=3.2", "metaworld>=3.0", "gymnasium>=1.0"]
+RERUN = ["rerun-sdk>=0.20"]
+
 EXTRAS = {
-    "extract": ["opencv-python-headless>=4.8", "av>=12", "scipy>=1.10", "h5py>=3.8"],
-    "viz": ["matplotlib>=3.7"],
-    "dev": ["pytest>=8", "opencv-python-headless>=4.8", "av>=12", "scipy>=1.10", "h5py>=3.8", "matplotlib>=3.7"],
+    "extract": EXTRACT,
+    "viz": ["matplotlib>=3.7", "av>=12"],
+    "sim": SIM,
+    "rerun": RERUN,
+    "dev": ["pytest>=8", "matplotlib>=3.7", *EXTRACT, *SIM, *RERUN],
 }
 
 setup(

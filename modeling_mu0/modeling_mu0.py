@@ -502,6 +502,25 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
         history_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Velocity (B, N, D, 3) and done logits (B, N, H) for control points at flow time `time` (B,)."""
+        future_states = self.future_token_states(
+            prefix, noisy_control_points, time, query_mask, fourier, dino_features, history, history_mask
+        )
+        velocity = self.trace_velocity_head(future_states).view(*future_states.shape[:2], -1, 3)
+        return velocity.float(), self.trace_done_head(future_states).float()
+
+    def future_token_states(
+        self,
+        prefix: Mu0Prefix,
+        noisy_control_points: torch.Tensor,
+        time: torch.Tensor,
+        query_mask: torch.Tensor,
+        fourier: torch.Tensor,
+        dino_features: torch.Tensor | None = None,
+        history: torch.Tensor | None = None,
+        history_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final expert states (B, N, hidden) of the future tokens: what the heads read, and what an action
+        expert pools into motion tokens."""
         num_queries = noisy_control_points.shape[1]
         hidden_states = self._embed_suffix(noisy_control_points, fourier, dino_features, history, history_mask)
         condition = self._time_condition(time)
@@ -511,9 +530,7 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
             layer_mask = mask if layer.joint else mask[..., : keys.shape[2]]
             hidden_states = layer(hidden_states, condition, keys, values, layer_mask, cos, sin)
         shift, scale = self.final_modulation(F.silu(condition))[:, None, :].chunk(2, dim=-1)
-        future_states = (self.final_norm(hidden_states) * (1 + scale) + shift)[:, num_queries:]
-        velocity = self.trace_velocity_head(future_states).view(*future_states.shape[:2], -1, 3)
-        return velocity.float(), self.trace_done_head(future_states).float()
+        return (self.final_norm(hidden_states) * (1 + scale) + shift)[:, num_queries:]
 
     # ------------------------------------------------------------------------------------------------ inputs
     def _validate_queries(
