@@ -3,14 +3,17 @@
 from .character_tokenizer import build_character_tokenizer
 from .image_processing_mu0 import Mu0ImageProcessor, render_depth, turbo_colormap
 from .processing_mu0 import Mu0Processor
+from .processing_mu0_action import Mu0ActionProcessor, robot_statistics
 from .visualization import draw_traces, plot_traces_3d
 
 __all__ = [
+    "Mu0ActionProcessor",
     "Mu0ImageProcessor",
     "Mu0Processor",
     "build_character_tokenizer",
     "draw_traces",
     "plot_traces_3d",
     "render_depth",
+    "robot_statistics",
     "turbo_colormap",
 ]

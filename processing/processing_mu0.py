@@ -120,10 +120,14 @@ class Mu0Processor(ProcessorMixin):
             if per_image[name] is not None and len(per_image[name]) != batch_size:
                 raise ValueError(f"Got {len(per_image[name])} entries in `{name}` for {batch_size} images.")
 
-        image_features = self.image_processor(
-            images, depth=per_image["depth"], depth_log_range=self.depth_log_range, return_tensors="pt"
-        )
-        image_sizes = [self._image_size(image) for image in images]
+        data = self.encode_images_and_prompts(images, texts, per_image["depth"])
+        image_sizes = [tuple(size) for size in data["image_sizes"].tolist()]
+        data.update(self._encode_queries(per_image, image_sizes, points_normalized))
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def encode_images_and_prompts(self, images: list, texts: list[str | None], depth=None) -> dict[str, torch.Tensor]:
+        """Backbone, DINOv2 and depth pixels plus the padded prompt: the inputs shared by traces and actions."""
+        image_features = self.image_processor(images, depth=depth, depth_log_range=self.depth_log_range, return_tensors="pt")
         text_features = self.tokenizer(
             [self.prompt(task) for task in texts],
             padding="max_length",
@@ -131,10 +135,12 @@ class Mu0Processor(ProcessorMixin):
             max_length=self.max_prompt_length,
             return_tensors="pt",
         )
-        data = {**image_features, "input_ids": text_features["input_ids"], "attention_mask": text_features["attention_mask"]}
-        data["image_sizes"] = torch.tensor(image_sizes, dtype=torch.long)
-        data.update(self._encode_queries(per_image, image_sizes, points_normalized))
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        return {
+            **image_features,
+            "input_ids": text_features["input_ids"],
+            "attention_mask": text_features["attention_mask"],
+            "image_sizes": torch.tensor([self._image_size(image) for image in images], dtype=torch.long),
+        }
 
     @staticmethod
     def _image_size(image) -> tuple[int, int]:
