@@ -64,17 +64,39 @@ class RawEpisode:
 
 # ------------------------------------------------------------------------------------------------ procedural
 def procedural_refs(num_episodes: int, seed: int = 0) -> list[EpisodeRef]:
-    seeds = np.random.default_rng(seed).permutation(1_000_000)[:num_episodes]
-    return [EpisodeRef("procedural", f"procedural-{int(s):06d}", seed=int(s)) for s in seeds]
+    return _generated_refs("procedural", num_episodes, seed)
 
 
 def load_procedural(ref: EpisodeRef, num_frames: int = 48, image_size: int = 128, moving_camera: bool = False) -> RawEpisode:
-    from .procedural import generate_episode, project_points
+    from .procedural import generate_episode
 
-    episode = generate_episode(ref.seed, num_frames=num_frames, image_size=image_size, moving_camera=moving_camera)
-    tracks = np.stack(
-        [project_points(episode.tracks_world[t], episode.extrinsics[t], episode.intrinsics)[0] for t in range(num_frames)]
-    )
+    return _generated_raw(ref, generate_episode(ref.seed, num_frames=num_frames, image_size=image_size, moving_camera=moving_camera))
+
+
+# ---------------------------------------------------------------------------------------------------- mujoco
+def mujoco_refs(num_episodes: int, seed: int = 0) -> list[EpisodeRef]:
+    return _generated_refs("mujoco", num_episodes, seed)
+
+
+def load_mujoco(ref: EpisodeRef, num_frames: int = 48, image_size: int = 128, moving_camera: bool = False) -> RawEpisode:
+    """A MuJoCo-rendered tabletop episode (needs `pip install "mu0[sim]"` and an offscreen GL, see `mujoco_scenes`)."""
+    from .mujoco_scenes import generate_mujoco_episode
+
+    episode = generate_mujoco_episode(ref.seed, num_frames=num_frames, image_size=image_size, moving_camera=moving_camera)
+    return _generated_raw(ref, episode)
+
+
+def _generated_refs(source: str, num_episodes: int, seed: int) -> list[EpisodeRef]:
+    seeds = np.random.default_rng(seed).permutation(1_000_000)[:num_episodes]
+    return [EpisodeRef(source, f"{source}-{int(s):06d}", seed=int(s)) for s in seeds]
+
+
+def _generated_raw(ref: EpisodeRef, episode) -> RawEpisode:
+    """A `ProceduralEpisode` (or subclass) as a source episode: every field known, tracks projected to pixels."""
+    from .procedural import project_points
+
+    tracks = np.stack([project_points(world, extrinsics, episode.intrinsics)[0]
+                       for world, extrinsics in zip(episode.tracks_world, episode.extrinsics)])
     return RawEpisode(
         episode_id=ref.episode_id,
         frames=episode.frames,
@@ -237,6 +259,7 @@ def load_scenetracker(ref: EpisodeRef) -> RawEpisode:
 
 SOURCES = {
     "procedural": load_procedural,
+    "mujoco": load_mujoco,
     "video_folder": load_video_folder,
     "rgbd": load_rgbd,
     "scenetracker": load_scenetracker,
@@ -247,6 +270,7 @@ __all__ = [
     "RawEpisode",
     "SOURCES",
     "read_video",
+    "mujoco_refs",
     "procedural_refs",
     "rgbd_refs",
     "scenetracker_refs",

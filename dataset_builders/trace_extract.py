@@ -28,7 +28,7 @@ from PIL import Image
 
 from .extraction import EpisodeRejected, ExtractedEpisode, ExtractionSettings, episode_samples, extract_episode
 from .robot_sources import ROBOT_SOURCES, egodex_refs, lerobot_refs
-from .sources import SOURCES, procedural_refs, rgbd_refs, scenetracker_refs, video_folder_refs
+from .sources import SOURCES, mujoco_refs, procedural_refs, rgbd_refs, scenetracker_refs, video_folder_refs
 from .statistics import TraceStatistics, save_statistics
 
 logger = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ def sample_features(settings: ExtractionSettings) -> datasets.Features:
 
 REF_LISTERS = {
     "procedural": lambda config: procedural_refs(config.num_episodes, config.seed),
+    "mujoco": lambda config: mujoco_refs(config.num_episodes, config.seed),
     "video_folder": lambda config: video_folder_refs(config.source_path),
     "rgbd": lambda config: rgbd_refs(config.source_path),
     "scenetracker": lambda config: scenetracker_refs(config.source_path),
@@ -111,16 +112,17 @@ REF_LISTERS = {
     "lerobot": lambda config: lerobot_refs(config.source_path, config.camera_key),
 }
 LOADERS = {**SOURCES, **ROBOT_SOURCES}
+GENERATED_SOURCES = ("procedural", "mujoco")  # rendered from seeds: no source_path, generation options instead
 
 
 @dataclass
 class TraceExtractConfig(datasets.BuilderConfig):
     """Which source, which backend for each stage, and how to shard the work.
 
-    `source`: procedural | video_folder | rgbd | scenetracker | egodex | lerobot; `source_path` for the folder
-    sources (`camera_key` picks a LeRobot camera),
-    `num_episodes`/`seed`/`num_frames`/`image_size`/`moving_camera` for procedural. Stage backends and trace
-    lengths are the fields of `ExtractionSettings`. `shard_index`/`num_shards` split the episodes across machines.
+    `source`: procedural | mujoco | video_folder | rgbd | scenetracker | egodex | lerobot; `source_path` for the
+    folder sources (`camera_key` picks a LeRobot camera), `num_episodes`/`seed`/`num_frames`/`image_size`/
+    `moving_camera` for the generated ones (procedural, mujoco). Stage backends and trace lengths are the fields of
+    `ExtractionSettings`. `shard_index`/`num_shards` split the episodes across machines.
     """
 
     source: str = "procedural"
@@ -141,7 +143,7 @@ class TraceExtractConfig(datasets.BuilderConfig):
         """Called by the builder: `datasets` sets overrides on a copy of the config after construction."""
         if self.source not in LOADERS:
             raise ValueError(f"Unknown source {self.source!r}; choose from {sorted(LOADERS)}.")
-        if self.source != "procedural" and not self.source_path:
+        if self.source not in GENERATED_SOURCES and not self.source_path:
             raise ValueError(f"source={self.source!r} needs source_path (the folder to read).")
         if not 0 <= self.shard_index < self.num_shards:
             raise ValueError(f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}.")
@@ -189,8 +191,8 @@ class TraceExtract(datasets.GeneratorBasedBuilder):
         return [datasets.SplitGenerator(name=datasets.Split.TRAIN, gen_kwargs={"refs": refs})]
 
     def _load_raw(self, ref):
-        if ref.source == "procedural":
-            return SOURCES["procedural"](ref, self.config.num_frames, self.config.image_size, self.config.moving_camera)
+        if ref.source in GENERATED_SOURCES:
+            return SOURCES[ref.source](ref, self.config.num_frames, self.config.image_size, self.config.moving_camera)
         if ref.source in ("video_folder", "egodex"):
             return LOADERS[ref.source](ref, target_fps=self.config.target_fps)
         return LOADERS[ref.source](ref)
