@@ -1,8 +1,8 @@
 """TraceExtract accuracy and throughput against exact ground truth.
 
-Procedural episodes (moving camera) are tracked with the `lk` backend and lifted with their given depth and
-cameras; the SceneTracker clip in ../shared/data (if present) gives TAP-style 2D scores. Prints a table and writes
-JSON.
+Procedural and MuJoCo-rendered episodes (moving camera) are tracked with the `lk` backend and lifted with their
+given depth and cameras; the SceneTracker clip in ../shared/data (if present) gives TAP-style 2D scores. Prints a
+table and writes JSON. The MuJoCo rows need `pip install "mu0[sim]"` and an offscreen GL (MUJOCO_GL=egl).
 
     python benchmarks/bench_extract.py [--episodes 6] [--output benchmarks/results/bench_extract.json] [--quick]
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from mu0.dataset_builders.extraction import ExtractionSettings, episode_samples, extract_episode
+from mu0.dataset_builders.mujoco_scenes import generate_mujoco_episode
 from mu0.dataset_builders.procedural import generate_episode, project_points
 from mu0.dataset_builders.sources import RawEpisode, load_scenetracker, scenetracker_refs
 from mu0.dataset_builders.trace_ops import lift_to_world
@@ -44,10 +45,13 @@ def tap_scores(predicted: np.ndarray, predicted_visible: np.ndarray, truth: np.n
     }
 
 
-def bench_procedural(num_episodes: int, image_size: int, num_frames: int) -> dict:
+def bench_generated(generate, num_episodes: int, image_size: int, num_frames: int) -> dict:
+    """LK against the exact tracks of episodes from `generate` (`generate_episode` or `generate_mujoco_episode`)."""
     rows = []
     for seed in range(num_episodes):
-        episode = generate_episode(seed, num_frames=num_frames, image_size=image_size, moving_camera=True)
+        start = time.perf_counter()
+        episode = generate(seed, num_frames=num_frames, image_size=image_size, moving_camera=True)
+        generate_seconds = time.perf_counter() - start
         truth = ground_truth_pixels(episode)
         queries = np.column_stack([np.zeros(truth.shape[1]), truth[0]])
         start = time.perf_counter()
@@ -67,6 +71,7 @@ def bench_procedural(num_episodes: int, image_size: int, num_frames: int) -> dic
             "static_world_drift_mm": float(np.nanmedian(drift) * 1000),
             "track_fps": num_frames / track_seconds,
             "lift_fps": num_frames / lift_seconds,
+            "generate_fps": num_frames / generate_seconds,
         })
     return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
 
@@ -121,22 +126,25 @@ def main() -> None:
     episodes = 2 if args.quick else args.episodes
     results = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "procedural_lk_128px": bench_procedural(episodes, 128, 32 if args.quick else 48),
+        "procedural_lk_128px": bench_generated(generate_episode, episodes, 128, 32 if args.quick else 48),
+        "mujoco_lk_128px": bench_generated(generate_mujoco_episode, episodes, 128, 32 if args.quick else 48),
         "scenetracker_lk": None if args.quick else bench_scenetracker(),
         "throughput": {
             f"{h}x{w}": bench_end_to_end(h, w, 24 if args.quick else 60)
             for h, w in ([(224, 224)] if args.quick else [(224, 224), (480, 640)])
         },
     }
-    print("| dataset | median 2D err (px) | within 4 px | δ_avg | occlusion acc | median 3D err (mm) | static drift (mm) | track fps |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name in ("procedural_lk_128px", "scenetracker_lk"):
+    print("| dataset | median 2D err (px) | within 4 px | δ_avg | occlusion acc | median 3D err (mm) | static drift (mm) "
+          "| track fps | generate fps |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in ("procedural_lk_128px", "mujoco_lk_128px", "scenetracker_lk"):
         row = results[name]
         if row is None:
             continue
         print(f"| {name} | {row['median_2d_error_px']:.2f} | {row['within_4px']:.3f} | {row['delta_avg']:.3f} | "
               f"{row['occlusion_accuracy']:.3f} | {row['median_3d_error_mm']:.1f} | "
-              f"{row.get('static_world_drift_mm', float('nan')):.1f} | {row['track_fps']:.0f} |")
+              f"{row.get('static_world_drift_mm', float('nan')):.1f} | {row['track_fps']:.0f} | "
+              f"{row.get('generate_fps', float('nan')):.0f} |")
     print("\n| resolution | extraction fps | samples/s | end-to-end fps |\n|---|---|---|---|")
     for size, row in results["throughput"].items():
         print(f"| {size} | {row['extract_fps']:.1f} | {row['samples_per_s']:.1f} | {row['end_to_end_fps']:.1f} |")
