@@ -209,3 +209,23 @@ def test_depth_anything_backend_from_a_saved_checkpoint(tmp_path):
                                                         min_coverage=0.0, captions="given"))
     assert extracted.depth.shape == raw.frames.shape[:3] and np.isfinite(extracted.depth).all()
     assert extracted.metadata["backends"]["depth"] == "depth_anything"
+
+
+def test_parallel_build_gives_the_same_rows(tmp_path):
+    """num_proc=2 shards the episode refs across processes; the rows must not depend on it."""
+    _, serial = build(tmp_path / "serial", num_episodes=3)
+    builder = TraceExtract(config_name="samples", cache_dir=str(tmp_path / "parallel" / "cache"),
+                           work_dir=str(tmp_path / "parallel" / "work"), **{**SMALL, "num_episodes": 3})
+    builder.download_and_prepare(num_proc=2)
+    parallel = builder.as_dataset(split="train")
+    assert len(builder.info.splits["train"].shard_lengths) == 2  # two processes, one shard each
+    assert len({row["episode_id"] for row in serial}) == 3
+
+    def keyed(dataset):
+        return {(row["episode_id"], row["frame_index"]): row for row in dataset.with_format("numpy")}
+
+    serial_rows, parallel_rows = keyed(serial), keyed(parallel)
+    assert serial_rows.keys() == parallel_rows.keys()
+    for key, row in serial_rows.items():
+        for column in ("query_uv", "query_z", "future", "future_valid", "history", "track_ids", "task"):
+            np.testing.assert_array_equal(parallel_rows[key][column], row[column], err_msg=f"{key} {column}")
