@@ -16,7 +16,7 @@ from .captions import covering, given_captions, template_captions
 from .checkpoints import load_checkpoint
 from .keypoints import grid_keypoints, motion_keypoints
 from .sources import RawEpisode
-from .tracking import track_points_given, track_progressive
+from .tracking import load_cotracker, track_points_cotracker, track_points_given, track_progressive
 from .trace_ops import (
     MIN_COVERAGE,
     fill_world_tracks,
@@ -34,7 +34,7 @@ from .trace_ops import (
 DEPTH_BACKENDS = ("given", "depth_anything")
 CAMERA_BACKENDS = ("given", "static", "estimated")
 KEYPOINT_BACKENDS = ("given", "grid", "motion", "dino")
-TRACKER_BACKENDS = ("given", "lk")
+TRACKER_BACKENDS = ("given", "lk", "cotracker")
 CAPTION_BACKENDS = ("given", "template", "vlm")
 
 
@@ -50,6 +50,7 @@ class ExtractionSettings:
     depth_model: str = "depth-anything/Depth-Anything-V2-Metric-Indoor-Small-hf"
     field_of_view: float | None = None
     dino_model: str = "facebook/dinov2-base"
+    cotracker_model: str = "cotracker3_offline"  # torch.hub entry of facebookresearch/co-tracker
     caption_model: str | None = None
     min_coverage: float = MIN_COVERAGE
     history: int = 8
@@ -212,6 +213,9 @@ def _tracks(raw: RawEpisode, settings: ExtractionSettings) -> tuple[np.ndarray, 
         points = raw.tracks[0][start]
         clusters = (raw.cluster_ids[start] if raw.cluster_ids is not None else np.zeros(len(points), np.int64))
     queries = np.column_stack([np.zeros(len(points)), points])
+    if settings.tracker == "cotracker":
+        result = track_points_cotracker(raw.frames, queries, load_cotracker(settings.cotracker_model))
+        return result.tracks, result.visible, clusters
     # progressive: new points join every 50 frames wherever existing tracks no longer cover the image
     result = track_progressive(raw.frames, queries, chunk=50, window=settings.lk_window)
     added = result.tracks.shape[1] - len(points)

@@ -8,6 +8,8 @@ Two backends, chosen explicitly and recorded in `TrackResult.backend`:
       consistency check mostly turns into "lost" rather than into wrong positions. `track_progressive` adds
       query points at chunk starts of long videos, where the existing tracks no longer cover the image.
     * `given`: ground-truth tracks from the source (simulators, synthetic clips), validated and wrapped.
+    * `cotracker`: Meta's CoTracker3 through `torch.hub` (downloads code and weights, so it needs network access and
+      the repo's own dependencies); tracks all points jointly over the whole clip, through occlusions.
 
 Pixels follow the project convention: pixel (row i, column j) has its centre at (x, y) = (j, i), which is also
 OpenCV's convention for sub-pixel coordinates, so no half-pixel shift is needed anywhere.
@@ -310,3 +312,60 @@ def _check_queries(queries: np.ndarray, frames_shape: tuple[int, ...]) -> tuple[
         x, y = queries[outside][0, 1:]
         raise ValueError(f"query point ({x:g}, {y:g}) lies outside the {width}x{height} image")
     return frame_index.astype(np.int64), queries[:, 1:].astype(np.float32)
+
+
+COTRACKER_HUB_REPO = "facebookresearch/co-tracker"
+
+
+def load_cotracker(entry: str = "cotracker3_offline", repo: str = COTRACKER_HUB_REPO) -> Callable:
+    """CoTracker from `torch.hub`; fails with the fix when the hub (or its dependencies) cannot be reached."""
+    import torch
+
+    try:
+        return torch.hub.load(repo, entry).eval()
+    except Exception as error:  # network, missing einops/timm, renamed entry: all end the same way
+        raise RuntimeError(
+            f"Could not load the CoTracker backend {repo}:{entry} through torch.hub ({type(error).__name__}: {error}). "
+            "It needs network access (or a populated torch.hub cache) and the repo's dependencies; on an offline "
+            "machine use tracker='lk'."
+        ) from error
+
+
+def track_points_cotracker(
+    frames: np.ndarray, queries: np.ndarray, model: Callable | None = None, visibility_threshold: float = 0.5
+) -> TrackResult:
+    """Track query points with CoTracker: one joint pass over the whole clip (memory grows with T × H × W).
+
+    Args:
+        frames: (T, H, W, 3) uint8 RGB video.
+        queries: (N, 3) rows (frame_index, x, y) in pixels.
+        model: a loaded CoTracker predictor, called as `model(video (1, T, 3, H, W) in [0, 255], queries=(1, N, 3))`
+            and returning tracks (1, T, N, 2) and visibility (1, T, N); `load_cotracker()` when None.
+        visibility_threshold: visibility scores above it count as seen.
+    """
+    import torch
+
+    frames, queries = np.asarray(frames), np.asarray(queries, dtype=np.float32)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be (T, H, W, 3), got {frames.shape}.")
+    if queries.ndim != 2 or queries.shape[1] != 3 or len(queries) == 0:
+        raise ValueError(f"queries must be a non-empty (N, 3) array of (frame_index, x, y), got {queries.shape}.")
+    model = load_cotracker() if model is None else model
+    video = torch.from_numpy(frames).permute(0, 3, 1, 2)[None].float()
+    with torch.no_grad():
+        tracks, visibility = model(video, queries=torch.from_numpy(queries)[None])
+    tracks = tracks[0].float().cpu().numpy()
+    visibility = visibility[0].float().cpu().numpy()
+    if visibility.ndim == 3:  # some versions return (T, N, 1)
+        visibility = visibility[..., 0]
+    expected = (len(frames), len(queries))
+    if tracks.shape != (*expected, 2) or visibility.shape != expected:
+        raise ValueError(f"CoTracker returned tracks {tracks.shape} and visibility {visibility.shape}; expected {expected}.")
+    height, width = frames.shape[1:3]
+    inside = (tracks[..., 0] >= -0.5) & (tracks[..., 0] <= width - 0.5) & (tracks[..., 1] >= -0.5) & (tracks[..., 1] <= height - 0.5)
+    return TrackResult(
+        tracks=tracks.astype(np.float32),
+        visible=(visibility > visibility_threshold) & inside & np.isfinite(tracks).all(-1),
+        query_frames=queries[:, 0].astype(np.int64),
+        backend="cotracker",
+    )

@@ -347,3 +347,78 @@ def test_lk_accepts_points_on_the_image_border():
     frames = translated_sequence(np.arange(3))
     result = track_points_lk(frames, np.array([[0, -0.5, -0.5], [2, WIDTH - 0.6, HEIGHT - 0.6]]))
     assert result.visible[0, 0] and result.visible[2, 1]
+
+
+# ------------------------------------------------------------------------------------------------- cotracker
+class ScriptedTracker:
+    """Stands in for a CoTracker predictor: returns fixed tracks and visibility and records what it was given."""
+
+    def __init__(self, tracks, visibility):
+        self.tracks, self.visibility = tracks, visibility
+
+    def __call__(self, video, queries):
+        self.video, self.queries = video, queries
+        return self.tracks, self.visibility
+
+
+def test_cotracker_adapter_converts_layout_and_visibility():
+    import torch
+
+    from mu0.dataset_builders.tracking import track_points_cotracker
+
+    frames = np.zeros((3, 8, 10, 3), np.uint8)
+    frames[1, 2, 3] = (10, 20, 30)
+    queries = np.array([[0, 1.0, 2.0], [1, 5.0, 4.0]])
+    tracks = torch.tensor([[[1.0, 2.0], [5.0, 4.0]], [[1.5, 2.0], [5.0, 4.0]], [[12.0, 2.0], [5.0, 4.5]]])[None]
+    visibility = torch.tensor([[0.9, 0.2], [0.8, 0.9], [0.9, 0.7]])[None, ..., None]
+    tracker = ScriptedTracker(tracks, visibility)
+    result = track_points_cotracker(frames, queries, model=tracker)
+    assert tracker.video.shape == (1, 3, 3, 8, 10) and tracker.video[0, 1, :, 2, 3].tolist() == [10.0, 20.0, 30.0]
+    assert tracker.queries.shape == (1, 2, 3)
+    assert result.backend == "cotracker" and result.tracks.shape == (3, 2, 2)
+    # low score -> hidden; x = 12 lies outside the 10-px-wide image -> hidden
+    assert result.visible.tolist() == [[True, False], [True, True], [False, True]]
+    assert result.query_frames.tolist() == [0, 1]
+
+
+def test_cotracker_adapter_rejects_wrong_outputs_and_reports_load_failures(monkeypatch):
+    import torch
+
+    from mu0.dataset_builders import tracking
+
+    frames, queries = np.zeros((2, 4, 4, 3), np.uint8), np.array([[0, 1.0, 1.0]])
+    wrong = ScriptedTracker(torch.zeros(1, 2, 3, 2), torch.ones(1, 2, 3))
+    with pytest.raises(ValueError, match="expected \\(2, 1\\)"):
+        tracking.track_points_cotracker(frames, queries, model=wrong)
+    with pytest.raises(ValueError, match="non-empty"):
+        tracking.track_points_cotracker(frames, np.zeros((0, 3)), model=wrong)
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torch.hub, "load", offline)
+    with pytest.raises(RuntimeError, match="tracker='lk'"):
+        tracking.load_cotracker()
+
+
+def test_extraction_uses_the_cotracker_backend_when_asked(monkeypatch):
+    import torch
+
+    from mu0.dataset_builders import extraction
+    from mu0.dataset_builders.sources import load_procedural, procedural_refs
+
+    class StillTracker:
+        """Every point stays at its query pixel and stays visible."""
+
+        def __call__(self, video, queries):
+            num_frames = video.shape[1]
+            return queries[:, None, :, 1:].expand(-1, num_frames, -1, -1), torch.ones(1, num_frames, queries.shape[1])
+
+    monkeypatch.setattr(extraction, "load_cotracker", lambda entry: StillTracker())
+    raw = load_procedural(procedural_refs(1)[0], num_frames=12, image_size=64)
+    settings = extraction.ExtractionSettings(keypoints="grid", tracker="cotracker", num_keypoints=16, history=2, horizon=4)
+    episode = extraction.extract_episode(raw, settings)
+    assert episode.metadata["backends"]["tracker"] == "cotracker"
+    grid, _ = extraction.grid_keypoints(raw.image_size, 16)
+    np.testing.assert_allclose(episode.tracks[5], grid, atol=1e-5)
+    assert episode.visible.all()
