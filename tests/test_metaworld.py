@@ -94,3 +94,23 @@ def test_unknown_task_and_camera_are_named():
         metaworld_scene("fly-to-the-moon-v3").__enter__()
     with pytest.raises(ValueError, match="no camera 'ceiling'"):
         metaworld_scene(TASK, camera="ceiling").__enter__()
+
+
+def test_downstream_benchmark_smoke(tmp_path):
+    """The reduced MetaWorld benchmark: record, pretrain μ0, train the three policy variants, roll them out."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "bench_metaworld.py")
+    spec = importlib.util.spec_from_file_location("bench_metaworld", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    output = tmp_path / "bench.json"
+    result = bench.main(["--quick", "--output", str(output)])
+    assert json.loads(output.read_text())["rows"] == result["rows"]
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert set(rows) == {"mu0", "no_trace", "mu0_lora"}
+    assert all(0.0 <= row["success_rate"] <= 1.0 for row in rows.values())
+    # The ablation drops the motion path; LoRA adds trainable weights on top of the action expert.
+    assert rows["no_trace"]["trainable_parameters"] < rows["mu0"]["trainable_parameters"]
+    assert rows["mu0_lora"]["trainable_parameters"] > rows["mu0"]["trainable_parameters"]
+    assert result["mu0_trace_samples"] > 0

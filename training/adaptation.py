@@ -173,6 +173,22 @@ class RobotEpisode:
             raise ValueError("states and actions must be (T, dim) arrays.")
 
 
+def lerobot_robot_episodes(root: str, camera_key: str | None = None) -> list[RobotEpisode]:
+    """Every episode of a local LeRobotDataset v3 folder with its camera frames, states, actions and task text."""
+    from ..dataset_builders.robot_sources import lerobot_refs, load_lerobot
+
+    episodes = []
+    for ref in lerobot_refs(root, camera_key):
+        raw = load_lerobot(ref, camera_key)
+        missing = [name for name in ("states", "actions") if name not in raw.metadata]
+        if missing:
+            raise ValueError(f"LeRobot dataset {root!r} has no {missing} for episode {ref.episode_id}; policies need both.")
+        episodes.append(
+            RobotEpisode(raw.frames, np.asarray(raw.metadata["states"]), np.asarray(raw.metadata["actions"]), raw.task or "")
+        )
+    return episodes
+
+
 def action_samples(episodes: list[RobotEpisode], chunk_size: int, stride: int = 1) -> list[dict]:
     """One training row per (episode, step): the frame, the state and the next `chunk_size` actions with a mask.
 
@@ -259,6 +275,7 @@ __all__ = [
     "RobotEpisode",
     "action_samples",
     "add_trace_lora",
+    "lerobot_robot_episodes",
     "load_adapter",
     "push_adapter_to_hub",
     "save_adapter",
