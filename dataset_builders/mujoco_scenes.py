@@ -196,7 +196,7 @@ def _floats(values) -> str:
     return " ".join(f"{float(v):.6g}" for v in values)
 
 
-def _box(name: str, half, center=(0.0, 0.0, 0.0), material: str = "") -> str:
+def _box(name: str, half, center, material: str) -> str:
     return f'<geom name="{name}" type="box" size="{_floats(half)}" pos="{_floats(center)}" material="{material}"/>'
 
 
@@ -208,7 +208,7 @@ def _movable(rng: np.random.Generator, color: str, xy: np.ndarray, num_frames: i
     """A box or cylinder resting on the table, and its half extents (x, y, z)."""
     if rng.integers(2) == 0:
         half = rng.uniform(0.02, 0.032, size=3)
-        name, geom = f"{color} block", _box(f"{color}_box", half, material=color)
+        name, geom = f"{color} block", _box(f"{color}_box", half, (0, 0, 0), color)
     else:
         radius, half_height = rng.uniform(0.018, 0.028), rng.uniform(0.02, 0.035)
         half = np.array([radius, radius, half_height])
@@ -231,7 +231,7 @@ def _gripper_geoms(opening: float, finger_length: float) -> str:
     finger_z = -_PALM_HALF_Z - finger_length / 2
     return "".join(
         [
-            _box("palm", (opening / 2 + 2 * thickness, width, _PALM_HALF_Z), material="gripper"),
+            _box("palm", (opening / 2 + 2 * thickness, width, _PALM_HALF_Z), (0, 0, 0), "gripper"),
             _box("finger_left", (thickness, width, finger_length / 2), (-opening / 2 - thickness, 0, finger_z), "gripper"),
             _box("finger_right", (thickness, width, finger_length / 2), (opening / 2 + thickness, 0, finger_z), "gripper"),
         ]
@@ -256,16 +256,19 @@ def _cabinet(rng: np.random.Generator, color: str, opening: np.ndarray) -> tuple
     tray_half_y, tray_y = (tray_back + depth) / 2, (tray_back - depth) / 2
     wall_half_z = 0.6 * (height - wall)
     handle_y = -depth - 0.006 - _HANDLE_STANDOFF - _HANDLE_HALF
+    post_y = handle_y + _HANDLE_HALF + _HANDLE_STANDOFF / 2  # posts join the bar to the front panel
+    tray_wall, tray_wall_z = (0.002, tray_half_y, wall_half_z), wall + wall_half_z
+    post = (0.003, _HANDLE_STANDOFF / 2, 0.003)
     drawer_geoms = "".join(
         [
             _box("drawer_front", (width - 0.001, 0.003, height - 0.001), (0, -depth - 0.003, height), "drawer"),
             _box("drawer_bottom", (tray_width, tray_half_y, 0.002), (0, tray_y, wall + 0.003), "drawer"),
-            _box("drawer_left", (0.002, tray_half_y, wall_half_z), (-tray_width + 0.002, tray_y, wall + wall_half_z), "drawer"),
-            _box("drawer_right", (0.002, tray_half_y, wall_half_z), (tray_width - 0.002, tray_y, wall + wall_half_z), "drawer"),
-            _box("drawer_back", (tray_width, 0.002, wall_half_z), (0, tray_back - 0.002, wall + wall_half_z), "drawer"),
+            _box("drawer_left", tray_wall, (-tray_width + 0.002, tray_y, tray_wall_z), "drawer"),
+            _box("drawer_right", tray_wall, (tray_width - 0.002, tray_y, tray_wall_z), "drawer"),
+            _box("drawer_back", (tray_width, 0.002, wall_half_z), (0, tray_back - 0.002, tray_wall_z), "drawer"),
             _box("handle", (0.025, _HANDLE_HALF, _HANDLE_HALF), (0, handle_y, height), "gripper"),
-            _box("handle_left", (0.003, _HANDLE_STANDOFF / 2, 0.003), (-0.021, handle_y + _HANDLE_HALF + _HANDLE_STANDOFF / 2, height), "gripper"),
-            _box("handle_right", (0.003, _HANDLE_STANDOFF / 2, 0.003), (0.021, handle_y + _HANDLE_HALF + _HANDLE_STANDOFF / 2, height), "gripper"),
+            _box("handle_left", post, (-0.021, post_y, height), "gripper"),
+            _box("handle_right", post, (0.021, post_y, height), "gripper"),
         ]
     )
     position = (rng.uniform(-0.05, 0.05), rng.uniform(0.03, 0.07), 0.0)
@@ -303,6 +306,7 @@ def _sample_scene(rng: np.random.Generator, skill: str, num_frames: int) -> tupl
         grip_center = handle - np.outer(opening, [0.0, 1.0, 0.0]) + up * (_HANDLE_HALF + 0.001 + _PALM_HALF_Z)
         gripper_geoms = _gripper_geoms(2 * (_HANDLE_HALF + _GAP), 2 * _HANDLE_HALF + 0.003)
         gripper_yaw = np.pi / 2  # fingers in front of and behind the handle bar
+        touches = (target.name, cabinet.name)  # works right in front of the cabinet
         instruction = f"{skill} the {target.name}"
     else:
         target, half = objects[0], halves[0]
@@ -311,6 +315,7 @@ def _sample_scene(rng: np.random.Generator, skill: str, num_frames: int) -> tupl
         gripper_geoms = _gripper_geoms(2 * (half[0] + _GAP), half[2] + 0.001)  # fingertips reach the middle
         grip_offset = up * (half[2] + 0.001 + _PALM_HALF_Z)
         gripper_yaw = target.motion[0, 3]
+        touches = (target.name,)
         if skill == "push":
             direction_name = list(_PUSH_DIRECTIONS)[rng.integers(len(_PUSH_DIRECTIONS))]
             direction = np.array(_PUSH_DIRECTIONS[direction_name])
@@ -338,7 +343,6 @@ def _sample_scene(rng: np.random.Generator, skill: str, num_frames: int) -> tupl
     approach = 1.0 - _ease(progress / _APPROACH_END)
     retreat = _ease((progress - _RETREAT_START) / (1.0 - _RETREAT_START))
     center = grip_center + np.outer(approach, approach_offset) + np.outer(retreat, _GRIPPER_HOVER * up)
-    touches = (target.name, objects[-1].name) if drawer_skill else (target.name,)  # a drawer's is at its cabinet
     gripper = _Body("gripper", gripper_geoms, "free", np.column_stack([center, np.full(num_frames, gripper_yaw)]),
                     moving=True, touches=touches)
     target.moving = True
@@ -372,14 +376,17 @@ def _scene_xml(rng: np.random.Generator, bodies: list[_Body], image_size: int) -
     <headlight ambient=".35 .35 .35" diffuse=".35 .35 .35" specular="0 0 0"/>
   </visual>
   <asset>
-    <texture name="table" type="2d" builtin="checker" width="64" height="64" rgb1="{_floats(table[0])}" rgb2="{_floats(table[1])}"/>
-    <material name="table" texture="table" texrepeat="{rng.uniform(12, 20):.3f} {rng.uniform(12, 20):.3f}" texuniform="true"/>
-    <texture name="sky" type="skybox" builtin="gradient" width="32" height="32" rgb1="{_floats(sky[0])}" rgb2="{_floats(sky[1])}"/>
+    <texture name="table" type="2d" builtin="checker" width="64" height="64"
+             rgb1="{_floats(table[0])}" rgb2="{_floats(table[1])}"/>
+    <material name="table" texture="table" texrepeat="{_floats(rng.uniform(12, 20, 2))}" texuniform="true"/>
+    <texture name="sky" type="skybox" builtin="gradient" width="32" height="32"
+             rgb1="{_floats(sky[0])}" rgb2="{_floats(sky[1])}"/>
     <material name="gripper" rgba="{_floats(GRIPPER_COLOR)} 1"/>
     {textures}{aliases}
   </asset>
   <worldbody>
-    <light directional="true" castshadow="false" pos="0 0 2" dir="{_floats(light / np.linalg.norm(light))}" diffuse=".6 .6 .6"/>
+    <light directional="true" castshadow="false" pos="0 0 2" dir="{_floats(light / np.linalg.norm(light))}"
+           diffuse=".6 .6 .6"/>
     <camera name="{CAMERA_NAME}" pos="0 -0.5 0.5" fovy="{_FIELD_OF_VIEW_DEG}"/>
     <geom name="table" type="plane" size="1 1 0.01" material="table"/>
     {"".join(_body_xml(body) for body in bodies)}

@@ -125,6 +125,26 @@ def test_camera_conventions(episodes):
     assert max(cosine, key=cosine.get) == base.split()[0], (base, color)
 
 
+def test_re_rendering_from_the_returned_cameras_reproduces_the_depth(mujoco):
+    """Place a camera from the returned extrinsics through the MJCF (pos and xyaxes, not the source's code path):
+    MuJoCo must render the same depth, so the extrinsics are exactly the cameras the frames were filmed with."""
+    episode = generate_mujoco_episode(5, num_frames=6, image_size=SIZE, moving_camera=True)
+    for t in (0, 5):
+        rotation, translation = episode.extrinsics[t, :3, :3].astype(np.float64), episode.extrinsics[t, :3, 3]
+        center, right, up = -rotation.T @ translation, rotation[0], -rotation[1]  # OpenCV y points down
+        camera = f'pos="{" ".join(map(str, center))}" xyaxes="{" ".join(map(str, [*right, *up]))}"'
+        model = mujoco.MjModel.from_xml_string(episode.mjcf.replace('pos="0 -0.5 0.5"', camera))
+        data = mujoco.MjData(model)
+        data.qpos[:] = episode.qpos[t]
+        mujoco.mj_forward(model, data)
+        with mujoco.Renderer(model, SIZE, SIZE) as renderer:
+            renderer.enable_depth_rendering()
+            renderer.update_scene(data, camera="view")
+            depth = renderer.render()
+        differs = np.abs(depth - episode.depth[t]) > 1e-3 * episode.depth[t]
+        assert differs.mean() < 2e-3, (t, differs.mean())
+
+
 def test_each_skill_moves_the_right_body(episodes):
     push = episodes["push"]
     (name,) = mentioned(push)
