@@ -239,10 +239,15 @@ def train_policy(
     steps: int,
     batch_size: int = 8,
     learning_rate: float = 3e-4,
+    gate_learning_rate_scale: float = 30.0,
     seed: int = 0,
     **training_kwargs,
 ):
-    """Train the new modules (and LoRA) with the `transformers` Trainer; μ0's own weights stay frozen."""
+    """Train the new modules (and LoRA) with the `transformers` Trainer; μ0's own weights stay frozen.
+
+    The motion gates are single scalars that start closed; Adam moves a parameter by about the learning rate per
+    step, so at the base rate a short run could never open them. They learn `gate_learning_rate_scale` times faster.
+    """
     from transformers import Trainer, TrainingArguments, set_seed
 
     set_seed(seed)
@@ -264,7 +269,15 @@ def train_policy(
         disable_tqdm=training_kwargs.pop("disable_tqdm", None),
         **training_kwargs,
     )
-    trainer = Trainer(model=model, args=arguments, train_dataset=rows, data_collator=Mu0ActionCollator(processor))
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    gates = [p for name, p in trainable if name.endswith("motion_gate")]
+    others = [p for name, p in trainable if not name.endswith("motion_gate")]
+    groups = [{"params": others, "lr": learning_rate}]
+    if gates:
+        groups.append({"params": gates, "lr": learning_rate * gate_learning_rate_scale})
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate, weight_decay=0.0)
+    trainer = Trainer(model=model, args=arguments, train_dataset=rows, data_collator=Mu0ActionCollator(processor),
+                      optimizers=(optimizer, None))
     trainer.train()
     return trainer
 
