@@ -61,13 +61,30 @@ def save_samples(samples, statistics: dict, path: str) -> None:
     save_statistics(statistics, path)
 
 
-def push_samples_to_hub(samples, statistics: dict, repo_id: str) -> None:
-    """Publish a `samples` dataset (parquet, streamable) with the statistics file `load_samples` reads back."""
-    from huggingface_hub import HfApi
+def push_samples_to_hub(
+    samples, statistics: dict, repo_id: str, settings_summary: dict | None = None, license: str = "apache-2.0"
+) -> None:
+    """Publish a `samples` dataset (parquet, streamable) with the statistics file `load_samples` reads back and a
+    dataset card. `settings_summary` (source and stage backends) goes into the card. The card keeps the `configs`
+    that `push_to_hub` wrote, so it lists only data the repository holds."""
+    from huggingface_hub import CommitOperationAdd, DatasetCard, HfApi
+
+    from .publishing import render_dataset_card
 
     samples.push_to_hub(repo_id, config_name="samples")
-    HfApi().upload_file(path_or_fileobj=json.dumps(statistics, indent=2).encode(), path_in_repo=STATISTICS_FILE,
-                        repo_id=repo_id, repo_type="dataset", commit_message="Add trace statistics")
+    card = DatasetCard(render_dataset_card(repo_id, settings_summary or {}, statistics,
+                                           len(samples.unique("episode_id")), len(samples), license))
+    pushed = DatasetCard.load(repo_id, repo_type="dataset").data
+    for key in ("configs", "dataset_info"):
+        if pushed.get(key) is not None:
+            card.data[key] = pushed.get(key)
+    HfApi().create_commit(
+        repo_id,
+        [CommitOperationAdd(STATISTICS_FILE, json.dumps(statistics, indent=2).encode()),
+         CommitOperationAdd("README.md", str(card).encode())],
+        repo_type="dataset",
+        commit_message="Add trace statistics and dataset card",
+    )
 
 
 def build_model_and_processor(recipe: dict, statistics: dict) -> tuple[Mu0ForTracePrediction, Mu0Processor]:
