@@ -44,6 +44,8 @@ DINOV2_BASE_ARCHITECTURE = {
 }
 
 SUPPORTED_CONTROL_POINTS = (4, 7, 10)
+TRACE_OBJECTIVES = ("flow_matching", "regression")
+TRACE_PARAMETERISATIONS = ("bspline", "dense")
 
 
 class Mu0Config(PreTrainedConfig):
@@ -87,6 +89,19 @@ class Mu0Config(PreTrainedConfig):
         use_depth (`bool`, defaults to `True`): accept a rendered depth image as a second prefix image.
         depth_lora_rank, depth_lora_alpha (`int`): LoRA on the vision tower, active for the depth pass only.
         use_dino (`bool`, defaults to `True`): fuse DINOv2 features sampled at each query point.
+        use_history (`bool`, defaults to `True`):
+            Encode each query's past steps in its history token; `False` keeps the token but never shows it the past
+            (the no-history ablation; the processor may still pass history, which is then ignored).
+        use_done_head (`bool`, defaults to `True`):
+            Predict per-step validity and cut sampled traces where it drops below 0.5; `False` removes the head, its
+            loss and the truncation (every predicted step is alive).
+        trace_objective (`str`, defaults to `"flow_matching"`):
+            `"flow_matching"` samples traces from noise; `"regression"` is the deterministic baseline with the same
+            backbone and expert: the expert sees zero trace values at flow time 1 and its head outputs the clean
+            values directly, trained with a masked L2 loss, and sampling is one pass.
+        trace_parameterisation (`str`, defaults to `"bspline"`):
+            `"bspline"` generates D control points per query; `"dense"` generates all `horizon` steps directly (the
+            no-spline baseline: loss on valid steps only, no fit, no clipping).
         num_fourier_frequencies (`int`, defaults to 8): log-spaced frequencies pi ... 2^(n-1) pi for (u, v).
         max_queries (`int`, defaults to 256): most query points per image.
         freeze_vision_tower, freeze_text_layers (`bool`): keep the pretrained backbone frozen.
@@ -129,6 +144,10 @@ class Mu0Config(PreTrainedConfig):
     depth_lora_rank: int = 8
     depth_lora_alpha: int = 16
     use_dino: bool = True
+    use_history: bool = True
+    use_done_head: bool = True
+    trace_objective: str = "flow_matching"
+    trace_parameterisation: str = "bspline"
     num_fourier_frequencies: int = 8
     max_queries: int = 256
     freeze_vision_tower: bool = True
@@ -151,6 +170,11 @@ class Mu0Config(PreTrainedConfig):
     @property
     def expert_hidden_size(self) -> int:
         return int(self.vlm_config.get_text_config().hidden_size * self.expert_width_factor)
+
+    @property
+    def trace_length(self) -> int:
+        """Trace values per query the expert generates: D control points, or every future step when dense."""
+        return self.horizon if self.trace_parameterisation == "dense" else self.num_control_points
 
     @property
     def expert_intermediate_size(self) -> int:
@@ -183,6 +207,17 @@ class Mu0Config(PreTrainedConfig):
             raise ValueError(f"The expert width ({self.expert_hidden_size}) must be even.")
         if self.sampler not in ("euler", "heun"):
             raise ValueError(f"sampler must be 'euler' or 'heun', got {self.sampler!r}.")
+        if self.trace_objective not in TRACE_OBJECTIVES:
+            raise ValueError(f"trace_objective must be one of {TRACE_OBJECTIVES}, got {self.trace_objective!r}.")
+        if self.trace_parameterisation not in TRACE_PARAMETERISATIONS:
+            raise ValueError(
+                f"trace_parameterisation must be one of {TRACE_PARAMETERISATIONS}, got {self.trace_parameterisation!r}."
+            )
+        if self.done_loss_weight < 0 or self.rigidity_loss_weight < 0:
+            raise ValueError(
+                f"Loss weights must be >= 0 (0 switches a term off), got done_loss_weight={self.done_loss_weight}, "
+                f"rigidity_loss_weight={self.rigidity_loss_weight}."
+            )
         if self.use_depth and self.depth_lora_rank < 1:
             raise ValueError("use_depth=True needs depth_lora_rank >= 1 (the depth pass has its own LoRA).")
         if not 0.0 < self.time_sampling_scale + self.time_sampling_offset <= 1.0:

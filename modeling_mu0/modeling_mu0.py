@@ -26,7 +26,11 @@ DEPTH_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "o_proj", "fc1",
 
 @dataclass
 class Mu0TraceOutput(ModelOutput):
-    """Training output: total loss, each loss term, and the raw head outputs."""
+    """Training output: total loss, each loss term, and the raw head outputs.
+
+    `flow_loss` is the trace term: flow matching, or the L2 error of the regression objective. `velocity` holds the
+    clean trace values for regression models; `done_logits` is None without a done head.
+    """
 
     loss: torch.FloatTensor | None = None
     flow_loss: torch.FloatTensor | None = None
@@ -40,7 +44,8 @@ class Mu0TraceOutput(ModelOutput):
 class Mu0TracePrediction(ModelOutput):
     """Sampled traces in normalised anchor-relative units; `Mu0Processor.post_process_traces` maps them to pixels and metres.
 
-    Shapes: traces (B, S, N, H, 3), done_probs (B, S, N, H), alive_mask (B, S, N, H), control_points (B, S, N, D, 3).
+    Shapes: traces (B, S, N, H, 3), done_probs (B, S, N, H), alive_mask (B, S, N, H), control_points (B, S, N, D, 3)
+    (what the model generated before rendering: None for dense traces, which are generated step by step).
     """
 
     traces: torch.FloatTensor | None = None
@@ -85,6 +90,51 @@ class Mu0DepthLoRALinear(nn.Linear):
         if self.depth_active:
             output = output + self.lora_B(self.lora_A(hidden_states)) * self.scaling
         return output
+
+
+def encode_images(vlm: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Image tokens in the text width: Idefics3-style towers (vision_model + connector) or `get_image_features`."""
+    if hasattr(vlm, "connector") and hasattr(vlm, "vision_model"):
+        # Called directly: SmolVLM's get_image_features drops all-zero images, which a depth map can be.
+        return vlm.connector(vlm.vision_model(pixel_values=pixel_values).last_hidden_state)
+    features = vlm.get_image_features(pixel_values=pixel_values).pooler_output
+    return torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
+
+
+def text_attention_mask(text_model: nn.Module, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A 4-D boolean "may attend" mask in the form the text model's attention wants (additive for eager)."""
+    if text_model.config._attn_implementation == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return allowed
+
+
+def validate_queries(
+    pixel_values: torch.Tensor,
+    query_points: torch.Tensor,
+    query_mask: torch.Tensor | None,
+    max_queries: int,
+    **batched: torch.Tensor | None,
+) -> torch.Tensor:
+    """Check query points against the batch and return the boolean query mask (all True when none is given)."""
+    batch_size = pixel_values.shape[0]
+    if query_points.ndim != 3 or query_points.shape[-1] != 2:
+        raise ValueError(f"query_points must be (batch, num_queries, 2), got {tuple(query_points.shape)}.")
+    if query_points.shape[1] == 0:
+        raise ValueError("query_points is empty: pass at least one query point per image.")
+    if query_points.shape[1] > max_queries:
+        raise ValueError(f"{query_points.shape[1]} query points exceed max_queries={max_queries}; split the queries.")
+    if query_mask is None:
+        query_mask = torch.ones(query_points.shape[:2], dtype=torch.bool, device=query_points.device)
+    query_mask = query_mask.bool()
+    for name, tensor in {"query_points": query_points, "query_mask": query_mask, **batched}.items():
+        if tensor is not None and tensor.shape[0] != batch_size:
+            raise ValueError(f"{name} has batch size {tensor.shape[0]} but pixel_values has {batch_size}.")
+    real = query_points[query_mask]
+    if not torch.isfinite(real).all():
+        raise ValueError("query_points contain NaN or inf values.")
+    if (real.abs() > 1).any():
+        raise ValueError("query_points must be normalised (u, v) inside [-1, 1]; some points lie outside the image.")
+    return query_mask
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -269,8 +319,9 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
         self.dino = AutoModel.from_config(config.dino_config) if config.use_dino else None
         self._depth_lora_layers = self._add_depth_lora() if config.use_depth else []
 
-        self.history_proj = nn.Linear(4 * config.history_length, hidden) if config.history_length else None
-        self.future_proj = nn.Linear(3 * config.num_control_points, hidden)
+        use_history = config.use_history and config.history_length > 0
+        self.history_proj = nn.Linear(4 * config.history_length, hidden) if use_history else None
+        self.future_proj = nn.Linear(3 * config.trace_length, hidden)
         self.group_embedding = nn.Embedding(2, hidden)
         self.point_fourier = Mu0FourierEmbedding(config.num_fourier_frequencies, hidden)
         if config.use_dino:
@@ -285,8 +336,10 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
         )
         self.final_norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.final_modulation = zero_initialised(nn.Linear(hidden, 2 * hidden))
-        self.trace_velocity_head = nn.Linear(hidden, 3 * config.num_control_points)
-        self.trace_done_head = zero_initialised(nn.Linear(hidden, config.horizon), bias=config.done_bias_init)
+        self.trace_velocity_head = nn.Linear(hidden, 3 * config.trace_length)
+        self.trace_done_head = (
+            zero_initialised(nn.Linear(hidden, config.horizon), bias=config.done_bias_init) if config.use_done_head else None
+        )
         self.register_buffer(
             "spline_basis", bspline_basis(config.horizon, config.num_control_points, config.spline_degree), persistent=False
         )
@@ -355,13 +408,7 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
                 layer.depth_active = False
 
     def _encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Image tokens in the text width: Idefics3-style towers (vision_model + connector) or `get_image_features`."""
-        pixel_values = pixel_values.to(self.dtype)
-        if hasattr(self.vlm, "connector") and hasattr(self.vlm, "vision_model"):
-            # Called directly: SmolVLM's get_image_features drops all-zero images, which a depth map can be.
-            return self.vlm.connector(self.vlm.vision_model(pixel_values=pixel_values).last_hidden_state)
-        features = self.vlm.get_image_features(pixel_values=pixel_values).pooler_output
-        return torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
+        return encode_images(self.vlm, pixel_values.to(self.dtype))
 
     def _bidirectional_mask(self, prefix_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """4-D mask letting every prefix token see every valid prefix token (images, depth and prompt alike).
@@ -370,9 +417,7 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
         """
         eye = torch.eye(prefix_mask.shape[1], dtype=torch.bool, device=prefix_mask.device)
         allowed = (prefix_mask[:, None, :] | eye[None])[:, None]
-        if self.text_model.config._attn_implementation == "eager":
-            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
-        return allowed
+        return text_attention_mask(self.text_model, allowed, dtype)
 
     def compute_prefix(
         self,
@@ -500,13 +545,18 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
         dino_features: torch.Tensor | None = None,
         history: torch.Tensor | None = None,
         history_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Velocity (B, N, D, 3) and done logits (B, N, H) for control points at flow time `time` (B,)."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Velocity (B, N, D, 3) and done logits (B, N, H) for control points at flow time `time` (B,).
+
+        D is `config.trace_length`; regression models output clean trace values instead of a velocity, and models
+        without a done head return None logits.
+        """
         future_states = self.future_token_states(
             prefix, noisy_control_points, time, query_mask, fourier, dino_features, history, history_mask
         )
         velocity = self.trace_velocity_head(future_states).view(*future_states.shape[:2], -1, 3)
-        return velocity.float(), self.trace_done_head(future_states).float()
+        done_logits = None if self.trace_done_head is None else self.trace_done_head(future_states).float()
+        return velocity.float(), done_logits
 
     def future_token_states(
         self,
@@ -540,25 +590,7 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
         query_mask: torch.Tensor | None,
         **batched: torch.Tensor | None,
     ) -> torch.Tensor:
-        batch_size = pixel_values.shape[0]
-        if query_points.ndim != 3 or query_points.shape[-1] != 2:
-            raise ValueError(f"query_points must be (batch, num_queries, 2), got {tuple(query_points.shape)}.")
-        if query_points.shape[1] == 0:
-            raise ValueError("query_points is empty: pass at least one query point per image.")
-        if query_points.shape[1] > self.config.max_queries:
-            raise ValueError(
-                f"{query_points.shape[1]} query points exceed max_queries={self.config.max_queries}; split the queries."
-            )
-        query_mask = torch.ones(query_points.shape[:2], dtype=torch.bool, device=query_points.device) if query_mask is None else query_mask.bool()
-        for name, tensor in {"query_points": query_points, "query_mask": query_mask, **batched}.items():
-            if tensor is not None and tensor.shape[0] != batch_size:
-                raise ValueError(f"{name} has batch size {tensor.shape[0]} but pixel_values has {batch_size}.")
-        real = query_points[query_mask]
-        if not torch.isfinite(real).all():
-            raise ValueError("query_points contain NaN or inf values.")
-        if (real.abs() > 1).any():
-            raise ValueError("query_points must be normalised (u, v) inside [-1, 1]; some points lie outside the image.")
-        return query_mask
+        return validate_queries(pixel_values, query_points, query_mask, self.config.max_queries, **batched)
 
     # --------------------------------------------------------------------------------------------- training
     def sample_time(self, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -600,7 +632,7 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
         batch_size, num_queries = query_points.shape[:2]
         prefix = self.compute_prefix(pixel_values, input_ids, attention_mask, depth_pixel_values, depth_mask)
         fourier, dino_features = self._point_context(query_points, dino_pixel_values)
-        control_shape = (batch_size, num_queries, self.config.num_control_points, 3)
+        control_shape = (batch_size, num_queries, self.config.trace_length, 3)
         if labels is None:
             if noise is None or time is None:
                 raise ValueError("Without labels, forward needs `noise` and `time` to evaluate the velocity field.")
@@ -612,31 +644,35 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
         if labels_mask is None:
             raise ValueError("labels were given without labels_mask (per-step validity of the future trace).")
         labels_mask = labels_mask.bool() & query_mask[..., None]
-        control_points, fit_ok = fit_control_points(
-            labels.float(),
-            labels_mask,
-            num_control_points=self.config.num_control_points,
-            degree=self.config.spline_degree,
-            smoothness=self.config.spline_smoothness,
-            clip=self.config.control_point_clip,
-        )
-        noise = torch.randn(control_shape, device=labels.device) if noise is None else noise.float()
-        time = self.sample_time(batch_size, labels.device) if time is None else time.float()
-        expanded_time = time[:, None, None, None]
-        noisy = expanded_time * noise + (1 - expanded_time) * control_points
-        velocity, done_logits = self.denoise_step(
-            prefix, noisy, time, query_mask, fourier, dino_features, history, history_mask
-        )
-        trained = query_mask & fit_ok
-        per_query = ((velocity - (noise - control_points)) ** 2).mean(dim=(-1, -2))
+        targets, trained = self._trace_targets(labels.float(), labels_mask, query_mask)
+        if self.config.trace_objective == "regression":
+            time = torch.ones(batch_size, device=labels.device)
+            velocity, done_logits = self.denoise_step(
+                prefix, torch.zeros(control_shape, device=labels.device), time, query_mask, fourier, dino_features,
+                history, history_mask,
+            )
+            clean, error = velocity, velocity - targets
+        else:
+            noise = torch.randn(control_shape, device=labels.device) if noise is None else noise.float()
+            time = self.sample_time(batch_size, labels.device) if time is None else time.float()
+            expanded_time = time[:, None, None, None]
+            noisy = expanded_time * noise + (1 - expanded_time) * targets
+            velocity, done_logits = self.denoise_step(
+                prefix, noisy, time, query_mask, fourier, dino_features, history, history_mask
+            )
+            clean, error = noisy - expanded_time * velocity, velocity - (noise - targets)
+        if self.config.trace_parameterisation == "dense":  # only valid steps have a target
+            per_query = ((error**2).mean(-1) * labels_mask).sum(-1) / labels_mask.sum(-1).clamp(min=1)
+        else:
+            per_query = (error**2).mean(dim=(-1, -2))
         flow_loss = (per_query * trained).sum() / trained.sum().clamp(min=1)
-        done_targets = labels_mask.float()
-        per_step = F.binary_cross_entropy_with_logits(done_logits, done_targets, reduction="none")
-        done_loss = (per_step.mean(-1) * query_mask).sum() / query_mask.sum().clamp(min=1)
+        if done_logits is None:
+            done_loss = velocity.new_zeros(())
+        else:
+            per_step = F.binary_cross_entropy_with_logits(done_logits, labels_mask.float(), reduction="none")
+            done_loss = (per_step.mean(-1) * query_mask).sum() / query_mask.sum().clamp(min=1)
         rigidity_loss = (
-            self.rigidity_loss(noisy - expanded_time * velocity, cluster_ids, trained)
-            if cluster_ids is not None
-            else velocity.new_zeros(())
+            self.rigidity_loss(clean, cluster_ids, trained) if cluster_ids is not None else velocity.new_zeros(())
         )
         loss = flow_loss + self.config.done_loss_weight * done_loss + self.config.rigidity_loss_weight * rigidity_loss
         return Mu0TraceOutput(
@@ -648,9 +684,29 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
             done_logits=done_logits,
         )
 
+    def _trace_targets(
+        self, labels: torch.Tensor, labels_mask: torch.Tensor, query_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the expert learns to generate, (B, N, trace_length, 3), and which queries it is trained on.
+
+        B-spline: control points fitted to the valid steps (a query needs at least D of them). Dense: the steps
+        themselves, invalid ones zero (masked out of the loss), for every query with a valid step.
+        """
+        if self.config.trace_parameterisation == "dense":
+            return labels * labels_mask[..., None], query_mask & labels_mask.any(-1)
+        control_points, fit_ok = fit_control_points(
+            labels,
+            labels_mask,
+            num_control_points=self.config.num_control_points,
+            degree=self.config.spline_degree,
+            smoothness=self.config.spline_smoothness,
+            clip=self.config.control_point_clip,
+        )
+        return control_points, query_mask & fit_ok
+
     @staticmethod
     def rigidity_loss(clean_control_points: torch.Tensor, cluster_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Variance over the control-point index of pairwise distances between same-cluster queries.
+        """Variance over the control-point (or step) index of pairwise distances between same-cluster queries.
 
         A rigid part keeps its points' mutual distances through time, so a prediction that stretches it pays.
         """
@@ -699,11 +755,19 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
 
         The backbone prefix is computed once and reused at every step unless `use_prefix_cache=False`, which
         recomputes it per step (same result; kept to measure and test the cache). Best-of-N = `num_samples` noises.
+        Regression models make one deterministic pass and repeat it `num_samples` times.
         """
         query_mask = self._validate_queries(pixel_values, query_points, query_mask, input_ids=input_ids)
         num_steps = num_steps or self.config.num_inference_steps
         batch_size, num_queries = query_points.shape[:2]
-        shape = (batch_size, num_samples, num_queries, self.config.num_control_points, 3)
+        shape = (batch_size, num_samples, num_queries, self.config.trace_length, 3)
+        if self.config.trace_objective == "regression":
+            if noise is not None:
+                raise ValueError("A regression model (trace_objective='regression') is deterministic: do not pass noise.")
+            return self._regress_traces(
+                shape, pixel_values, input_ids, query_points, attention_mask, query_mask, history, history_mask,
+                depth_pixel_values, depth_mask, dino_pixel_values,
+            )
         if noise is None:
             noise = torch.randn(shape, generator=generator, device=pixel_values.device, dtype=torch.float32)
         elif tuple(noise.shape) != shape:
@@ -734,13 +798,37 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
                 prefix if use_prefix_cache else prefix_for_samples(), sample, time, **context
             )
             sample = scheduler.step(velocity, timestep, sample).prev_sample
-        control_points = sample.view(shape)
-        done_probs = torch.sigmoid(done_logits).view(batch_size, num_samples, num_queries, -1)
-        alive_mask = torch.cumprod((done_probs >= 0.5).long(), dim=-1).bool()
-        traces = render_traces(control_points, self.spline_basis.to(control_points.dtype))
-        return Mu0TracePrediction(
-            traces=traces, done_probs=done_probs, alive_mask=alive_mask, control_points=control_points
+        return self._trace_prediction(sample.view(shape), done_logits)
+
+    def _regress_traces(
+        self, shape, pixel_values, input_ids, query_points, attention_mask, query_mask, history, history_mask,
+        depth_pixel_values, depth_mask, dino_pixel_values,
+    ) -> Mu0TracePrediction:
+        """The regression baseline's single pass: zero trace values at flow time 1 in, clean values out."""
+        prefix = self.compute_prefix(pixel_values, input_ids, attention_mask, depth_pixel_values, depth_mask)
+        fourier, dino_features = self._point_context(query_points, dino_pixel_values)
+        values, done_logits = self.denoise_step(
+            prefix, query_points.new_zeros((shape[0], *shape[2:]), dtype=torch.float32),
+            query_points.new_ones(shape[0], dtype=torch.float32), query_mask, fourier, dino_features, history,
+            history_mask,
         )
+        num_samples = shape[1]
+        if done_logits is not None:
+            done_logits = done_logits.repeat_interleave(num_samples, dim=0)
+        return self._trace_prediction(values[:, None].expand(shape), done_logits)
+
+    def _trace_prediction(self, values: torch.Tensor, done_logits: torch.Tensor | None) -> Mu0TracePrediction:
+        """Generated values (B, S, N, trace_length, 3) -> traces, with the done head's stop (or none without one)."""
+        batch_size, num_samples, num_queries = values.shape[:3]
+        if done_logits is None:
+            done_probs = values.new_ones(batch_size, num_samples, num_queries, self.config.horizon)
+        else:
+            done_probs = torch.sigmoid(done_logits).view(batch_size, num_samples, num_queries, -1)
+        alive_mask = torch.cumprod((done_probs >= 0.5).long(), dim=-1).bool()
+        if self.config.trace_parameterisation == "dense":
+            return Mu0TracePrediction(traces=values, done_probs=done_probs, alive_mask=alive_mask)
+        traces = render_traces(values, self.spline_basis.to(values.dtype))
+        return Mu0TracePrediction(traces=traces, done_probs=done_probs, alive_mask=alive_mask, control_points=values)
 
     # --------------------------------------------------------------------------------------------- loading
     @classmethod
