@@ -1,4 +1,8 @@
-"""Drawing predicted and ground-truth traces: time-coloured overlays (PIL only) and 3D plots (matplotlib, `viz` extra)."""
+"""Showing predicted and ground-truth traces: time-coloured overlays (PIL), MP4 clips (PyAV), 3D plots (matplotlib)
+and rerun recordings (`rerun` extra) that put the image, the traces and the depth in one 3D scene."""
+
+import os
+from fractions import Fraction
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -55,23 +59,148 @@ def draw_traces(
 
 
 def write_video(frames: list[Image.Image], path: str, fps: float = 10.0) -> str:
-    """H.264 MP4 via PyAV (the `extract` extra), written to a temp name and renamed when complete."""
+    """H.264 MP4 via PyAV, written to a temp name and renamed when complete, so a crash never leaves a truncated
+    file under the final name."""
     try:
         import av
     except ImportError as error:
-        raise ImportError("Writing MP4 needs PyAV: pip install 'mu0[extract]'.") from error
-    import os
-
+        raise ImportError("Writing MP4 needs PyAV: pip install av") from error
+    if not frames:
+        raise ValueError("write_video needs at least one frame.")
+    if any(frame.size != frames[0].size for frame in frames):
+        raise ValueError(f"All frames must have the size of the first, {frames[0].size}.")
     width, height = (size - size % 2 for size in frames[0].size)  # H.264 wants even sides
     temporary = path + ".tmp.mp4"
-    with av.open(temporary, "w") as container:
-        stream = container.add_stream("libx264", rate=max(1, round(fps)))
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for frame in frames:
-            array = np.asarray(frame.convert("RGB"))[:height, :width]
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
-        container.mux(stream.encode())
-    os.replace(temporary, path)
+    try:
+        with av.open(temporary, "w") as container:
+            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            for frame in frames:
+                array = np.ascontiguousarray(np.asarray(frame.convert("RGB"))[:height, :width])
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+            container.mux(stream.encode())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return path
+
+
+def _strips(points: np.ndarray, valid: np.ndarray) -> list[np.ndarray]:
+    """Each trace up to its first invalid or non-finite step; traces shorter than one segment are dropped."""
+    strips = []
+    for trace, keep in zip(points, valid & np.isfinite(points).all(-1)):
+        length = len(keep) if keep.all() else int(np.argmin(keep))
+        if length >= 2:
+            strips.append(trace[:length])
+    return strips
+
+
+def _with_anchors(traces: np.ndarray, valid: np.ndarray, anchors: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    if anchors is None:
+        return traces, valid
+    anchors = np.asarray(anchors, dtype=np.float64)
+    if anchors.shape != (traces.shape[0], traces.shape[-1]):
+        raise ValueError(f"anchors must be ({traces.shape[0]}, {traces.shape[-1]}) like the traces' steps, got {anchors.shape}.")
+    return np.concatenate([anchors[:, None], traces], axis=1), np.concatenate([np.ones_like(valid[:, :1]), valid], axis=1)
+
+
+def _lift(pixels_and_depth: np.ndarray, intrinsics: np.ndarray) -> np.ndarray:
+    """(..., 3) pixel x, y and depth z to camera-frame XYZ in metres (OpenCV pixel centres and axes)."""
+    x, y, z = np.moveaxis(pixels_and_depth, -1, 0)
+    return np.stack([(x - intrinsics[0, 2]) / intrinsics[0, 0] * z, (y - intrinsics[1, 2]) / intrinsics[1, 1] * z, z], -1)
+
+
+PREDICTED_COLOUR = (255, 140, 0)
+GROUND_TRUTH_COLOUR = (80, 220, 255)
+
+
+def to_rerun(
+    image,
+    traces: np.ndarray,
+    path: str,
+    alive: np.ndarray | None = None,
+    ground_truth: np.ndarray | None = None,
+    ground_truth_valid: np.ndarray | None = None,
+    depth: np.ndarray | None = None,
+    intrinsics: np.ndarray | None = None,
+    anchors: np.ndarray | None = None,
+    max_depth_points: int = 65_536,
+    application_id: str = "mu0",
+) -> str:
+    """Save an image with its predicted (and optionally ground-truth) traces as a rerun recording (`.rrd`, open it
+    with `rerun path.rrd`), written to a temp name and renamed when complete.
+
+    traces / ground_truth: (N, H, 2) pixel positions, or (N, H, 3) with metric depth z as a third column.
+    alive / ground_truth_valid: (N, H) steps to draw; a trace stops at its first False step.
+    depth: (height, width) metric depth of the image; intrinsics: 3 × 3 pixel intrinsics.
+    anchors: (N, 2) or (N, 3) current positions of the queries, prepended to both trace sets (model traces start
+    one step after now).
+
+    Entities: `world/camera/image` with the 2D strips `.../predicted` and `.../ground_truth` (and `.../depth`). With
+    intrinsics, `world/camera` is an OpenCV pinhole at the origin and traces with depth become 3D line strips
+    `world/predicted` and `world/ground_truth` in metres, the depth map a coloured point cloud `world/depth_points`.
+    """
+    try:
+        import rerun as rr
+    except ImportError as error:
+        raise ImportError('to_rerun needs the rerun SDK: pip install "mu0[rerun]"') from error
+    image = np.asarray(image, dtype=np.uint8)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"image must be (height, width, 3) RGB, got {image.shape}.")
+    sets = {}
+    for name, values, valid in (("predicted", traces, alive), ("ground_truth", ground_truth, ground_truth_valid)):
+        if values is None:
+            continue
+        values = np.asarray(values, dtype=np.float64)
+        if values.ndim != 3 or values.shape[-1] not in (2, 3):
+            raise ValueError(f"{name} traces must be (N, H, 2) pixels or (N, H, 3) pixels and depth, got {values.shape}.")
+        valid = np.ones(values.shape[:2], dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+        if valid.shape != values.shape[:2]:
+            raise ValueError(f"The {name} validity mask must be {values.shape[:2]}, got {valid.shape}.")
+        sets[name] = _with_anchors(values, valid, anchors)
+    if intrinsics is not None:
+        intrinsics = np.asarray(intrinsics, dtype=np.float64)
+        if intrinsics.shape != (3, 3) or not np.isfinite(intrinsics).all():
+            raise ValueError(f"intrinsics must be a finite 3 × 3 matrix, got shape {intrinsics.shape}.")
+    if depth is not None:
+        depth = np.asarray(depth, dtype=np.float32)
+        if depth.shape != image.shape[:2]:
+            raise ValueError(f"depth must match the image's (height, width) {image.shape[:2]}, got {depth.shape}.")
+
+    height, width = image.shape[:2]
+    temporary = path + ".tmp.rrd"
+    recording = rr.RecordingStream(application_id)
+    try:
+        recording.save(temporary)
+        recording.log("world", rr.ViewCoordinates.RDF, static=True)  # the current camera's frame: x right, y down
+        if intrinsics is not None:
+            recording.log("world/camera", rr.Pinhole(image_from_camera=intrinsics, resolution=[width, height],
+                                                     camera_xyz=rr.ViewCoordinates.RDF), static=True)
+        recording.log("world/camera/image", rr.Image(image), static=True)
+        if depth is not None:
+            recording.log("world/camera/image/depth", rr.DepthImage(np.nan_to_num(depth), meter=1.0), static=True)
+        colours = {"predicted": PREDICTED_COLOUR, "ground_truth": GROUND_TRUTH_COLOUR}
+        for name, (values, valid) in sets.items():
+            strips = _strips(values[..., :2], valid)
+            recording.log(f"world/camera/image/{name}", rr.LineStrips2D(strips, colors=colours[name], labels=name),
+                          static=True)
+            if intrinsics is not None and values.shape[-1] == 3:
+                strips = _strips(_lift(values, intrinsics), valid & (values[..., 2] > 0))
+                recording.log(f"world/{name}", rr.LineStrips3D(strips, colors=colours[name], labels=name), static=True)
+        if depth is not None and intrinsics is not None:
+            stride = max(1, int(np.ceil(np.sqrt(height * width / max_depth_points))))
+            rows, columns = np.mgrid[0:height:stride, 0:width:stride]
+            z = depth[rows, columns]
+            keep = np.isfinite(z) & (z > 0)
+            points = _lift(np.stack([columns[keep], rows[keep], z[keep]], -1).astype(np.float64), intrinsics)
+            recording.log("world/depth_points", rr.Points3D(points, colors=image[rows[keep], columns[keep]]), static=True)
+        recording.flush()
+        recording.disconnect()
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
     return path
 
 
@@ -102,4 +231,4 @@ def plot_traces_3d(traces: dict[str, np.ndarray], path: str, title: str = "") ->
     return path
 
 
-__all__ = ["draw_traces", "plot_traces_3d", "write_video"]
+__all__ = ["draw_traces", "plot_traces_3d", "to_rerun", "write_video"]

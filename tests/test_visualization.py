@@ -37,3 +37,79 @@ def test_anchors_start_each_trace_at_the_query():
     assert canvas[34, 18].sum() > 0  # and a segment joins the anchor to step 1
     with pytest.raises(ValueError, match="anchors"):
         draw_traces(image, trace, anchors=np.zeros((2, 2)))
+
+
+def test_video_is_written_atomically_and_decodes(tmp_path):
+    import av
+    from PIL import Image
+
+    from mu0.processing.visualization import write_video
+
+    frames = [Image.new("RGB", (33, 20), (value, 0, 0)) for value in range(0, 250, 50)]
+    path = write_video(frames, str(tmp_path / "clip.mp4"), fps=2.5)
+    with av.open(path) as video:
+        decoded = list(video.decode(video=0))
+        assert video.streams.video[0].average_rate == 2.5
+    assert len(decoded) == 5 and (decoded[0].width, decoded[0].height) == (32, 20)  # odd width cropped to even
+    assert abs(int(decoded[-1].to_ndarray(format="rgb24")[..., 0].mean()) - 200) < 10
+    with pytest.raises(ValueError, match="size"):
+        write_video([frames[0], Image.new("RGB", (8, 8))], str(tmp_path / "bad.mp4"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]  # nothing half-written left behind
+
+
+def read_recording(path) -> dict:
+    """Entity path -> {column name: first row's value} of a saved rerun recording."""
+    from rerun.chunk import RrdReader
+
+    entities = {}
+    for chunk in RrdReader(str(path)).stream().to_chunks():
+        batch = chunk.to_record_batch()
+        entities.setdefault(str(chunk.entity_path), {}).update(
+            {name: batch.column(name)[0].as_py() for name in batch.schema.names if ":" in name})
+    return entities
+
+
+def test_rerun_recording_holds_image_traces_and_metric_3d(tmp_path):
+    from mu0.processing.visualization import to_rerun
+
+    image = np.zeros((24, 32, 3), dtype=np.uint8)
+    image[:, :, 1] = 200
+    intrinsics = np.array([[40.0, 0, 15.5], [0, 40.0, 11.5], [0, 0, 1]])
+    depth = np.full((24, 32), 2.0, dtype=np.float32)
+    depth[0, 0] = np.nan  # invalid depth is left out of the point cloud
+    predicted = np.array([[[4.0, 5.0, 2.0], [6.0, 5.0, 2.0], [8.0, 5.0, 2.0]],
+                          [[20.0, 10.0, 1.0], [20.0, 12.0, 1.0], [20.0, 14.0, 1.0]]])
+    alive = np.array([[True, True, True], [True, False, False]])  # the second prediction stops after one step
+    anchors = np.array([[2.0, 5.0, 2.0], [20.0, 8.0, 1.0]])
+    path = to_rerun(image, predicted, str(tmp_path / "scene.rrd"), alive=alive, ground_truth=predicted + 1.0,
+                    depth=depth, intrinsics=intrinsics, anchors=anchors)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.rrd"]
+    entities = read_recording(path)
+    assert {"/world/camera", "/world/camera/image", "/world/camera/image/depth", "/world/camera/image/predicted",
+            "/world/camera/image/ground_truth", "/world/predicted", "/world/ground_truth", "/world/depth_points"} <= set(entities)
+    strips_2d = entities["/world/camera/image/predicted"]["LineStrips2D:strips"]
+    np.testing.assert_allclose(strips_2d[0], [[2, 5], [4, 5], [6, 5], [8, 5]])  # anchor, then the three steps
+    np.testing.assert_allclose(strips_2d[1], [[20, 8], [20, 10]])
+    assert len(entities["/world/camera/image/ground_truth"]["LineStrips2D:strips"]) == 2
+    strips_3d = np.asarray(entities["/world/predicted"]["LineStrips3D:strips"][0])
+    np.testing.assert_allclose(strips_3d[-1], [(8 - 15.5) / 40 * 2, (5 - 11.5) / 40 * 2, 2.0], rtol=1e-6)
+    points = np.asarray(entities["/world/depth_points"]["Points3D:positions"])
+    assert len(points) == 24 * 32 - 1 and np.allclose(points[:, 2], 2.0)
+    stored = np.asarray(entities["/world/camera"]["Pinhole:image_from_camera"]).reshape(3, 3)
+    np.testing.assert_allclose(stored.T, intrinsics)  # rerun stores the matrix column-major
+
+
+def test_rerun_export_errors(tmp_path, monkeypatch):
+    import sys
+
+    from mu0.processing.visualization import to_rerun
+
+    image = np.zeros((8, 8, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="depth must match"):
+        to_rerun(image, np.zeros((1, 3, 2)), str(tmp_path / "a.rrd"), depth=np.ones((4, 4)))
+    with pytest.raises(ValueError, match="validity mask"):
+        to_rerun(image, np.zeros((1, 3, 2)), str(tmp_path / "a.rrd"), alive=np.ones((2, 3), bool))
+    monkeypatch.setitem(sys.modules, "rerun", None)
+    with pytest.raises(ImportError, match=r'pip install "mu0\[rerun\]"'):
+        to_rerun(image, np.zeros((1, 3, 2)), str(tmp_path / "a.rrd"))
+    assert not list(tmp_path.iterdir())
