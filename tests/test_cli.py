@@ -29,6 +29,13 @@ def test_demo_quick_writes_a_loadable_model_and_finite_metrics(tmp_path, capsys)
         with Image.open(path) as image:
             assert image.size == (2 * side + 8, side)
     assert (tmp_path / "traces_3d.png").stat().st_size > 10_000
+    import av
+
+    assert summary["video"] == "overlays.mp4"
+    with av.open(str(tmp_path / "overlays.mp4")) as video:  # held-out frames, truth beside prediction
+        frames = [frame.to_ndarray(format="rgb24") for frame in video.decode(video=0)]
+    assert len(frames) == min(summary["eval_samples"], 48) > 0
+    assert frames[0].shape == (side, 2 * side + 8, 3) and frames[0].std() > 10  # the frame, not a blank
     model = Mu0ForTracePrediction.from_pretrained(tmp_path / "model")
     processor = Mu0Processor.from_pretrained(tmp_path / "model")
     assert processor.delta_scale is not None and all(value > 0 for value in processor.delta_scale)
