@@ -16,6 +16,7 @@ EXAMPLES = """examples:
   mu0 view data/episodes --episode 3
   mu0 train --recipe tiny-cpu --dataset data/samples --output-dir outputs/tiny
   mu0 train --recipe mu0-smolvlm2-2.2b --dataset me/my-traces --push-to-hub me/mu0-run1
+  mu0 evaluate --model outputs/tiny --dataset data/test-samples --output-dir outputs/eval
 """
 
 
@@ -67,6 +68,32 @@ def train(args: argparse.Namespace) -> None:
                         metrics=None if metrics is None else {k.removeprefix("eval_"): v for k, v in metrics.items()},
                         recipe=args.recipe)
     print(f"model and processor saved to {args.output_dir}")
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    """The authors' protocol on a samples dataset: a table of metrics, metrics.json and worst/best overlays."""
+    from .. import Mu0Processor
+    from .baselines import load_trace_model
+    from .evaluation import EvaluationProtocol, evaluate_models, format_metrics_table, model_label
+    from .pretrain import load_samples
+
+    protocol = EvaluationProtocol(
+        frame_offsets=tuple(args.frame_offsets), num_queries=args.num_queries, num_samples=args.samples,
+        seed=args.seed, use_depth=args.use_depth, use_history=args.use_history, batch_size=args.batch_size,
+    )
+    samples, _ = load_samples(args.dataset, split=args.split)
+    model = load_trace_model(args.model)
+    processor = Mu0Processor.from_pretrained(args.model)
+    summary = evaluate_models({model_label(model): model}, processor, samples, protocol,
+                              heuristics=tuple(args.heuristics), output_dir=args.output_dir, num_overlays=args.overlays)
+    inputs = f"depth {'on' if args.use_depth else 'off'}, history {'on' if args.use_history else 'off'}"
+    print(f"{summary['num_samples']} samples from {summary['episodes']} episodes, {summary['num_queries']} queries "
+          f"({inputs}; u, v in [-1, 1], z in metres; min = best of {args.samples}, seed {args.seed}):")
+    latency = {name: f"{seconds * 1000:.1f}" for name, seconds in summary["seconds_per_sample"].items()}
+    print(format_metrics_table(summary["metrics"], extra_rows={"ms per sample": latency}))
+    if summary["missing_offsets"]:
+        print(f"{len(summary['missing_offsets'])} episodes lack some frame offsets (listed in metrics.json)")
+    print(f"wrote {os.path.join(args.output_dir, 'metrics.json')} and {len(summary['overlays'])} overlays")
 
 
 def grid_points(size: int, height: int, width: int) -> list[tuple[float, float]]:
@@ -181,6 +208,23 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--resume", default=None, help="a checkpoint folder to resume from")
     train_parser.add_argument("--push-to-hub", default=None, metavar="REPO")
     train_parser.set_defaults(handler=train)
+    evaluate_parser = commands.add_parser("evaluate", help="the authors' evaluation protocol on a samples dataset")
+    evaluate_parser.add_argument("--model", required=True, help="a saved μ0 or baseline folder (with its processor)")
+    evaluate_parser.add_argument("--dataset", required=True, help="a folder from save_samples() or a Hub dataset repo")
+    evaluate_parser.add_argument("--split", default="train", help="split of a Hub dataset (default: train)")
+    evaluate_parser.add_argument("--output-dir", default="outputs/evaluate")
+    evaluate_parser.add_argument("--use-depth", action="store_true", help="feed the depth image (default: RGB only)")
+    evaluate_parser.add_argument("--use-history", action="store_true", help="feed past steps (default: none)")
+    evaluate_parser.add_argument("--frame-offsets", type=int, nargs="+", default=[4, 8, 12],
+                                 help="sample positions in each episode (default: 4 8 12)")
+    evaluate_parser.add_argument("--num-queries", type=int, default=16)
+    evaluate_parser.add_argument("--samples", type=int, default=5, help="samples per query for best-of-N")
+    evaluate_parser.add_argument("--seed", type=int, default=0)
+    evaluate_parser.add_argument("--batch-size", type=int, default=8)
+    evaluate_parser.add_argument("--heuristics", nargs="*", default=["zero_motion", "constant_velocity"],
+                                 choices=["zero_motion", "constant_velocity"], help="heuristic baselines scored alongside")
+    evaluate_parser.add_argument("--overlays", type=int, default=3, help="worst and best samples drawn (each)")
+    evaluate_parser.set_defaults(handler=evaluate)
     predict_parser = commands.add_parser("predict", help="predict traces for one image and write an overlay and JSON")
     predict_parser.add_argument("--model", required=True, help="a saved model folder or Hub repo")
     predict_parser.add_argument("--image", required=True)

@@ -1,7 +1,9 @@
 """Pretraining μ0 with `transformers.Trainer`: a non-finite-loss guard and trace-metric evaluation (best of N)."""
 
 import logging
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader
@@ -23,25 +25,69 @@ def absolute_traces(deltas: torch.Tensor, batch, delta_scale: torch.Tensor) -> t
 Predictor = Callable[[dict], torch.Tensor]
 
 
-def evaluate_predictors(
-    predictors: dict[str, Predictor], dataset, collator, delta_scale: torch.Tensor, batch_size: int = 8
-) -> dict[str, dict[str, float]]:
-    """Trace metrics of several predictors on the same batches (same queries, same targets).
+@dataclass
+class PredictionSet:
+    """Every predictor's traces on the same queries, flattened over the dataset: absolute (u, v, z), Q queries.
 
-    A predictor maps a collated batch to normalised deltas (B, S, N, H, 3); metrics are computed on absolute
-    (u, v, z) over valid steps, best of S for the `min_` keys.
+    traces: name -> (S, Q, H, 3); targets (Q, H, 3) and valid (Q, H); anchors (Q, 3) the queries' current (u, v, z);
+    query_mask (Q,) False for batch padding; row_index (Q,) the dataset row each query came from;
+    seconds_per_row: name -> mean prediction time per dataset row.
+    """
+
+    traces: dict[str, torch.Tensor]
+    targets: torch.Tensor
+    valid: torch.Tensor
+    anchors: torch.Tensor
+    query_mask: torch.Tensor
+    row_index: torch.Tensor
+    seconds_per_row: dict[str, float]
+
+    def metrics(self, **metric_kwargs) -> dict[str, dict[str, float]]:
+        return {name: trace_metrics(values, self.targets, self.valid, **metric_kwargs) for name, values in self.traces.items()}
+
+
+def predict_dataset(
+    predictors: dict[str, Predictor], dataset, collator, delta_scale: torch.Tensor, batch_size: int = 8
+) -> PredictionSet:
+    """Run several predictors on the same batches (same queries, same targets) and gather absolute traces.
+
+    A predictor maps a collated batch to normalised deltas (B, S, N, H, 3).
     """
     predictions = {name: [] for name in predictors}
-    targets, valids = [], []
+    seconds = dict.fromkeys(predictors, 0.0)
+    targets, valids, anchors, query_masks, rows = [], [], [], [], []
+    num_rows = 0
     for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collator):
         for name, predict in predictors.items():
+            start = time.perf_counter()
             traces = predict(batch).cpu()
+            seconds[name] += time.perf_counter() - start
             # flatten the batch into the query axis so batches with different query counts concatenate
             predictions[name].append(absolute_traces(traces, batch, delta_scale).transpose(0, 1).flatten(1, 2))
         targets.append(absolute_traces(batch["labels"], batch, delta_scale).flatten(0, 1))
         valids.append((batch["labels_mask"] & batch["query_mask"][..., None]).flatten(0, 1))
-    target, valid = torch.cat(targets), torch.cat(valids)
-    return {name: trace_metrics(torch.cat(values, dim=1), target, valid) for name, values in predictions.items()}
+        anchors.append(torch.cat([batch["query_points"], batch["query_depth"][..., None]], dim=-1).flatten(0, 1))
+        query_masks.append(batch["query_mask"].flatten())
+        batch_rows, num_queries = batch["query_mask"].shape
+        rows.append((torch.arange(batch_rows) + num_rows).repeat_interleave(num_queries))
+        num_rows += batch_rows
+    return PredictionSet(
+        traces={name: torch.cat(values, dim=1) for name, values in predictions.items()},
+        targets=torch.cat(targets),
+        valid=torch.cat(valids),
+        anchors=torch.cat(anchors),
+        query_mask=torch.cat(query_masks),
+        row_index=torch.cat(rows),
+        seconds_per_row={name: total / max(num_rows, 1) for name, total in seconds.items()},
+    )
+
+
+def evaluate_predictors(
+    predictors: dict[str, Predictor], dataset, collator, delta_scale: torch.Tensor, batch_size: int = 8
+) -> dict[str, dict[str, float]]:
+    """Trace metrics of several predictors on the same batches: absolute (u, v, z) over valid steps, best of S for
+    the `min_` keys."""
+    return predict_dataset(predictors, dataset, collator, delta_scale, batch_size).metrics()
 
 
 def zero_motion(batch) -> torch.Tensor:
@@ -57,7 +103,8 @@ def constant_velocity(batch) -> torch.Tensor:
 
 
 def sampler(model, num_samples: int, seed: int) -> Predictor:
-    """μ0 sampling as a predictor, with its own seeded generator."""
+    """Sampling from μ0 (or any model with its `predict_traces`, e.g. a baseline) as a predictor, with its own
+    seeded generator."""
     generator = torch.Generator().manual_seed(seed)
 
     def predict(batch) -> torch.Tensor:
@@ -105,4 +152,13 @@ class Mu0Trainer(Trainer):
         return metrics
 
 
-__all__ = ["Mu0Trainer", "absolute_traces", "constant_velocity", "evaluate_predictors", "sampler", "zero_motion"]
+__all__ = [
+    "Mu0Trainer",
+    "PredictionSet",
+    "absolute_traces",
+    "constant_velocity",
+    "evaluate_predictors",
+    "predict_dataset",
+    "sampler",
+    "zero_motion",
+]
