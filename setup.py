@@ -21,7 +21,7 @@ RERUN = ["rerun-sdk>=0.20"]
 
 EXTRAS = {
     "extract": EXTRACT,
-    "viz": ["matplotlib>=3.7", "av>=12"],
+    "viz": ["matplotlib>=3.7"],
     "sim": SIM,
     "rerun": RERUN,
     "dev": ["pytest>=8", "matplotlib>=3.7", *EXTRACT, *SIM, *RERUN],
@@ -52,6 +52,7 @@ setup(
         "matplotlib>=3.7",
         "pillow>=10",
         "tqdm>=4.66",
+        "av>=12",  # mu0 demo writes an MP4 of its overlays
         "packaging",
     ],
     extras_require=EXTRAS,
