@@ -212,3 +212,37 @@ def test_processor_rejects_bad_robot_data(action_processor):
         action_processor(images=[np.zeros((48, 64, 3), np.uint8)], actions=np.zeros((1, 4, ACTION_DIM)))
     with pytest.raises(ValueError, match="std > 0"):
         Mu0ActionProcessor(action_mean=[0.0], action_std=[0.0])
+
+
+REMOTE_CODE_ACTIONS = """
+import sys, torch
+sys.modules["mu0"] = None  # the saved code must be enough
+from transformers import AutoModel
+policy = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+batch = torch.load(sys.argv[2], weights_only=True)
+actions = policy.predict_actions(**batch, generator=torch.Generator().manual_seed(0))
+torch.save({"actions": actions, "type": type(policy).__name__}, sys.argv[3])
+"""
+
+
+def test_trust_remote_code_loads_the_policy_without_mu0(tmp_path, tiny_config, action_processor):
+    import os
+    import subprocess
+    import sys
+
+    policy = make_policy(tiny_config)
+    policy.save_pretrained(tmp_path / "policy")
+    batch = policy_batch(action_processor, with_actions=False)
+    torch.save(batch, tmp_path / "batch.pt")
+    (tmp_path / "run.py").write_text(REMOTE_CODE_ACTIONS)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run(
+        [sys.executable, str(tmp_path / "run.py"), str(tmp_path / "policy"), str(tmp_path / "batch.pt"),
+         str(tmp_path / "out.pt")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert remote["type"] == "Mu0ForActionPrediction"
+    local = policy.predict_actions(**batch, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(remote["actions"], local, rtol=0, atol=0)
