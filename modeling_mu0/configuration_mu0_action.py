@@ -105,6 +105,13 @@ class Mu0ActionConfig(PreTrainedConfig):
                 f"action_width_factor={self.action_width_factor} gives an action-expert width of "
                 f"{self.action_hidden_size}; choose a factor that gives an even width of at least 2."
             )
+        trace_config = self.trace_config
+        if trace_config.trace_objective != "flow_matching" or trace_config.trace_parameterisation != "bspline":
+            raise ValueError(
+                f"The action expert reads a flow-matching B-spline μ0; this trace model is a baseline "
+                f"(trace_objective={trace_config.trace_objective!r}, "
+                f"trace_parameterisation={trace_config.trace_parameterisation!r})."
+            )
         if self.use_wrist_camera and not self.trace_config.use_dino:
             raise ValueError("use_wrist_camera=True needs a trace model with DINO features (trace_config.use_dino).")
 

@@ -157,6 +157,12 @@ def test_config_rejects_impossible_settings(tiny_config, overrides, message):
         Mu0ActionConfig(trace_config=tiny_config.to_dict(), **overrides)
 
 
+@pytest.mark.parametrize("baseline", [{"trace_objective": "regression"}, {"trace_parameterisation": "dense"}])
+def test_action_expert_refuses_baseline_trace_models(baseline):
+    with pytest.raises(ValueError, match="flow-matching B-spline"):
+        Mu0ActionConfig(trace_config=preset_config("tiny", **baseline).to_dict())
+
+
 def test_wrist_camera_needs_dino():
     config = preset_config("tiny", use_dino=False)
     with pytest.raises(ValueError, match="use_dino"):
