@@ -199,3 +199,42 @@ def test_motion_gates_open_during_training(tmp_path, tiny_config, action_process
     gates = torch.cat([layer.motion_gate.detach() for layer in policy.action_expert.layers])
     # At the base rate Adam could move a gate by at most 20 x 1e-3 = 0.02.
     assert gates.abs().max() > 0.05
+
+
+def test_adapt_command_trains_and_saves_a_loadable_adapter(tmp_path, tiny_config, tiny_processor, capsys):
+    from mu0.dataset_builders.robot_sources import write_lerobot_episodes
+    from mu0.training.cli import main
+
+    base = make_model(tiny_config, seed=0)
+    base.save_pretrained(tmp_path / "mu0")
+    tiny_processor.save_pretrained(tmp_path / "mu0")
+    episodes = robot_episodes(2, length=18)
+    write_lerobot_episodes(
+        str(tmp_path / "robot"),
+        [{"frames": e.frames, "states": e.states, "actions": e.actions, "task": e.task} for e in episodes],
+        fps=10.0,
+    )
+    code = main(["adapt", "--base", str(tmp_path / "mu0"), "--dataset", str(tmp_path / "robot"), "--lora-rank", "2",
+                 "--grid-size", "4", "--steps", "2", "--batch-size", "4", "--output-dir", str(tmp_path / "adapter")])
+    assert code == 0, capsys.readouterr().err
+    assert "36 training rows" in capsys.readouterr().out
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "library_name: peft" in card
+    policy = load_adapter(str(tmp_path / "adapter"))
+    assert isinstance(policy, PeftModel) and policy.config.action_dim == ACTION_DIM
+    assert policy.config.state_dim == STATE_DIM and policy.config.trace_grid_size == 4
+
+
+def test_adapt_command_reports_a_missing_camera_in_one_line(tmp_path, tiny_config, tiny_processor, capsys):
+    from mu0.dataset_builders.robot_sources import write_lerobot_episodes
+    from mu0.training.cli import main
+
+    make_model(tiny_config).save_pretrained(tmp_path / "mu0")
+    capsys.readouterr()  # drop save_pretrained's progress bar
+    episode = robot_episodes(1, length=8)[0]
+    write_lerobot_episodes(str(tmp_path / "robot"), [{"frames": episode.frames, "states": episode.states,
+                                                      "actions": episode.actions, "task": episode.task}], fps=10.0)
+    code = main(["adapt", "--base", str(tmp_path / "mu0"), "--dataset", str(tmp_path / "robot"),
+                 "--camera-key", "observation.images.wrist"])
+    error = capsys.readouterr().err
+    assert code == 1 and error.count("\n") == 1 and "observation.images.wrist" in error

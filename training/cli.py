@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   mu0 train --recipe tiny-cpu --dataset data/samples --output-dir outputs/tiny
   mu0 train --recipe mu0-smolvlm2-2.2b --dataset me/my-traces --push-to-hub me/mu0-run1
   mu0 evaluate --model outputs/tiny --dataset data/test-samples --output-dir outputs/eval
+  mu0 adapt --base outputs/demo/model --dataset data/robot-lerobot --lora-rank 8 --output-dir outputs/adapter
 """
 
 
@@ -43,10 +44,12 @@ def train(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe)
     samples, statistics = load_samples(args.dataset)
     evaluation = None
-    if args.eval_samples:
-        if not hasattr(samples, "select"):
+    streamed = not hasattr(samples, "select")
+    eval_samples = (0 if streamed else 32) if args.eval_samples is None else args.eval_samples
+    if eval_samples:
+        if streamed:
             raise ValueError("--eval-samples needs a local dataset (a streamed Hub dataset has no random access).")
-        evaluation = samples.select(range(min(args.eval_samples, len(samples))))
+        evaluation = samples.select(range(min(eval_samples, len(samples))))
     trainer = make_trainer(recipe, samples, statistics, args.output_dir, eval_dataset=evaluation, max_steps=args.max_steps)
     trainer.train(resume_from_checkpoint=args.resume)
     trainer.save_model(args.output_dir)
@@ -94,6 +97,46 @@ def evaluate(args: argparse.Namespace) -> None:
     if summary["missing_offsets"]:
         print(f"{len(summary['missing_offsets'])} episodes lack some frame offsets (listed in metrics.json)")
     print(f"wrote {os.path.join(args.output_dir, 'metrics.json')} and {len(summary['overlays'])} overlays")
+
+
+def adapt(args: argparse.Namespace) -> None:
+    """Train an action expert on a frozen μ0 from a LeRobot v3 folder and save (or push) only the adapter."""
+    import numpy as np
+
+    from .. import Mu0ActionProcessor, Mu0ForActionPrediction, Mu0Processor
+    from ..processing import robot_statistics
+    from .adaptation import (
+        action_samples,
+        add_trace_lora,
+        lerobot_robot_episodes,
+        push_adapter_to_hub,
+        render_card,
+        save_adapter,
+        train_policy,
+    )
+
+    episodes = lerobot_robot_episodes(args.dataset, args.camera_key)
+    actions = np.concatenate([episode.actions for episode in episodes])
+    states = np.concatenate([episode.states for episode in episodes])
+    policy = Mu0ForActionPrediction.from_trace_model(
+        args.base, action_dim=actions.shape[1], state_dim=states.shape[1], use_trace=not args.no_trace,
+        trace_grid_size=args.grid_size,
+    )
+    processor = Mu0ActionProcessor.from_trace_processor(
+        Mu0Processor.from_pretrained(args.base), robot_statistics(actions, states), chunk_size=policy.config.chunk_size
+    )
+    model = add_trace_lora(policy, rank=args.lora_rank) if args.lora_rank else policy
+    rows = action_samples(episodes, policy.config.chunk_size)
+    train_policy(model, processor, rows, os.path.join(args.output_dir, "run"), steps=args.steps,
+                 batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed)
+    model.eval()
+    name = args.push_to_hub or os.path.basename(os.path.abspath(args.output_dir))
+    save_adapter(model, args.output_dir, processor, render_card(model, name))
+    print(f"{len(episodes)} episodes, {len(rows)} training rows; adapter saved to {args.output_dir} "
+          "(load with mu0.training.adaptation.load_adapter)")
+    if args.push_to_hub:
+        push_adapter_to_hub(model, args.push_to_hub, processor)
+        print(f"pushed to {args.push_to_hub}")
 
 
 def grid_points(size: int, height: int, width: int) -> list[tuple[float, float]]:
@@ -204,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--dataset", required=True, help="a folder from save_samples() or a Hub dataset repo")
     train_parser.add_argument("--output-dir", default="outputs/train")
     train_parser.add_argument("--max-steps", type=int, default=None, help="override the recipe's max_steps")
-    train_parser.add_argument("--eval-samples", type=int, default=32, help="rows evaluated after training (0: none)")
+    train_parser.add_argument("--eval-samples", type=int, default=None,
+                              help="rows evaluated after training (default: 32 for a local dataset, 0 when streamed)")
     train_parser.add_argument("--resume", default=None, help="a checkpoint folder to resume from")
     train_parser.add_argument("--push-to-hub", default=None, metavar="REPO")
     train_parser.set_defaults(handler=train)
@@ -225,6 +269,20 @@ def build_parser() -> argparse.ArgumentParser:
                                  choices=["zero_motion", "constant_velocity"], help="heuristic baselines scored alongside")
     evaluate_parser.add_argument("--overlays", type=int, default=3, help="worst and best samples drawn (each)")
     evaluate_parser.set_defaults(handler=evaluate)
+    adapt_parser = commands.add_parser("adapt", help="train an action expert on a frozen μ0 from robot demonstrations")
+    adapt_parser.add_argument("--base", required=True, help="the μ0 to build on: a saved folder or Hub repo")
+    adapt_parser.add_argument("--dataset", required=True, help="a local LeRobotDataset v3 folder")
+    adapt_parser.add_argument("--camera-key", default=None, help="which camera (default: the first video feature)")
+    adapt_parser.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on μ0's trace expert (0: μ0 frozen)")
+    adapt_parser.add_argument("--no-trace", action="store_true", help="the ablation without μ0 motion tokens")
+    adapt_parser.add_argument("--grid-size", type=int, default=20, help="μ0 query grid side (motion tokens: side²/4)")
+    adapt_parser.add_argument("--steps", type=int, default=2000)
+    adapt_parser.add_argument("--batch-size", type=int, default=16)
+    adapt_parser.add_argument("--learning-rate", type=float, default=3e-4)
+    adapt_parser.add_argument("--seed", type=int, default=0)
+    adapt_parser.add_argument("--output-dir", default="outputs/adapter")
+    adapt_parser.add_argument("--push-to-hub", default=None, metavar="REPO")
+    adapt_parser.set_defaults(handler=adapt)
     predict_parser = commands.add_parser("predict", help="predict traces for one image and write an overlay and JSON")
     predict_parser.add_argument("--model", required=True, help="a saved model folder or Hub repo")
     predict_parser.add_argument("--image", required=True)
@@ -252,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING)
     try:
         args.handler(args)
-    except (ValueError, FileNotFoundError, OSError) as error:
+    except (ValueError, FileNotFoundError, OSError, ImportError, RuntimeError) as error:
         if args.debug:
             raise
         print(f"mu0 {args.command}: error: {error}", file=sys.stderr)
