@@ -152,3 +152,17 @@ def test_bench_quality_quick_writes_one_table_and_json(tmp_path):
     assert all(math.isfinite(value) for metrics in summary["metrics"].values() for value in metrics.values())
     assert any(key.startswith("tokenized_vlm (8 waypoints) / mu0") for key in summary["latency_ratios"])
     assert summary["data"]["eval_samples"] > 0 and summary["settings"]["eval_seed"] != summary["settings"]["train_seed"]
+
+
+def test_bench_quality_runs_ablations_as_models(tmp_path):
+    output = tmp_path / "ablations.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, str(REPOSITORY / "benchmarks" / "bench_quality.py"), "--quick",
+                             "--models", "mu0", "mu0_no_dino", "mu0_D4", "--output", str(output)],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = json.loads(output.read_text())["models"]
+    assert set(records) == {"mu0", "mu0_no_dino", "mu0_D4"}
+    # no DINOv2 tower, and a smaller control-point head: the switches reached the models
+    assert records["mu0_no_dino"]["parameters"] < records["mu0"]["parameters"]
+    assert records["mu0_D4"]["parameters"] < records["mu0"]["parameters"]
