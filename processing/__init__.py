@@ -4,7 +4,7 @@ from .character_tokenizer import build_character_tokenizer
 from .image_processing_mu0 import Mu0ImageProcessor, render_depth, turbo_colormap
 from .processing_mu0 import Mu0Processor
 from .processing_mu0_action import Mu0ActionProcessor, robot_statistics
-from .visualization import draw_traces, plot_traces_3d
+from .visualization import draw_traces, plot_traces_3d, to_rerun
 
 __all__ = [
     "Mu0ActionProcessor",
@@ -15,5 +15,6 @@ __all__ = [
     "plot_traces_3d",
     "render_depth",
     "robot_statistics",
+    "to_rerun",
     "turbo_colormap",
 ]
