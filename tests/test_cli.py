@@ -90,7 +90,7 @@ def test_predict_writes_overlay_plot_and_json(tmp_path, tiny_config, tiny_proces
     json_path.write_text(json.dumps([[60.0, 0, 31.5], [0, 60.0, 23.5], [0, 0, 1]]))
     args = ["predict", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "frame.png"), "--prompt", "push",
             "--points", "10,20", "40,30", "--depth", str(tmp_path / "depth.npy"), "--intrinsics", str(json_path),
-            "--samples", "2", "--output-dir", str(tmp_path / "out")]
+            "--samples", "2", "--rerun", "--output-dir", str(tmp_path / "out")]
     assert main(args) == 0
     result = json.loads((tmp_path / "out" / "traces.json").read_text())
     assert np.asarray(result["pixels"]).shape == (2, 2, tiny_config.horizon, 2)
@@ -100,6 +100,10 @@ def test_predict_writes_overlay_plot_and_json(tmp_path, tiny_config, tiny_proces
     np.testing.assert_allclose(xyz[..., 1], (pixels[..., 1] - 23.5) / 60.0 * xyz[..., 2], rtol=1e-4, atol=1e-6)
     assert np.abs(xyz[..., 2] - 0.9).max() < 0.5
     assert (tmp_path / "out" / "overlay.png").exists() and (tmp_path / "out" / "traces_3d.png").exists()
+    from test_visualization import read_recording
+
+    entities = read_recording(tmp_path / "out" / "scene.rrd")
+    assert {"/world/predicted", "/world/camera/image/predicted", "/world/camera/image/depth"} <= set(entities)
     assert main(["predict", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "frame.png"),
                  "--points", "1,2,3"]) == 1
     assert "x,y pairs" in capsys.readouterr().err

@@ -195,6 +195,15 @@ def predict(args: argparse.Namespace) -> None:
         result["xyz_m"] = traces["xyz"][0].tolist()
         written.append(plot_traces_3d({f"sample {s}": traces["xyz"][0, s].numpy() for s in range(args.samples)},
                                       os.path.join(args.output_dir, "traces_3d.png"), title=args.prompt))
+    if args.rerun:
+        from ..processing.visualization import to_rerun
+
+        first = traces["pixels"][0, 0].numpy()
+        if "xyz" in traces:  # pixel position plus metric depth: the recording gets 3D traces too
+            first = np.concatenate([first, traces["xyz"][0, 0, ..., 2:].numpy()], axis=-1)
+        written.append(to_rerun(image, first, os.path.join(args.output_dir, "scene.rrd"),
+                                alive=prediction.alive_mask[0, 0].numpy(), depth=depth,
+                                intrinsics=None if intrinsics is None else intrinsics[0].numpy(), anchors=query))
     path = os.path.join(args.output_dir, "traces.json")
     with open(path + ".tmp", "w") as handle:
         json.dump(result, handle)
@@ -293,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict_parser.add_argument("--intrinsics", default=None, help="3x3 pixel intrinsics as JSON")
     predict_parser.add_argument("--samples", type=int, default=1)
     predict_parser.add_argument("--seed", type=int, default=0)
+    predict_parser.add_argument("--rerun", action="store_true", help="also write scene.rrd for the rerun viewer")
     predict_parser.add_argument("--output-dir", default="outputs/predict")
     predict_parser.set_defaults(handler=predict)
     view_parser = commands.add_parser("view", help="render an extracted episode's tracks over its frames to MP4")
