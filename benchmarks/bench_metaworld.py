@@ -86,8 +86,7 @@ def make_actor(policy, processor: Mu0ActionProcessor, seed: int):
     generator = torch.Generator().manual_seed(seed)
 
     def act(frame: np.ndarray, state: np.ndarray, instruction: str) -> np.ndarray:
-        batch = dict(processor(images=[frame], text=instruction, state=state[None]))
-        batch.pop("image_sizes")
+        batch = processor(images=[frame], text=instruction, state=state[None])
         actions = policy.predict_actions(**batch, generator=generator)
         return processor.unnormalize_actions(actions)[0].numpy()
 

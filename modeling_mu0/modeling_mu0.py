@@ -137,6 +137,14 @@ def validate_queries(
     return query_mask
 
 
+def sample_flow_time(
+    batch_size: int, alpha: float, beta: float, scale: float, offset: float, device: torch.device
+) -> torch.Tensor:
+    """Flow-matching times offset + scale * Beta(alpha, beta): weighted towards the noisy end, never exactly 0."""
+    distribution = torch.distributions.Beta(torch.tensor(alpha), torch.tensor(beta))
+    return (distribution.sample((batch_size,)) * scale + offset).to(device)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -594,10 +602,11 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
 
     # --------------------------------------------------------------------------------------------- training
     def sample_time(self, batch_size: int, device: torch.device) -> torch.Tensor:
-        beta = torch.distributions.Beta(
-            torch.tensor(self.config.time_sampling_beta_alpha), torch.tensor(self.config.time_sampling_beta_beta)
+        config = self.config
+        return sample_flow_time(
+            batch_size, config.time_sampling_beta_alpha, config.time_sampling_beta_beta, config.time_sampling_scale,
+            config.time_sampling_offset, device,
         )
-        return (beta.sample((batch_size,)) * self.config.time_sampling_scale + self.config.time_sampling_offset).to(device)
 
     def forward(
         self,

@@ -22,6 +22,7 @@ from .modeling_mu0 import (
     Mu0ExpertMLP,
     Mu0ForTracePrediction,
     Mu0Prefix,
+    sample_flow_time,
     sinusoidal_time_embedding,
     zero_initialised,
 )
@@ -220,12 +221,8 @@ class Mu0ForActionPrediction(Mu0ActionPreTrainedModel):
         pooled = F.adaptive_avg_pool2d(feature_map.float(), self.config.wrist_pool_size).flatten(2).transpose(1, 2)
         return self.action_expert.wrist_proj(pooled.to(self.action_expert.wrist_proj.weight.dtype))
 
-    def _validate(
-        self,
-        pixel_values: torch.Tensor,
-        state: torch.Tensor | None,
-        wrist_dino_pixel_values: torch.Tensor | None,
-        actions: torch.Tensor | None,
+    def _validate_context(
+        self, pixel_values: torch.Tensor, state: torch.Tensor | None, wrist_dino_pixel_values: torch.Tensor | None
     ) -> None:
         config = self.config
         batch_size = pixel_values.shape[0]
@@ -236,11 +233,6 @@ class Mu0ForActionPrediction(Mu0ActionPreTrainedModel):
                 raise ValueError(f"state must have shape ({batch_size}, {config.state_dim}), got {tuple(state.shape)}.")
         if config.use_wrist_camera and wrist_dino_pixel_values is None:
             raise ValueError("This policy reads a wrist camera (use_wrist_camera=True): pass `wrist_dino_pixel_values`.")
-        if actions is not None and tuple(actions.shape) != (batch_size, config.chunk_size, config.action_dim):
-            raise ValueError(
-                f"actions must have shape ({batch_size}, chunk_size={config.chunk_size}, action_dim="
-                f"{config.action_dim}), got {tuple(actions.shape)}."
-            )
 
     def encode_context(
         self,
@@ -255,6 +247,7 @@ class Mu0ForActionPrediction(Mu0ActionPreTrainedModel):
         generator: torch.Generator | None = None,
     ) -> tuple[Mu0Prefix, torch.Tensor | None, torch.Tensor | None]:
         """What stays fixed while the action flow is integrated: backbone prefix, motion tokens, state/wrist tokens."""
+        self._validate_context(pixel_values, state, wrist_dino_pixel_values)
         with torch.set_grad_enabled(self._trace_grad_enabled()):
             prefix = self.trace_model.compute_prefix(pixel_values, input_ids, attention_mask, depth_pixel_values, depth_mask)
             motion_states = self.motion_states(prefix, dino_pixel_values, generator) if self.config.use_trace else None
@@ -298,10 +291,9 @@ class Mu0ForActionPrediction(Mu0ActionPreTrainedModel):
 
     # --------------------------------------------------------------------------------------------- training
     def sample_time(self, batch_size: int, device: torch.device) -> torch.Tensor:
-        beta = torch.distributions.Beta(
-            torch.tensor(self.config.time_sampling_beta_alpha), torch.tensor(self.config.time_sampling_beta_beta)
-        )
-        return (beta.sample((batch_size,)) * 0.999 + 0.001).to(device)
+        config = self.config
+        return sample_flow_time(batch_size, config.time_sampling_beta_alpha, config.time_sampling_beta_beta, 0.999,
+                                0.001, device)
 
     def forward(
         self,
@@ -325,12 +317,17 @@ class Mu0ForActionPrediction(Mu0ActionPreTrainedModel):
             are real (False past the episode's end).
         noise, time: optional fixed flow noise (B, chunk, action_dim) and times (B,), for reproducible losses.
         """
-        self._validate(pixel_values, state, wrist_dino_pixel_values, actions)
+        config = self.config
+        batch_size = pixel_values.shape[0]
+        if actions is not None and tuple(actions.shape) != (batch_size, config.chunk_size, config.action_dim):
+            raise ValueError(
+                f"actions must have shape ({batch_size}, chunk_size={config.chunk_size}, action_dim="
+                f"{config.action_dim}), got {tuple(actions.shape)}."
+            )
         prefix, motion, context = self.encode_context(
             pixel_values, input_ids, attention_mask, dino_pixel_values, depth_pixel_values, depth_mask, state,
             wrist_dino_pixel_values,
         )
-        batch_size = pixel_values.shape[0]
         if actions is None:
             if noise is None or time is None:
                 raise ValueError("Without actions, forward needs `noise` and `time` to evaluate the velocity field.")
@@ -366,7 +363,6 @@ class Mu0ForActionPrediction(Mu0ActionPreTrainedModel):
         The prefix and motion tokens are computed once per call; `generator` seeds both μ0's grid noise and the
         action noise, so the same seed gives the same actions.
         """
-        self._validate(pixel_values, state, wrist_dino_pixel_values, None)
         prefix, motion, context = self.encode_context(
             pixel_values, input_ids, attention_mask, dino_pixel_values, depth_pixel_values, depth_mask, state,
             wrist_dino_pixel_values, generator,

@@ -227,7 +227,6 @@ class Mu0ActionCollator:
             actions=np.stack([row["actions"] for row in rows]),
             actions_mask=np.stack([row["actions_mask"] for row in rows]),
         )
-        batch.pop("image_sizes")
         return dict(batch)
 
 
