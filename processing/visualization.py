@@ -10,31 +10,75 @@ from PIL import Image, ImageDraw
 from .image_processing_mu0 import turbo_colormap
 
 
+MIN_OVERLAY_SIDE = 480  # small frames are upscaled until their longer side reaches this; larger ones are kept
+
+
+def overlay_scale(height: int, width: int) -> int:
+    """The integer upscale of a frame for drawing: 1 for frames with a side of 480 px or more, enough to reach
+    480 px for smaller ones (96² -> 5x), so the output is readable without being huge."""
+    return max(1, -(-MIN_OVERLAY_SIDE // max(height, width)))
+
+
+def time_colours(values: np.ndarray) -> np.ndarray:
+    """The one colour scale for time in every figure: turbo from blue (0, now) to red (1, the last step), RGB in
+    [0, 1]."""
+    return turbo_colormap(0.1 + 0.85 * np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0))
+
+
+def _draw_legend(canvas: Image.Image, labels: tuple[str, str], size: int) -> None:
+    """A time colour bar with its end labels in the bottom-left corner, on a dark box."""
+    from PIL import ImageFont
+
+    font = ImageFont.load_default(size=max(10, round(size * 1.2)))
+    draw = ImageDraw.Draw(canvas)
+    bar_width, bar_height, margin = size * 8, max(3, size // 2), max(3, size // 2)
+    left_width = draw.textlength(labels[0], font=font)
+    right_width = draw.textlength(labels[1], font=font)
+    box_width = left_width + bar_width + right_width + 4 * margin
+    box_height = font.size + 2 * margin
+    top = canvas.height - box_height - margin
+    draw.rectangle([margin, top, margin + box_width, top + box_height], fill=(0, 0, 0))
+    centre = top + box_height / 2
+    draw.text((2 * margin, centre), labels[0], fill=(255, 255, 255), font=font, anchor="lm")
+    bar_left = 3 * margin + left_width
+    colours = (time_colours(np.linspace(0, 1, bar_width)) * 255).astype(int)
+    for offset, fill in enumerate(colours):
+        draw.line([(bar_left + offset, centre - bar_height), (bar_left + offset, centre + bar_height)], fill=tuple(fill))
+    draw.text((bar_left + bar_width + margin, centre), labels[1], fill=(255, 255, 255), font=font, anchor="lm")
+
+
 def draw_traces(
     image,
     traces: np.ndarray,
     alive: np.ndarray | None = None,
-    scale: int = 4,
-    line_width: int = 2,
-    dot_radius: int = 3,
+    scale: int | None = None,
+    line_width: int | None = None,
+    dot_radius: int | None = None,
     colour: tuple[int, int, int] | None = None,
     anchors: np.ndarray | None = None,
+    legend: bool = True,
 ) -> Image.Image:
-    """Overlay pixel traces (N, H, 2) on an image: each segment coloured by time (turbo, blue = now, red = last),
-    a white start dot per query, and steps after a predicted stop (`alive` False) not drawn.
+    """Overlay pixel traces (N, H, 2) on an image: each segment coloured by time (`time_colours`: blue = now, red =
+    the last step), a white start dot per query, and steps after a predicted stop (`alive` False) not drawn.
 
-    The image is upscaled by `scale` first so traces of small frames stay readable. `colour` draws every trace in
-    one colour instead (e.g. ground truth in white next to a prediction). `anchors` (N, 2), the queries' current
-    pixels, start each trace where its point is now (model traces begin one step later).
+    Small frames are upscaled (`scale`, default `overlay_scale`) and lines and dots grow with the output size, so
+    traces read the same on a 96² crop and a 960×540 photo. `colour` draws every trace in one colour instead.
+    `anchors` (N, 2), the queries' current pixels, start each trace where its point is now (model traces begin one
+    step later). `legend` adds the time colour bar.
     """
     canvas = Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
+    scale = overlay_scale(canvas.height, canvas.width) if scale is None else scale
     canvas = canvas.resize((canvas.width * scale, canvas.height * scale), Image.NEAREST)
+    size = max(canvas.size) / 320  # line width at this output size: 1.5 px at 480, 3 px at 960
+    line_width = max(1, round(size)) if line_width is None else line_width
+    dot_radius = max(2, round(2 * size)) if dot_radius is None else dot_radius
     traces = np.asarray(traces, dtype=np.float64)
     if traces.ndim != 3 or traces.shape[-1] != 2:
         raise ValueError(f"traces must be (N, H, 2) pixel positions, got {traces.shape}.")
     alive = np.ones(traces.shape[:2], dtype=bool) if alive is None else np.asarray(alive, dtype=bool)
     if alive.shape != traces.shape[:2]:
         raise ValueError(f"alive must be {traces.shape[:2]}, got {alive.shape}.")
+    horizon = traces.shape[1]
     if anchors is not None:
         anchors = np.asarray(anchors, dtype=np.float64)
         if anchors.shape != (traces.shape[0], 2):
@@ -44,17 +88,20 @@ def draw_traces(
     draw = ImageDraw.Draw(canvas)
     points = (traces + 0.5) * scale  # pixel centres of the upscaled image
     steps = traces.shape[1]
-    segment_colours = (turbo_colormap(np.linspace(0.1, 0.95, max(steps - 1, 1))) * 255).astype(int)
+    segment_colours = (time_colours(np.linspace(0, 1, max(steps - 1, 1))) * 255).astype(int)
     for trace, keep in zip(points, alive):
         for step in range(steps - 1):
             if not (keep[step] and keep[step + 1] and np.isfinite(trace[step : step + 2]).all()):
                 break
             fill = colour or tuple(segment_colours[step])
-            draw.line([tuple(trace[step]), tuple(trace[step + 1])], fill=fill, width=line_width)
+            draw.line([tuple(trace[step]), tuple(trace[step + 1])], fill=fill, width=line_width, joint="curve")
+    for trace in points:  # dots above every line, so crowded queries stay visible
         if np.isfinite(trace[0]).all():
             x, y = trace[0]
             draw.ellipse([x - dot_radius, y - dot_radius, x + dot_radius, y + dot_radius], fill=(255, 255, 255),
-                         outline=(0, 0, 0))
+                         outline=(0, 0, 0), width=max(1, dot_radius // 3))
+    if legend and colour is None:
+        _draw_legend(canvas, ("now" if anchors is not None else "+1", f"+{horizon} steps"), max(6, round(max(canvas.size) / 64)))
     return canvas
 
 
@@ -204,31 +251,70 @@ def to_rerun(
     return path
 
 
+def robust_limits(points: np.ndarray, percentiles: tuple[float, float] = (2.0, 98.0), margin: float = 0.1) -> np.ndarray:
+    """(3, 2) axis limits of (P, 3) points with one common span: each axis centred on its percentile range, every
+    axis as long as the longest such range plus a margin. Equal spans give equal aspect, and percentiles keep one
+    far outlier (a stray 85 m depth) from squashing the rest into a dot."""
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    points = points[np.isfinite(points).all(-1)]
+    if not len(points):
+        return np.array([[-1.0, 1.0]] * 3)
+    low, high = np.percentile(points, percentiles, axis=0)
+    half = max(float((high - low).max()) * (0.5 + margin), 1e-3)
+    centre = (low + high) / 2
+    return np.stack([centre - half, centre + half], axis=-1)
+
+
 def plot_traces_3d(traces: dict[str, np.ndarray], path: str, title: str = "") -> str:
-    """Save a 3D plot of camera-frame traces: `traces` maps a label to (N, H, 3) arrays of (x, y, z) in metres."""
+    """Save a 3D plot of camera-frame traces: `traces` maps a label to (N, H, 3) arrays of (x, y, z) in metres.
+
+    Segments are coloured by time on the overlays' scale (blue = first step, red = last, with a colour bar); labels
+    differ by line style. Axes are equal and limited to the 2nd-98th percentiles of the points (`robust_limits`).
+    """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.colors import ListedColormap
+        from matplotlib.lines import Line2D
+        from mpl_toolkits.mplot3d.art3d import Line3DCollection
     except ImportError as error:
         raise ImportError("plot_traces_3d needs matplotlib: pip install 'mu0[viz]'.") from error
-    figure = plt.figure(figsize=(6, 5))
+    figure = plt.figure(figsize=(7, 5.5))
     axes = figure.add_subplot(projection="3d")
-    for (label, values), style in zip(traces.items(), ("-", "--", ":", "-.")):
-        for index, trace in enumerate(np.asarray(values)):
-            finite = np.isfinite(trace).all(-1)
-            axes.plot(trace[finite, 0], trace[finite, 2], -trace[finite, 1], style, linewidth=1,
-                      color=f"C{list(traces).index(label)}", label=label if index == 0 else None)
+    styles = ("solid", "dashed", "dotted", "dashdot")
+    plotted = {label: np.asarray(values, dtype=np.float64)[..., [0, 2, 1]] * [1.0, 1.0, -1.0]  # x, depth, up
+               for label, values in traces.items()}
+    limits = robust_limits(np.concatenate([values.reshape(-1, 3) for values in plotted.values()]))
+    handles = []
+    for (label, values), style in zip(plotted.items(), styles):
+        for trace in values:
+            steps = np.linspace(0, 1, max(len(trace) - 1, 1))
+            inside = np.isfinite(trace).all(-1) & ((trace >= limits[:, 0]) & (trace <= limits[:, 1])).all(-1)
+            drawn = inside[:-1] & inside[1:]  # segments beyond the limits are left out, not drawn across the box
+            if drawn.any():
+                segments = np.stack([trace[:-1], trace[1:]], axis=1)[drawn]
+                axes.add_collection3d(Line3DCollection(segments, colors=time_colours(steps[drawn]), linestyles=style,
+                                                       linewidths=1.5))
+            if inside[0]:
+                axes.scatter(*trace[0], color="black", s=6)
+        handles.append(Line2D([], [], color="0.3", linestyle=style, label=label))
+    axes.set_xlim(*limits[0])
+    axes.set_ylim(*limits[1])
+    axes.set_zlim(*limits[2])
+    axes.set_box_aspect((1, 1, 1))
     axes.set_xlabel("x (m)")
     axes.set_ylabel("z, depth (m)")
     axes.set_zlabel("up (m)")
-    axes.legend()
+    axes.legend(handles=handles, loc="upper left")
+    mappable = plt.cm.ScalarMappable(cmap=ListedColormap(time_colours(np.linspace(0, 1, 256))))
+    colour_bar = figure.colorbar(mappable, ax=axes, shrink=0.6, pad=0.1, ticks=[0, 1])
+    colour_bar.ax.set_yticklabels(["first step", "last step"])
     axes.set_title(title)
-    figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
 
 
-__all__ = ["draw_traces", "plot_traces_3d", "to_rerun", "write_video"]
+__all__ = ["draw_traces", "overlay_scale", "plot_traces_3d", "robust_limits", "time_colours", "to_rerun", "write_video"]

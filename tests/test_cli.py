@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,8 +25,8 @@ def test_demo_quick_writes_a_loadable_model_and_finite_metrics(tmp_path, capsys)
 
     overlays = sorted(tmp_path.glob("overlay_*.png"))
     assert overlays and summary["figures"][-1] == "traces_3d.png"
-    side = 4 * summary["settings"]["image_size"]
-    for path in overlays:  # ground truth and prediction side by side, each the frame upscaled 4x
+    side = 480  # a 96² frame is upscaled 5x, to 480 px
+    for path in overlays:  # ground truth and prediction side by side
         with Image.open(path) as image:
             assert image.size == (2 * side + 8, side)
     assert (tmp_path / "traces_3d.png").stat().st_size > 10_000
@@ -36,6 +37,21 @@ def test_demo_quick_writes_a_loadable_model_and_finite_metrics(tmp_path, capsys)
         frames = [frame.to_ndarray(format="rgb24") for frame in video.decode(video=0)]
     assert len(frames) == min(summary["eval_samples"], 48) > 0
     assert frames[0].shape == (side, 2 * side + 8, 3) and frames[0].std() > 10  # the frame, not a blank
+    # what the next commands read: held-out samples, held-out episodes and raw frames; no caches or checkpoints
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["episodes", "eval", "frames", "model"]
+    from datasets import load_from_disk
+
+    evaluation, episodes = load_from_disk(str(tmp_path / "eval")), load_from_disk(str(tmp_path / "episodes"))
+    assert len(evaluation) == summary["eval_samples"]
+    assert set(evaluation.unique("episode_id")) == set(episodes["episode_id"]) == set(summary["eval_episodes"])
+    assert len(episodes) == summary["settings"]["eval_episodes"]
+    assert not list(tmp_path.rglob("cache-*.arrow"))  # no datasets cache files beside the saved datasets
+    assert summary["frames"] == [f"frames/frame_{index}.png" for index in range(4)]
+    with Image.open(tmp_path / summary["frames"][0]) as frame:
+        assert frame.size == (96, 96)
+    depth = np.load(tmp_path / "frames" / "frame_0_depth.npy")
+    assert depth.shape == (96, 96) and 0.2 < np.nanmedian(depth) < 3.0  # metres
+    assert np.asarray(json.loads((tmp_path / "frames" / "frame_0_K.json").read_text())).shape == (3, 3)
     model = Mu0ForTracePrediction.from_pretrained(tmp_path / "model")
     processor = Mu0Processor.from_pretrained(tmp_path / "model")
     assert processor.delta_scale is not None and all(value > 0 for value in processor.delta_scale)
@@ -59,7 +75,7 @@ def test_errors_print_one_line_and_exit_non_zero(tmp_path, capsys):
         main(["no-such-command"])
 
 
-def test_train_command_trains_evaluates_and_saves(tmp_path, capsys):
+def test_train_command_trains_evaluates_and_saves(tmp_path, capsys, monkeypatch):
     from mu0.dataset_builders.trace_extract import TraceExtract
     from mu0.training.pretrain import save_samples
 
@@ -67,14 +83,29 @@ def test_train_command_trains_evaluates_and_saves(tmp_path, capsys):
                            cache_dir=str(tmp_path / "cache"), work_dir=str(tmp_path / "work"), settings={"frame_stride": 4})
     builder.download_and_prepare()
     save_samples(builder.as_dataset(split="train"), builder.compute_statistics(), str(tmp_path / "samples"))
+    from mu0.training import pretrain
+
+    seen = {}
+    original = pretrain.make_trainer
+
+    def recording_make_trainer(recipe, train_dataset, statistics, output_dir, eval_dataset=None, **kwargs):
+        seen.update(train=set(train_dataset["episode_id"]), evaluation=eval_dataset["episode_id"])
+        return original(recipe, train_dataset, statistics, output_dir, eval_dataset=eval_dataset, **kwargs)
+
+    monkeypatch.setattr(pretrain, "make_trainer", recording_make_trainer)
     code = main(["train", "--dataset", str(tmp_path / "samples"), "--max-steps", "3", "--eval-samples", "4",
                  "--output-dir", str(tmp_path / "run")])
     assert code == 0
+    # the end-of-run evaluation holds out a whole episode: none of its rows were trained on
+    assert len(seen["evaluation"]) == 4 and seen["train"] and not seen["train"] & set(seen["evaluation"])
     printed = capsys.readouterr().out
     assert "| uv/min_ade@32 |" in printed and "| uvz/fde@32 |" in printed
     assert Mu0Processor.from_pretrained(tmp_path / "run").delta_scale == builder.compute_statistics()["delta_scale"]
     assert Mu0ForTracePrediction.from_pretrained(tmp_path / "run").config.model_type == "mu0"
     assert main(["train", "--dataset", str(tmp_path / "missing"), "--recipe", "tiny-cpu"]) == 1
+    assert main(["train", "--dataset", str(tmp_path / "samples"), "--max-steps", "1", "--eval-samples", "10000",
+                 "--output-dir", str(tmp_path / "run2")]) == 1
+    assert "--eval-samples 10000" in capsys.readouterr().err
 
 
 def test_predict_writes_overlay_plot_and_json(tmp_path, tiny_config, tiny_processor, capsys):
@@ -121,6 +152,15 @@ def test_view_renders_an_episode_to_mp4(tmp_path, capsys):
     assert main(["view", str(tmp_path / "episodes"), "--output-dir", str(tmp_path / "out")]) == 0
     with av.open(str(tmp_path / "out" / "episode_0.mp4")) as video:
         frames = list(video.decode(video=0))
-    assert len(frames) == 12 and (frames[0].width, frames[0].height) == (128, 128)
+    assert len(frames) == 12 and (frames[0].width, frames[0].height) == (512, 512)  # 64² upscaled 8x to 512
     assert main(["view", str(tmp_path / "episodes"), "--episode", "5"]) == 1
     assert "out of range" in capsys.readouterr().err
+
+
+def test_view_explains_that_a_samples_dataset_is_not_episodes(tmp_path, capsys):
+    from datasets import Dataset
+
+    Dataset.from_dict({"episode_id": ["a"], "frame_index": [0]}).save_to_disk(str(tmp_path / "samples"))
+    assert main(["view", str(tmp_path / "samples")]) == 1
+    error = capsys.readouterr().err
+    assert "not an `episodes` dataset" in error and "outputs/demo/episodes" in error and "KeyError" not in error

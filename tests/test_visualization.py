@@ -113,3 +113,49 @@ def test_rerun_export_errors(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match=r'pip install "mu0\[rerun\]"'):
         to_rerun(image, np.zeros((1, 3, 2)), str(tmp_path / "a.rrd"))
     assert not list(tmp_path.iterdir())
+
+
+def _line_thickness(canvas: np.ndarray, column: int) -> int:
+    return int((canvas[:, column].sum(-1) > 0).sum())
+
+
+@pytest.mark.parametrize(("height", "width", "size", "thickness"), [(96, 96, (480, 480), 2), (540, 960, (960, 540), 3)])
+def test_output_size_line_width_and_dots_scale_with_the_image(height, width, size, thickness):
+    from mu0.processing.visualization import overlay_scale
+
+    image = np.zeros((height, width, 3), dtype=np.uint8)
+    y = height / 2
+    trace = np.array([[[width * 0.2, y], [width * 0.5, y], [width * 0.8, y]]])
+    canvas = np.asarray(draw_traces(image, trace, legend=False))
+    assert (canvas.shape[1], canvas.shape[0]) == size  # small frames upscaled, large ones kept (never a fixed 4x)
+    scale = overlay_scale(height, width)
+    assert _line_thickness(canvas, int(width * 0.65 * scale)) == thickness
+    dot = canvas[:, int((width * 0.2 + 0.5) * scale)]
+    white = (dot == 255).all(-1).sum()
+    assert white >= 2 * thickness  # the start dot is wider than the line it starts
+
+
+def test_legend_shows_the_time_scale_from_blue_to_red():
+    from mu0.processing.visualization import time_colours
+
+    first, last = time_colours(np.array([0.0, 1.0]))
+    assert first[2] > first[0] and last[0] > last[2]  # blue now, red at the last step
+    image = np.full((540, 960, 3), 128, dtype=np.uint8)
+    trace = np.array([[[100.0, 100.0], [200.0, 100.0]]])
+    with_legend = np.asarray(draw_traces(image, trace))
+    without = np.asarray(draw_traces(image, trace, legend=False))
+    corner = with_legend[-80:, :300].reshape(-1, 3).astype(int)
+    assert (without[-80:, :300] == 128).all()
+    assert ((corner[:, 2] - corner[:, 0]) > 120).any() and ((corner[:, 0] - corner[:, 2]) > 120).any()
+
+
+def test_3d_limits_ignore_a_far_outlier_and_share_one_span():
+    from mu0.processing.visualization import robust_limits
+
+    rng = np.random.default_rng(0)
+    points = np.column_stack([rng.uniform(-0.3, 0.3, 500), rng.uniform(-0.1, 0.1, 500), rng.uniform(0.4, 1.0, 500)])
+    points[0, 2] = 85.0  # one stray far depth
+    limits = robust_limits(points)
+    spans = limits[:, 1] - limits[:, 0]
+    np.testing.assert_allclose(spans, spans[0])  # equal aspect
+    assert limits[2, 1] < 2.0 and limits[2, 0] < 0.45 and limits[0, 0] < -0.28 and limits[0, 1] > 0.28

@@ -1,6 +1,8 @@
 """The `mu0` command line."""
 
 import argparse
+import copy
+import functools
 import logging
 import os
 import sys
@@ -10,10 +12,11 @@ import numpy as np
 from .. import __version__
 
 EXAMPLES = """examples:
-  mu0 demo                      synthetic data -> train a small μ0 -> evaluate -> save (a few minutes, no downloads)
+  mu0 demo                      synthetic data -> train a small μ0 -> evaluate -> save (no downloads)
   mu0 demo --quick --output-dir /tmp/mu0-demo
-  mu0 predict --model outputs/demo/model --image frame.png --prompt "push the red block" --grid 8
-  mu0 view data/episodes --episode 3
+  mu0 evaluate --model outputs/demo/model --dataset outputs/demo/eval --output-dir outputs/eval
+  mu0 view outputs/demo/episodes --episode 1
+  mu0 predict --model outputs/demo/model --image outputs/demo/frames/frame_0.png --prompt "push the red block" --grid 8
   mu0 train --recipe tiny-cpu --dataset data/samples --output-dir outputs/tiny
   mu0 train --recipe mu0-smolvlm2-2.2b --dataset me/my-traces --push-to-hub me/mu0-run1
   mu0 evaluate --model outputs/tiny --dataset data/test-samples --output-dir outputs/eval
@@ -35,11 +38,18 @@ def demo(args: argparse.Namespace) -> None:
           f"{settings.num_samples}):")
     print(format_table(summary["metrics"]))
     print(f"\nloss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}; wall time {summary['wall_time_s']:.0f} s")
-    print(f"model and processor saved to {args.output_dir}/model (load with Mu0ForTracePrediction.from_pretrained)")
+    output = args.output_dir
+    print(f"wrote {output} ({summary['output_bytes'] / 1e6:.0f} MB): model/ (load with from_pretrained), eval/ (held-out "
+          "samples), episodes/ (held-out episodes), frames/, overlays, traces_3d.png, metrics.json\nnext:\n"
+          f"  mu0 evaluate --model {output}/model --dataset {output}/eval --output-dir outputs/eval\n"
+          f"  mu0 view {output}/episodes --episode 0\n"
+          f"  mu0 predict --model {output}/model --image {output}/{summary['frames'][0]} --grid 8")
 
 
 def train(args: argparse.Namespace) -> None:
-    from .pretrain import load_recipe, load_samples, make_trainer
+    from collections import Counter
+
+    from .pretrain import hold_out_episodes, load_recipe, load_samples, make_trainer
 
     recipe = load_recipe(args.recipe)
     samples, statistics = load_samples(args.dataset)
@@ -49,7 +59,18 @@ def train(args: argparse.Namespace) -> None:
     if eval_samples:
         if streamed:
             raise ValueError("--eval-samples needs a local dataset (a streamed Hub dataset has no random access).")
-        evaluation = samples.select(range(min(eval_samples, len(samples))))
+        rows_per_episode = Counter(samples["episode_id"])
+        held_out, rows = 0, 0
+        for episode_id in sorted(rows_per_episode, reverse=True):  # the fewest last episodes with enough rows
+            held_out, rows = held_out + 1, rows + rows_per_episode[episode_id]
+            if rows >= eval_samples:
+                break
+        if held_out >= len(rows_per_episode):
+            raise ValueError(f"--eval-samples {eval_samples}: evaluation rows come from episodes held out of training, "
+                             f"and {eval_samples} rows would take all {len(rows_per_episode)} episodes; lower "
+                             "--eval-samples or pass --eval-samples 0.")
+        samples, evaluation = hold_out_episodes(samples, held_out)
+        evaluation = evaluation.select(range(min(eval_samples, len(evaluation))))
     trainer = make_trainer(recipe, samples, statistics, args.output_dir, eval_dataset=evaluation, max_steps=args.max_steps)
     trainer.train(resume_from_checkpoint=args.resume)
     trainer.save_model(args.output_dir)
@@ -148,6 +169,7 @@ def grid_points(size: int, height: int, width: int) -> list[tuple[float, float]]
 
 def predict(args: argparse.Namespace) -> None:
     import json
+    import math
 
     import torch
     from PIL import Image
@@ -164,6 +186,8 @@ def predict(args: argparse.Namespace) -> None:
         if any(len(point) != 2 for point in points):
             raise ValueError("--points takes x,y pairs in pixels, e.g. --points 120,80 200,150")
     else:
+        if args.grid < 1:
+            raise ValueError(f"--grid must be at least 1, got {args.grid}.")
         points = grid_points(args.grid, height, width)
     depth = intrinsics = None
     if (args.depth is None) != (args.intrinsics is None):
@@ -176,8 +200,12 @@ def predict(args: argparse.Namespace) -> None:
         rows = np.clip(np.round(query[:, 1]).astype(int), 0, height - 1)
         columns = np.clip(np.round(query[:, 0]).astype(int), 0, width - 1)
         query = np.column_stack([query, depth[rows, columns]])
-    model = Mu0ForTracePrediction.from_pretrained(args.model).eval()
     processor = Mu0Processor.from_pretrained(args.model)
+    if len(points) > processor.max_queries:
+        largest_grid = math.isqrt(processor.max_queries)
+        raise ValueError(f"{len(points)} query points, but this model takes at most {processor.max_queries} per image: "
+                         f"use --grid {largest_grid} or less, or at most {processor.max_queries} --points.")
+    model = Mu0ForTracePrediction.from_pretrained(args.model).eval()
     inputs = processor(images=image, text=args.prompt, query_points=query,
                        depth=None if depth is None or not model.config.use_depth else depth)
     prediction = model.predict_traces(**inputs, num_samples=args.samples,
@@ -218,6 +246,10 @@ def view(args: argparse.Namespace) -> None:
     from .pretrain import load_episodes
 
     episodes = load_episodes(args.dataset)
+    if "tracks_world" not in episodes.column_names:
+        raise ValueError(f"{args.dataset} is not an `episodes` dataset (it has no tracks_world column; a `samples` "
+                         "dataset holds one frame per row): give a folder saved from TraceExtract(config_name="
+                         "'episodes'), such as the demo's outputs/demo/episodes.")
     if not 0 <= args.episode < len(episodes):
         raise ValueError(f"--episode {args.episode} is out of range: the dataset has {len(episodes)} episodes.")
     row = episodes[args.episode]
@@ -231,25 +263,50 @@ def view(args: argparse.Namespace) -> None:
         pixels, in_front = project_to_camera(world[start : t + 1], window, extrinsics[t], intrinsics)
         shown = window[-1] & in_front.all(0)
         trails = pixels[:, shown, :2].transpose(1, 0, 2)
-        frames.append(draw_traces(np.asarray(image), trails, scale=args.scale, dot_radius=1))
+        frames.append(draw_traces(np.asarray(image), trails, scale=args.scale, legend=False))
     path = os.path.join(args.output_dir, f"episode_{args.episode}.mp4")
     os.makedirs(args.output_dir, exist_ok=True)
     print(f"wrote {write_video(frames, path, fps=row['fps'] or 10.0)} ({len(frames)} frames, {int(shown.sum())} tracks)")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help line, unless the help text already states it; options defaulting to
+    None, False or "" say in words what they do."""
+
+    @staticmethod
+    def _shows_default(action: argparse.Action) -> bool:
+        return bool(action.option_strings) and not any(action.default is value for value in (None, False, argparse.SUPPRESS)) \
+            and action.default != "" and "default" not in (action.help or "")
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return super()._get_help_string(action) if self._shows_default(action) else action.help or ""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and self._shows_default(action):
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .demo import QUICK, DemoSettings
+
     parser = argparse.ArgumentParser(
         prog="mu0", description="μ0: predict future 3D traces of query points.", epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"mu0 {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     parser_class=functools.partial(argparse.ArgumentParser, formatter_class=HelpFormatter))
     demo_parser = commands.add_parser("demo", help="end-to-end job on synthetic data, no downloads")
-    demo_parser.add_argument("--output-dir", default="outputs/demo")
-    demo_parser.add_argument("--quick", action="store_true", help="a one-minute version (used by CI)")
-    demo_parser.add_argument("--steps", type=int, default=None, help="training steps (default: 400, quick: 30)")
-    demo_parser.add_argument("--seed", type=int, default=0)
+    demo_parser.add_argument("--output-dir", default="outputs/demo", help="where everything is written")
+    demo_parser.add_argument("--quick", action="store_true",
+                             help=f"a smaller version ({QUICK.train_episodes + QUICK.eval_episodes} episodes, "
+                                  f"{QUICK.steps} steps; about 20 s, used by the tests)")
+    demo_parser.add_argument("--steps", type=int, default=None,
+                             help=f"training steps (default: {DemoSettings.steps}, with --quick: {QUICK.steps})")
+    demo_parser.add_argument("--seed", type=int, default=0, help="data, model and sampling seed")
     demo_parser.set_defaults(handler=demo)
     train_parser = commands.add_parser("train", help="pretrain μ0 on a TraceExtract samples dataset")
     train_parser.add_argument("--recipe", default="tiny-cpu", help="a named recipe or a recipe JSON path")
@@ -297,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict_parser.add_argument("--image", required=True)
     predict_parser.add_argument("--prompt", default="", help="the instruction (default: predict future trajectory)")
     predict_parser.add_argument("--points", nargs="+", default=None, metavar="X,Y", help="query pixels")
-    predict_parser.add_argument("--grid", type=int, default=8, help="an N x N query grid when --points is not given")
+    predict_parser.add_argument("--grid", type=int, default=8, help="an N x N query grid when --points is not given (N² at most the model's max_queries)")
     predict_parser.add_argument("--depth", default=None, help="metric depth map (.npy, H x W) for metric traces")
     predict_parser.add_argument("--intrinsics", default=None, help="3x3 pixel intrinsics as JSON")
     predict_parser.add_argument("--samples", type=int, default=1)
@@ -309,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     view_parser.add_argument("dataset", help="an episodes folder from save_to_disk or a Hub dataset repo")
     view_parser.add_argument("--episode", type=int, default=0)
     view_parser.add_argument("--trail", type=int, default=8, help="frames of track history drawn behind each point")
-    view_parser.add_argument("--scale", type=int, default=2)
+    view_parser.add_argument("--scale", type=int, default=None,
+                             help="frame upscale (default: enough for 480 px on the longer side, 1 for larger frames)")
     view_parser.add_argument("--output-dir", default="outputs/view")
     view_parser.set_defaults(handler=view)
     return parser

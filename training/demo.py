@@ -8,17 +8,13 @@ few minutes beats the zero-motion and constant-velocity predictions on held-out 
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
-from PIL import Image, ImageDraw
-
-from ..dataset_builders.trace_extract import TraceExtract
-from ..processing.visualization import draw_traces, plot_traces_3d, write_video
-from .pretrain import load_recipe, make_trainer
-from .trainer import constant_velocity, evaluate_predictors, sampler, zero_motion
+from PIL import Image, ImageDraw, ImageFont
 
 
 @dataclass
@@ -48,20 +44,26 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
 
 
 def _labelled(panel: Image.Image, text: str) -> Image.Image:
+    font = ImageFont.load_default(size=max(10, panel.height // 32))  # legible at any panel size
+    margin = font.size // 2
     draw = ImageDraw.Draw(panel)
-    left, top, right, bottom = draw.textbbox((4, 4), text)
-    draw.rectangle([left - 2, top - 2, right + 2, bottom + 2], fill=(0, 0, 0))
-    draw.text((4, 4), text, fill=(255, 255, 255))
+    left, top, right, bottom = draw.textbbox((margin, margin), text, font=font)
+    draw.rectangle([left - margin // 2, top - margin // 2, right + margin // 2, bottom + margin // 2], fill=(0, 0, 0))
+    draw.text((margin, margin), text, fill=(255, 255, 255), font=font)
     return panel
 
 
-@torch.no_grad()
 def compare_frames(model, processor, collator, rows: list[dict], seed: int) -> tuple[list[Image.Image], dict]:
     """Ground truth (left) and μ0's first sample (right) over each row's frame, and the first row's traces in
     metres (camera frame) for a 3D plot."""
+    import torch
+
+    from ..processing.visualization import draw_traces
+
     batch = collator(rows)
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "labels_mask", "cluster_ids")}
-    prediction = model.predict_traces(**inputs, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        prediction = model.predict_traces(**inputs, generator=torch.Generator().manual_seed(seed))
     intrinsics = torch.stack([torch.as_tensor(np.asarray(row["intrinsics"]), dtype=torch.float32) for row in rows])
     anchors = (batch["query_points"], batch["image_sizes"], batch["query_depth"], intrinsics)
     predicted = processor.post_process_traces(prediction.traces, *anchors)
@@ -90,6 +92,8 @@ def compare_frames(model, processor, collator, rows: list[dict], seed: int) -> t
 def save_visualisations(model, processor, collator, rows: list[dict], video_rows: list[dict], output_dir: str,
                         seed: int) -> list[str]:
     """Overlay PNGs of `rows`, a 3D plot in metres of the first, and an MP4 stepping through `video_rows`."""
+    from ..processing.visualization import plot_traces_3d, write_video
+
     canvases, traces_3d = compare_frames(model, processor, collator, rows, seed)
     paths = []
     for index, canvas in enumerate(canvases):
@@ -103,64 +107,124 @@ def save_visualisations(model, processor, collator, rows: list[dict], video_rows
     return paths
 
 
+def _save_directory(write, path: str) -> str:
+    """Run `write(temporary_path)` and move the result to `path` only once it is complete."""
+    temporary = path + ".tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    write(temporary)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(temporary, path)
+    return path
+
+
+def save_frames(rows: list[dict], directory: str) -> list[str]:
+    """Each row's raw frame as `frame_<k>.png`, with its metric depth (`frame_<k>_depth.npy`, metres) and pixel
+    intrinsics (`frame_<k>_K.json`): the inputs `mu0 predict --image --depth --intrinsics` takes."""
+    from ..dataset_builders.trace_extract import decode_depth_mm
+
+    def write(folder: str) -> None:
+        os.makedirs(folder)
+        for index, row in enumerate(rows):
+            Image.fromarray(np.asarray(row["image"], dtype=np.uint8)).save(os.path.join(folder, f"frame_{index}.png"))
+            np.save(os.path.join(folder, f"frame_{index}_depth.npy"), decode_depth_mm(row["depth_mm"]))
+            with open(os.path.join(folder, f"frame_{index}_K.json"), "w") as handle:
+                json.dump(np.asarray(row["intrinsics"], dtype=float).tolist(), handle)
+
+    _save_directory(write, directory)
+    return sorted(os.path.join(directory, name) for name in os.listdir(directory) if name.endswith(".png"))
+
+
+def directory_size(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
+
+
 def run_demo(output_dir: str, settings: DemoSettings) -> dict:
+    """Write `output_dir/{model, eval, episodes, frames}`, the figures and `metrics.json`; the extraction work folder,
+    the `datasets` Arrow cache and the trainer's checkpoints live in a temporary folder removed at the end."""
+    import datasets
+
+    from ..dataset_builders.trace_extract import TraceExtract
+    from .pretrain import hold_out_episodes, load_recipe, make_trainer, save_samples
+    from .trainer import constant_velocity, evaluate_predictors, sampler, zero_motion
+
     start = time.perf_counter()
     os.makedirs(output_dir, exist_ok=True)  # fail before minutes of work, not after
-    builder = TraceExtract(
-        config_name="samples",
-        source="procedural",
-        num_episodes=settings.train_episodes + settings.eval_episodes,
-        seed=settings.seed,
-        num_frames=settings.num_frames,
-        image_size=settings.image_size,
-        cache_dir=os.path.join(output_dir, "cache"),
-        work_dir=os.path.join(output_dir, "trace_extract"),
-        settings={"frame_stride": settings.frame_stride},
-    )
-    builder.download_and_prepare()
-    samples = builder.as_dataset(split="train")
-    episode_ids = sorted(set(samples["episode_id"]))
-    held_out = set(episode_ids[-settings.eval_episodes :])
-    train = samples.filter(lambda episode_id: episode_id not in held_out, input_columns="episode_id")
-    evaluation = samples.filter(lambda episode_id: episode_id in held_out, input_columns="episode_id")
-    statistics = builder.compute_statistics(sorted(set(episode_ids) - held_out))
+    progress_bars = datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # TraceExtract and the trainer draw one bar per stage
+    try:
+        with tempfile.TemporaryDirectory(prefix="mu0-demo-") as scratch:
+            builders = {
+                name: TraceExtract(
+                    config_name=name,
+                    source="procedural",
+                    num_episodes=settings.train_episodes + settings.eval_episodes,
+                    seed=settings.seed,
+                    num_frames=settings.num_frames,
+                    image_size=settings.image_size,
+                    cache_dir=os.path.join(scratch, "cache"),
+                    work_dir=os.path.join(scratch, "trace_extract"),  # both configurations share one extraction
+                    settings={"frame_stride": settings.frame_stride},
+                )
+                for name in ("samples", "episodes")
+            }
+            builders["samples"].download_and_prepare()
+            train, evaluation = hold_out_episodes(builders["samples"].as_dataset(split="train"), settings.eval_episodes)
+            held_out = set(evaluation.unique("episode_id"))
+            statistics = builders["samples"].compute_statistics(sorted(set(train.unique("episode_id"))))
+            builders["episodes"].download_and_prepare()
+            episodes = builders["episodes"].as_dataset(split="train")
+            episodes = episodes.select([i for i, name in enumerate(episodes["episode_id"]) if name in held_out])
+            written = {
+                "eval": _save_directory(lambda path: save_samples(evaluation, statistics, path),
+                                        os.path.join(output_dir, "eval")),
+                "episodes": _save_directory(episodes.save_to_disk, os.path.join(output_dir, "episodes")),
+            }
 
-    recipe = load_recipe(settings.recipe)
-    recipe["training"]["seed"] = settings.seed
-    trainer = make_trainer(recipe, train, statistics, os.path.join(output_dir, "checkpoints"), max_steps=settings.steps)
-    trainer.train()
-    model, processor = trainer.model.eval(), trainer.processing_class
-    results = evaluate_predictors(
-        {"mu0": sampler(model, settings.num_samples, settings.seed), "zero_motion": zero_motion,
-         "constant_velocity": constant_velocity},
-        evaluation.with_format("numpy"),
-        trainer.eval_collator,
-        processor.require_delta_scale(),
-    )
+            recipe = load_recipe(settings.recipe)
+            recipe["training"].update(seed=settings.seed, save_strategy="no")  # the model is saved once, below
+            trainer = make_trainer(recipe, train, statistics, os.path.join(scratch, "trainer"), max_steps=settings.steps)
+            trainer.train()
+            model, processor = trainer.model.eval(), trainer.processing_class
+            results = evaluate_predictors(
+                {"mu0": sampler(model, settings.num_samples, settings.seed), "zero_motion": zero_motion,
+                 "constant_velocity": constant_velocity},
+                evaluation.with_format("numpy"),
+                trainer.eval_collator,
+                processor.require_delta_scale(),
+            )
 
-    shown = evaluation.with_format("numpy")
-    figures = save_visualisations(model, processor, trainer.eval_collator,
-                                  [shown[i] for i in range(0, len(shown), max(1, len(shown) // 4))][:4],
-                                  [shown[i] for i in range(min(len(shown), VIDEO_FRAMES))], output_dir, settings.seed)
-
-    model_dir = os.path.join(output_dir, "model")
-    model.save_pretrained(model_dir)
-    processor.save_pretrained(model_dir)
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+            shown = evaluation.with_format("numpy")
+            examples = [shown[i] for i in range(0, len(shown), max(1, len(shown) // 4))][:4]
+            frames = save_frames(examples, os.path.join(output_dir, "frames"))
+            figures = save_visualisations(model, processor, trainer.eval_collator, examples,
+                                          [shown[i] for i in range(min(len(shown), VIDEO_FRAMES))], output_dir,
+                                          settings.seed)
+            model_dir = os.path.join(output_dir, "model")
+            model.save_pretrained(model_dir)
+            processor.save_pretrained(model_dir)
+            losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+            train_samples, eval_samples = len(train), len(evaluation)
+    finally:
+        if not progress_bars:
+            datasets.enable_progress_bars()
     summary = {
         "settings": asdict(settings),
-        "train_samples": len(train),
-        "eval_samples": len(evaluation),
+        "train_samples": train_samples,
+        "eval_samples": eval_samples,
+        "eval_episodes": sorted(held_out),
         "statistics": statistics,
         "first_loss": losses[0] if losses else float("nan"),
         "last_loss": losses[-1] if losses else float("nan"),
         "metrics": results,
         "figures": [os.path.basename(path) for path in figures[:-1]],
         "video": os.path.basename(figures[-1]),
+        "frames": [os.path.relpath(path, output_dir) for path in frames],
+        "datasets": {name: os.path.relpath(path, output_dir) for name, path in written.items()},
         "wall_time_s": time.perf_counter() - start,
     }
     with open(os.path.join(output_dir, "metrics.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
+    summary["output_bytes"] = directory_size(output_dir)
     return summary
 
 

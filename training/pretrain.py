@@ -55,6 +55,21 @@ def load_episodes(dataset: str):
     return load_dataset(dataset, "episodes", split="train")
 
 
+def hold_out_episodes(samples, num_episodes: int):
+    """Split a local `samples` dataset into (train, held-out) by whole episodes, the last `num_episodes` episode
+    ids in sorted order held out, so no evaluation row shares an episode with a training row."""
+    episode_of_row = samples["episode_id"]
+    episode_ids = sorted(set(episode_of_row))
+    if not 0 < num_episodes < len(episode_ids):
+        raise ValueError(f"Cannot hold out {num_episodes} of {len(episode_ids)} episodes: at least one must be held "
+                         "out and one left for training.")
+    held_out = set(episode_ids[-num_episodes:])
+    rows = {True: [], False: []}
+    for index, episode_id in enumerate(episode_of_row):
+        rows[episode_id in held_out].append(index)
+    return samples.select(rows[False]), samples.select(rows[True])
+
+
 def save_samples(samples, statistics: dict, path: str) -> None:
     """Save a `samples` dataset with its statistics, the folder layout `load_samples` reads."""
     samples.save_to_disk(path)
@@ -159,6 +174,7 @@ def make_trainer(
 __all__ = [
     "available_recipes",
     "build_model_and_processor",
+    "hold_out_episodes",
     "load_recipe",
     "load_episodes",
     "load_samples",
