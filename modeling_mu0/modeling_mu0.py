@@ -459,7 +459,7 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
             position_ids=position_ids,
             use_cache=True,
         )
-        cache = output.past_key_values
+        cache = output["cache"] if "cache" in output else output["past_key_values"]  # renamed in transformers 5.x
         return Mu0Prefix(
             keys=[layer.keys for layer in cache.layers],
             values=[layer.values for layer in cache.layers],

@@ -1,9 +1,15 @@
 """The `mu0` command line: the embedded demo end to end, version, and one-line errors."""
 
+import contextlib
+import io
 import json
 import math
+import os
+import re
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,9 +19,56 @@ from mu0 import Mu0ForTracePrediction, Mu0Processor
 from mu0.training.cli import main
 
 
-def test_demo_quick_writes_a_loadable_model_and_finite_metrics(tmp_path, capsys):
-    assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
-    printed = capsys.readouterr().out
+QUICKSTART = Path(__file__).resolve().parent.parent / "docs" / "quickstart.md"
+
+
+def quickstart_commands() -> list[list[str]]:
+    """The `mu0` lines of the quickstart's "Start from the demo" block, in order."""
+    section = QUICKSTART.read_text(encoding="utf-8").split("## Start from the demo", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.DOTALL).group(1)
+    return [shlex.split(line) for line in block.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def first_hour(tmp_path_factory):
+    """The quickstart's command sequence run in order in an empty folder, the demo as `mu0 demo --quick`: the
+    folder, and each command's (exit code, stdout, stderr)."""
+    root = tmp_path_factory.mktemp("first-hour")
+    results = []
+    previous = os.getcwd()
+    os.chdir(root)
+    try:
+        for command in quickstart_commands():
+            assert command[0] == "mu0", command
+            arguments = command[1:] + (["--quick"] if command[1] == "demo" else [])
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = main(arguments)
+            results.append((code, out.getvalue(), err.getvalue()))
+    finally:
+        os.chdir(previous)
+    return root, results
+
+
+def test_quickstart_commands_chain_from_the_demo(first_hour):
+    root, results = first_hour
+    assert [command[1] for command in quickstart_commands()] == ["demo", "evaluate", "view", "predict", "predict"]
+    for command, (code, _, err) in zip(quickstart_commands(), results):
+        assert code == 0, f"{' '.join(command)} failed: {err[-2000:]}"
+    evaluation = json.loads((root / "outputs" / "eval" / "metrics.json").read_text())
+    assert evaluation["num_samples"] > 0 and list(root.glob("outputs/eval/worst_*.png"))
+    assert (root / "outputs" / "view" / "episode_0.mp4").stat().st_size > 1000
+    predicted = json.loads((root / "outputs" / "predict" / "traces.json").read_text())
+    assert len(predicted["query_points"]) == 64 and (root / "outputs" / "predict" / "overlay.png").exists()
+    metric = json.loads((root / "outputs" / "predict-3d" / "traces.json").read_text())
+    assert np.asarray(metric["xyz_m"]).shape[:2] == (3, 64) and (root / "outputs" / "predict-3d" / "traces_3d.png").exists()
+    assert "mu0 evaluate --model outputs/demo/model --dataset outputs/demo/eval" in results[0][1]  # what to run next
+
+
+def test_demo_quick_writes_a_loadable_model_and_finite_metrics(first_hour):
+    root, results = first_hour
+    tmp_path = root / "outputs" / "demo"
+    printed = results[0][1]
     assert "| mu0 |" in printed and "| zero_motion |" in printed and "| constant_velocity |" in printed
     summary = json.loads((tmp_path / "metrics.json").read_text())
     for method in ("mu0", "zero_motion", "constant_velocity"):
@@ -63,6 +116,21 @@ def test_version_and_help():
     assert version.returncode == 0 and version.stdout.startswith("mu0 ")
     help_text = subprocess.run([sys.executable, "-m", "mu0.training.cli", "--help"], capture_output=True, text=True)
     assert "mu0 demo" in help_text.stdout
+
+
+def test_help_starts_without_torch_and_shows_defaults():
+    from mu0.training.demo import QUICK, DemoSettings
+
+    check = "import sys, mu0.training.cli as cli; cli.build_parser(); print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"  # `mu0 --help` imports neither (lazy `mu0` package)
+    demo_help = subprocess.run([sys.executable, "-m", "mu0.training.cli", "demo", "--help"], capture_output=True,
+                               text=True).stdout
+    assert f"default: {DemoSettings.steps}, with --quick: {QUICK.steps}" in demo_help
+    assert "(default: outputs/demo)" in demo_help and "(default: 0)" in demo_help
+    predict_help = subprocess.run([sys.executable, "-m", "mu0.training.cli", "predict", "--help"], capture_output=True,
+                                  text=True).stdout
+    assert "(default: 8)" in predict_help and "(default: outputs/predict)" in predict_help
 
 
 def test_errors_print_one_line_and_exit_non_zero(tmp_path, capsys):
