@@ -10,7 +10,8 @@ STATISTICS_FILE = "trace_statistics.json"
 
 
 class TraceStatistics:
-    """Per-axis 95th percentile of |future - anchor| (u, v normalised to [-1, 1], z in metres) and log-depth p1/p99.
+    """Per-axis 95th percentile of |future - anchor| (u, v normalised to [-1, 1], z in metres), log-depth p1/p99,
+    and the range of the frames seen (mean intensity p1/p99, sizes), against which the processor checks its inputs.
 
     Percentiles are computed on a bounded random reservoir so memory stays flat over large datasets.
     """
@@ -20,15 +21,19 @@ class TraceStatistics:
         self.rng = np.random.default_rng(seed)
         self.deltas: list[np.ndarray] = []
         self.log_depths: list[np.ndarray] = []
+        self.images: list[np.ndarray] = []  # (1, 3) per frame: mean intensity in [0, 1], height, width
 
     def _keep(self, values: np.ndarray) -> np.ndarray:
         if len(values) > self.reservoir_size // 10:
             values = values[self.rng.choice(len(values), self.reservoir_size // 10, replace=False)]
         return values
 
-    def add(self, query_uv, query_z, future, future_valid, image_size: tuple[int, int], depth=None) -> None:
-        """One sample: pixel anchors (N, 2), depths (N,), future (N, H, 3) pixels + z, validity (N, H), (height, width)."""
+    def add(self, query_uv, query_z, future, future_valid, image_size: tuple[int, int], depth=None, image=None) -> None:
+        """One sample: pixel anchors (N, 2), depths (N,), future (N, H, 3) pixels + z, validity (N, H), (height, width),
+        and optionally the depth map and the uint8 RGB frame (for the ranges the processor checks inputs against)."""
         height, width = image_size
+        if image is not None:
+            self.images.append(np.array([[np.asarray(image, dtype=np.float64).mean() / 255.0, height, width]]))
         scale = np.array([2.0 / width, 2.0 / height, 1.0])
         anchors = np.concatenate([np.asarray(query_uv), np.asarray(query_z)[:, None]], axis=-1)
         delta = (np.asarray(future) - anchors[:, None, :]) * scale
@@ -51,6 +56,13 @@ class TraceStatistics:
         if self.log_depths:
             log_depths = np.concatenate(self.log_depths)
             statistics["depth_log_range"] = [float(np.percentile(log_depths, 1)), float(np.percentile(log_depths, 99))]
+        if self.images:
+            images = np.concatenate(self.images)
+            statistics["image_ranges"] = {
+                "mean_intensity": [float(np.percentile(images[:, 0], 1)), float(np.percentile(images[:, 0], 99))],
+                "height": [int(images[:, 1].min()), int(images[:, 1].max())],
+                "width": [int(images[:, 2].min()), int(images[:, 2].max())],
+            }
         return statistics
 
 

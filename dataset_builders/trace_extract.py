@@ -224,14 +224,15 @@ class TraceExtract(datasets.GeneratorBasedBuilder):
         for sample in episode_samples(episode, self.config.extraction):
             horizon = self.config.extraction.horizon
             statistics.add(sample["query_uv"], sample["query_z"], sample["future"][:, :horizon],
-                           sample["future_valid"][:, :horizon], episode.image_size, sample["depth"])
+                           sample["future_valid"][:, :horizon], episode.image_size, sample["depth"], sample["image"])
         folder = os.path.join(self.work_dir, "statistics")
         os.makedirs(folder, exist_ok=True)
         deltas = np.concatenate(statistics.deltas) if statistics.deltas else np.zeros((0, 3))
         log_depths = np.concatenate(statistics.log_depths) if statistics.log_depths else np.zeros(0)
+        images = np.concatenate(statistics.images) if statistics.images else np.zeros((0, 3))
         path = os.path.join(folder, f"{episode.episode_id}.npz")
         with open(path + ".tmp", "wb") as handle:
-            np.savez(handle, deltas=deltas, log_depths=log_depths)
+            np.savez(handle, deltas=deltas, log_depths=log_depths, images=images)
         os.replace(path + ".tmp", path)
 
     def compute_statistics(self, episode_ids: list[str] | None = None) -> dict:
@@ -248,6 +249,8 @@ class TraceExtract(datasets.GeneratorBasedBuilder):
             with np.load(os.path.join(folder, name)) as data:
                 statistics.deltas.append(data["deltas"])
                 statistics.log_depths.append(data["log_depths"])
+                if "images" in data and len(data["images"]):  # absent from reservoirs saved before frame ranges
+                    statistics.images.append(data["images"])
         result = statistics.compute()
         save_statistics(result, self.work_dir)
         return result

@@ -6,10 +6,16 @@ x in [-0.5, W - 0.5] and u = 2 (x + 0.5) / W - 1 spans [-1, 1] edge to edge. The
 (95th percentile of |delta| over the training set); the statistics travel with the processor and are never defaulted.
 """
 
+import logging
+
 import numpy as np
 import torch
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
+
+from .image_processing_mu0 import to_float_image
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_TASK = "predict future trajectory"
 
@@ -30,6 +36,8 @@ class Mu0Processor(ProcessorMixin):
         tokenizer: the backbone's tokenizer.
         delta_scale (`list[float]`, *optional*): per-axis (u, v, z) scale of anchor-relative deltas.
         depth_log_range (`list[float]`, *optional*): log depth (p1, p99) used to colour depth maps.
+        image_ranges (`dict`, *optional*): the training frames' mean intensity (p1, p99, in [0, 1]) and height and
+            width (min, max); with `depth_log_range`, inputs far outside them log a warning (once per processor).
         history_length (`int`, defaults to 8), horizon (`int`, defaults to 32): trace lengths.
         max_prompt_length (`int`, defaults to 48): prompt tokens, padded to this length.
         max_queries (`int`, defaults to 256): most query points per image.
@@ -41,6 +49,7 @@ class Mu0Processor(ProcessorMixin):
         tokenizer=None,
         delta_scale: list[float] | None = None,
         depth_log_range: list[float] | None = None,
+        image_ranges: dict | None = None,
         history_length: int = 8,
         horizon: int = 32,
         max_prompt_length: int = 48,
@@ -57,6 +66,8 @@ class Mu0Processor(ProcessorMixin):
                 raise ValueError(f"depth_log_range must be (log p1, log p99) with p1 < p99, got {depth_log_range}.")
         self.delta_scale = delta_scale
         self.depth_log_range = depth_log_range
+        self.image_ranges = image_ranges
+        self._domain_warnings: set[str] = set()
         self.history_length = history_length
         self.horizon = horizon
         self.max_prompt_length = max_prompt_length
@@ -72,6 +83,37 @@ class Mu0Processor(ProcessorMixin):
                 "statistics file."
             )
         return torch.tensor(self.delta_scale, dtype=torch.float32)
+
+    def warn_outside_training_domain(self, images: list, depth=None, query_points=None) -> None:
+        """Log a warning, once per kind and processor, when inputs are far from the training data: median depth
+        (depth maps and query z) more than 2x beyond the training p1-p99 range, frames more than 2x larger or smaller
+        than the training frames, or mean intensity 0.2 beyond the training p1-p99 range."""
+        problems = {}
+        if self.depth_log_range is not None:
+            values = [np.asarray(points, dtype=np.float64)[:, 2] for points in query_points or []
+                      if np.ndim(points) == 2 and np.shape(points)[1] == 3]
+            values += [np.asarray(d, dtype=np.float64).ravel() for d in depth or [] if d is not None]
+            values = np.concatenate(values) if values else np.zeros(0)
+            values = values[np.isfinite(values) & (values > 0)]
+            low, high = np.exp(self.depth_log_range)
+            if values.size and not low / 2 <= np.median(values) <= high * 2:
+                problems["depth"] = (f"median input depth {np.median(values):.2f} m (range {values.min():.2f}-"
+                                     f"{values.max():.2f} m) against {low:.2f}-{high:.2f} m in training (p1-p99)")
+        if self.image_ranges is not None:
+            heights, widths = self.image_ranges["height"], self.image_ranges["width"]
+            for image in images:
+                height, width = self._image_size(image)
+                if max(height, width) > 2 * max(heights[1], widths[1]) or max(height, width) < max(heights[0], widths[0]) / 2:
+                    problems["size"] = (f"{width}x{height} frames against {widths[0]}-{widths[1]} x "
+                                        f"{heights[0]}-{heights[1]} in training")
+                low, high = self.image_ranges["mean_intensity"]
+                intensity = float(to_float_image(image).mean())
+                if not low - 0.2 <= intensity <= high + 0.2:
+                    problems["intensity"] = f"mean intensity {intensity:.2f} against {low:.2f}-{high:.2f} in training"
+        for kind, text in problems.items():
+            if kind not in self._domain_warnings:
+                self._domain_warnings.add(kind)
+                logger.warning("Input outside this checkpoint's training data: %s. Predictions may be unreliable.", text)
 
     @staticmethod
     def prompt(task: str | None) -> str:
@@ -120,6 +162,7 @@ class Mu0Processor(ProcessorMixin):
             if per_image[name] is not None and len(per_image[name]) != batch_size:
                 raise ValueError(f"Got {len(per_image[name])} entries in `{name}` for {batch_size} images.")
 
+        self.warn_outside_training_domain(images, per_image["depth"], per_image["query_points"])
         data = self.encode_images_and_prompts(images, texts, per_image["depth"])
         image_sizes = [tuple(size) for size in data["image_sizes"].tolist()]
         data.update(self._encode_queries(per_image, image_sizes, points_normalized))

@@ -1,6 +1,7 @@
 """Publishing to the Hub: μ0 checkpoints, action adapters and TraceExtract datasets, with cards rendered from
 `model_cards/` so every repository states what it holds, how it was made and how to load it."""
 
+import math
 from importlib import resources
 
 from huggingface_hub import HfApi
@@ -26,6 +27,21 @@ def _datasets_yaml(datasets: list[str]) -> str:
 
 def _datasets_text(datasets: list[str]) -> str:
     return ", ".join(f"[{name}](https://huggingface.co/datasets/{name})" for name in datasets) or "not recorded"
+
+
+def _training_domain(processor: Mu0Processor) -> str:
+    """The depth and frame ranges the processor checks inputs against, in words."""
+    lines = []
+    if processor.depth_log_range is not None:
+        low, high = (math.exp(value) for value in processor.depth_log_range)
+        lines.append(f"- Depth: {low:.2f}–{high:.2f} m (1st–99th percentile of the training depth maps)")
+    ranges = processor.image_ranges
+    if ranges is not None:
+        lines.append(f"- Frames: {ranges['width'][0]}–{ranges['width'][1]} × {ranges['height'][0]}–{ranges['height'][1]} "
+                     "pixels (width × height)")
+        lines.append(f"- Mean intensity: {ranges['mean_intensity'][0]:.2f}–{ranges['mean_intensity'][1]:.2f} "
+                     "(0 black, 1 white; 1st–99th percentile of the frames)")
+    return "\n".join(lines) or "- Not recorded: the processor was built without depth or frame ranges."
 
 
 def render_model_card(
@@ -59,6 +75,7 @@ def render_model_card(
         recipe=recipe,
         delta_scale=[round(value, 5) for value in processor.delta_scale],
         depth_log_range=processor.depth_log_range,
+        training_domain=_training_domain(processor),
         metrics_table=_metrics_table(metrics),
         repo_id=repo_id,
     )
