@@ -6,6 +6,7 @@ model and the tokenizer is character-level. It shows the whole pipeline working,
 few minutes beats the zero-motion and constant-velocity predictions on held-out episodes.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -138,75 +139,88 @@ def directory_size(path: str) -> int:
     return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
 
 
+@contextlib.contextmanager
+def only_stage_progress_bars():
+    """Hide the per-step bars of `datasets` (generating, filtering, saving) and of transformers (loading and writing
+    weights) while the demo runs: TraceExtract and the trainer each draw one bar per long stage. The demo downloads
+    nothing, so no download bar is lost."""
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    datasets_bars = not datasets.utils.are_progress_bars_disabled()
+    transformers_bars = transformers_logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if datasets_bars:
+            datasets.enable_progress_bars()
+        if transformers_bars:
+            transformers_logging.enable_progress_bar()
+
+
 def run_demo(output_dir: str, settings: DemoSettings) -> dict:
     """Write `output_dir/{model, eval, episodes, frames}`, the figures and `metrics.json`; the extraction work folder,
     the `datasets` Arrow cache and the trainer's checkpoints live in a temporary folder removed at the end."""
-    import datasets
-
     from ..dataset_builders.trace_extract import TraceExtract
     from .pretrain import hold_out_episodes, load_recipe, make_trainer, save_samples
     from .trainer import constant_velocity, evaluate_predictors, sampler, zero_motion
 
     start = time.perf_counter()
     os.makedirs(output_dir, exist_ok=True)  # fail before minutes of work, not after
-    progress_bars = datasets.utils.are_progress_bars_disabled()
-    datasets.disable_progress_bars()  # TraceExtract and the trainer draw one bar per stage
-    try:
-        with tempfile.TemporaryDirectory(prefix="mu0-demo-") as scratch:
-            builders = {
-                name: TraceExtract(
-                    config_name=name,
-                    source="procedural",
-                    num_episodes=settings.train_episodes + settings.eval_episodes,
-                    seed=settings.seed,
-                    num_frames=settings.num_frames,
-                    image_size=settings.image_size,
-                    cache_dir=os.path.join(scratch, "cache"),
-                    work_dir=os.path.join(scratch, "trace_extract"),  # both configurations share one extraction
-                    settings={"frame_stride": settings.frame_stride},
-                )
-                for name in ("samples", "episodes")
-            }
-            builders["samples"].download_and_prepare()
-            train, evaluation = hold_out_episodes(builders["samples"].as_dataset(split="train"), settings.eval_episodes)
-            held_out = set(evaluation.unique("episode_id"))
-            statistics = builders["samples"].compute_statistics(sorted(set(train.unique("episode_id"))))
-            builders["episodes"].download_and_prepare()
-            episodes = builders["episodes"].as_dataset(split="train")
-            episodes = episodes.select([i for i, name in enumerate(episodes["episode_id"]) if name in held_out])
-            written = {
-                "eval": _save_directory(lambda path: save_samples(evaluation, statistics, path),
-                                        os.path.join(output_dir, "eval")),
-                "episodes": _save_directory(episodes.save_to_disk, os.path.join(output_dir, "episodes")),
-            }
-
-            recipe = load_recipe(settings.recipe)
-            recipe["training"].update(seed=settings.seed, save_strategy="no")  # the model is saved once, below
-            trainer = make_trainer(recipe, train, statistics, os.path.join(scratch, "trainer"), max_steps=settings.steps)
-            trainer.train()
-            model, processor = trainer.model.eval(), trainer.processing_class
-            results = evaluate_predictors(
-                {"mu0": sampler(model, settings.num_samples, settings.seed), "zero_motion": zero_motion,
-                 "constant_velocity": constant_velocity},
-                evaluation.with_format("numpy"),
-                trainer.eval_collator,
-                processor.require_delta_scale(),
+    with only_stage_progress_bars(), tempfile.TemporaryDirectory(prefix="mu0-demo-") as scratch:
+        builders = {
+            name: TraceExtract(
+                config_name=name,
+                source="procedural",
+                num_episodes=settings.train_episodes + settings.eval_episodes,
+                seed=settings.seed,
+                num_frames=settings.num_frames,
+                image_size=settings.image_size,
+                cache_dir=os.path.join(scratch, "cache"),
+                work_dir=os.path.join(scratch, "trace_extract"),  # both configurations share one extraction
+                settings={"frame_stride": settings.frame_stride},
             )
+            for name in ("samples", "episodes")
+        }
+        builders["samples"].download_and_prepare()
+        train, evaluation = hold_out_episodes(builders["samples"].as_dataset(split="train"), settings.eval_episodes)
+        held_out = set(evaluation.unique("episode_id"))
+        statistics = builders["samples"].compute_statistics(sorted(set(train.unique("episode_id"))))
+        builders["episodes"].download_and_prepare()
+        episodes = builders["episodes"].as_dataset(split="train")
+        episodes = episodes.select([i for i, name in enumerate(episodes["episode_id"]) if name in held_out])
+        written = {
+            "eval": _save_directory(lambda path: save_samples(evaluation, statistics, path),
+                                    os.path.join(output_dir, "eval")),
+            "episodes": _save_directory(episodes.save_to_disk, os.path.join(output_dir, "episodes")),
+        }
 
-            shown = evaluation.with_format("numpy")
-            examples = [shown[i] for i in range(0, len(shown), max(1, len(shown) // 4))][:4]
-            frames = save_frames(examples, os.path.join(output_dir, "frames"))
-            figures = save_visualisations(model, processor, trainer.eval_collator, examples,
-                                          [shown[i] for i in range(min(len(shown), VIDEO_FRAMES))], output_dir,
-                                          settings.seed)
-            model_dir = os.path.join(output_dir, "model")
-            model.save_pretrained(model_dir)
-            processor.save_pretrained(model_dir)
-            losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-            train_samples, eval_samples = len(train), len(evaluation)
-    finally:
-        if not progress_bars:
-            datasets.enable_progress_bars()
+        recipe = load_recipe(settings.recipe)
+        recipe["training"].update(seed=settings.seed, save_strategy="no")  # the model is saved once, below
+        trainer = make_trainer(recipe, train, statistics, os.path.join(scratch, "trainer"), max_steps=settings.steps)
+        trainer.train()
+        model, processor = trainer.model.eval(), trainer.processing_class
+        results = evaluate_predictors(
+            {"mu0": sampler(model, settings.num_samples, settings.seed), "zero_motion": zero_motion,
+             "constant_velocity": constant_velocity},
+            evaluation.with_format("numpy"),
+            trainer.eval_collator,
+            processor.require_delta_scale(),
+        )
+
+        shown = evaluation.with_format("numpy")
+        examples = [shown[i] for i in range(0, len(shown), max(1, len(shown) // 4))][:4]
+        frames = save_frames(examples, os.path.join(output_dir, "frames"))
+        figures = save_visualisations(model, processor, trainer.eval_collator, examples,
+                                      [shown[i] for i in range(min(len(shown), VIDEO_FRAMES))], output_dir,
+                                      settings.seed)
+        model_dir = os.path.join(output_dir, "model")
+        model.save_pretrained(model_dir)
+        processor.save_pretrained(model_dir)
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        train_samples, eval_samples = len(train), len(evaluation)
     summary = {
         "settings": asdict(settings),
         "train_samples": train_samples,
