@@ -198,7 +198,8 @@ def run_demo(output_dir: str, settings: DemoSettings) -> dict:
         }
 
         recipe = load_recipe(settings.recipe)
-        recipe["training"].update(seed=settings.seed, save_strategy="no")  # the model is saved once, below
+        # the model is saved once, below; ten loss lines per run
+        recipe["training"].update(seed=settings.seed, save_strategy="no", logging_steps=max(1, settings.steps // 10))
         trainer = make_trainer(recipe, train, statistics, os.path.join(scratch, "trainer"), max_steps=settings.steps)
         trainer.train()
         model, processor = trainer.model.eval(), trainer.processing_class
