@@ -18,13 +18,16 @@ EXTRACT = ["opencv-python-headless>=4.8", "av>=12", "scipy>=1.10", "h5py>=3.8"]
 # MuJoCo renders offscreen through EGL (`MUJOCO_GL=egl`); metaworld pins the MuJoCo release it supports.
 SIM = ["mujoco>=3.2", "metaworld>=3.0", "gymnasium>=1.0"]
 RERUN = ["rerun-sdk>=0.20"]
+APP = ["gradio>=5.0"]
 
 EXTRAS = {
     "extract": EXTRACT,
     "viz": ["matplotlib>=3.7"],
     "sim": SIM,
     "rerun": RERUN,
-    "dev": ["pytest>=8", "matplotlib>=3.7", *EXTRACT, *SIM, *RERUN],
+    "app": APP,
+    # the browser test drives Debian's chromium through chromium-driver (.ci/run installs both)
+    "dev": ["pytest>=8", "matplotlib>=3.7", *EXTRACT, *SIM, *RERUN, *APP, "selenium>=4.20"],
 }
 
 setup(
@@ -50,7 +53,7 @@ setup(
         "numpy>=1.24",
         "scipy>=1.10",
         "matplotlib>=3.7",
-        "pillow>=10",
+        "pillow>=10.1",  # sized default fonts for overlay legends
         "tqdm>=4.66",
         "av>=12",  # mu0 demo writes an MP4 of its overlays
         "packaging",

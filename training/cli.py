@@ -20,6 +20,7 @@ EXAMPLES = """examples:
   mu0 train --recipe tiny-cpu --dataset data/samples --output-dir outputs/tiny
   mu0 train --recipe mu0-smolvlm2-2.2b --dataset me/my-traces --push-to-hub me/mu0-run1
   mu0 evaluate --model outputs/tiny --dataset data/test-samples --output-dir outputs/eval
+  mu0 app --model outputs/demo/model    a browser demo at http://127.0.0.1:7860
   mu0 adapt --base outputs/demo/model --dataset data/robot-lerobot --lora-rank 8 --output-dir outputs/adapter
 """
 
@@ -158,6 +159,15 @@ def adapt(args: argparse.Namespace) -> None:
     if args.push_to_hub:
         push_adapter_to_hub(model, args.push_to_hub, processor)
         print(f"pushed to {args.push_to_hub}")
+
+
+def app(args: argparse.Namespace) -> None:
+    """The browser demo: a Gradio app around one checkpoint."""
+    try:
+        from .app import launch
+    except ImportError as error:
+        raise ImportError('mu0 app needs Gradio: pip install "mu0[app]"') from error
+    launch(args.model, host=args.host, port=args.port, share=args.share)
 
 
 def grid_points(size: int, height: int, width: int) -> list[tuple[float, float]]:
@@ -370,6 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
                              help="frame upscale (default: enough for 480 px on the longer side, 1 for larger frames)")
     view_parser.add_argument("--output-dir", default="outputs/view")
     view_parser.set_defaults(handler=view)
+    app_parser = commands.add_parser("app", help="a browser demo (Gradio): click points, see the predicted traces")
+    app_parser.add_argument("--model", required=True, help="a saved model folder or Hub repo")
+    app_parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 for every interface)")
+    app_parser.add_argument("--port", type=int, default=7860)
+    app_parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    app_parser.set_defaults(handler=app)
     return parser
 
 
