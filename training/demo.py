@@ -163,6 +163,7 @@ def only_stage_progress_bars():
 def run_demo(output_dir: str, settings: DemoSettings) -> dict:
     """Write `output_dir/{model, eval, episodes, frames}`, the figures and `metrics.json`; the extraction work folder,
     the `datasets` Arrow cache and the trainer's checkpoints live in a temporary folder removed at the end."""
+    from ..dataset_builders.extraction import SYNTHETIC_RETARGET_STEP
     from ..dataset_builders.trace_extract import TraceExtract
     from .pretrain import hold_out_episodes, load_recipe, make_trainer, save_samples
     from .trainer import constant_velocity, evaluate_predictors, sampler, zero_motion
@@ -180,7 +181,7 @@ def run_demo(output_dir: str, settings: DemoSettings) -> dict:
                 image_size=settings.image_size,
                 cache_dir=os.path.join(scratch, "cache"),
                 work_dir=os.path.join(scratch, "trace_extract"),  # both configurations share one extraction
-                settings={"frame_stride": settings.frame_stride},
+                settings={"frame_stride": settings.frame_stride, "retarget_step": SYNTHETIC_RETARGET_STEP},
             )
             for name in ("samples", "episodes")
         }
@@ -203,12 +204,13 @@ def run_demo(output_dir: str, settings: DemoSettings) -> dict:
         trainer = make_trainer(recipe, train, statistics, os.path.join(scratch, "trainer"), max_steps=settings.steps)
         trainer.train()
         model, processor = trainer.model.eval(), trainer.processing_class
+        delta_scale = processor.require_delta_scale()
         results = evaluate_predictors(
             {"mu0": sampler(model, settings.num_samples, settings.seed), "zero_motion": zero_motion,
-             "constant_velocity": constant_velocity},
+             "constant_velocity": constant_velocity(delta_scale)},
             evaluation.with_format("numpy"),
             trainer.eval_collator,
-            processor.require_delta_scale(),
+            delta_scale,
         )
 
         shown = evaluation.with_format("numpy")
