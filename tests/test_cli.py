@@ -232,3 +232,14 @@ def test_view_explains_that_a_samples_dataset_is_not_episodes(tmp_path, capsys):
     assert main(["view", str(tmp_path / "samples")]) == 1
     error = capsys.readouterr().err
     assert "not an `episodes` dataset" in error and "outputs/demo/episodes" in error and "KeyError" not in error
+
+
+def test_predict_on_a_demo_frame_prints_no_warnings(first_hour):
+    root, _ = first_hour
+    demo = root / "outputs" / "demo"
+    run = subprocess.run([sys.executable, "-m", "mu0.training.cli", "predict", "--model", str(demo / "model"),
+                          "--image", str(demo / "frames" / "frame_0.png"), "--grid", "4", "--output-dir",
+                          str(root / "quiet")], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr
+    noise = [line for line in run.stderr.splitlines() if "deprecated" in line or "Warning" in line or "WARNING" in line]
+    assert not noise  # an in-domain frame: no deprecation, pin_memory or training-range warnings

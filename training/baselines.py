@@ -216,7 +216,7 @@ class Mu0TokenizedTraceBaseline(PreTrainedModel):
             inputs_embeds=embeds,
             attention_mask=text_attention_mask(self.text_model, allowed[:, None], embeds.dtype),
             position_ids=positions,
-            past_key_values=past,
+            cache=past,
             use_cache=use_cache,
         )
 
@@ -274,7 +274,7 @@ class Mu0TokenizedTraceBaseline(PreTrainedModel):
         tokenizer = self.trace_tokenizer
         batch_size, num_queries = query_points.shape[:2]
         prefix_embeds, prefix_mask = self._prefix(pixel_values, input_ids, attention_mask)
-        cache = self._run(prefix_embeds, prefix_mask, prefix_embeds.shape[1], prefix_length=prefix_embeds.shape[1]).past_key_values
+        cache = self._run(prefix_embeds, prefix_mask, prefix_embeds.shape[1], prefix_length=prefix_embeds.shape[1]).cache
         cache.batch_repeat_interleave(num_samples)
         keys_valid = prefix_mask.repeat_interleave(num_samples, dim=0)
         query_valid = query_mask.repeat_interleave(num_samples, dim=0)
