@@ -150,3 +150,17 @@ def test_browser_click_then_predict_shows_the_overlay(saved_model, tmp_path):
             driver.quit()
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_training_domain_warnings_are_collected_for_the_page(tiny_config, tiny_processor):
+    from conftest import make_model
+
+    from mu0 import Mu0Processor
+    from mu0.training.app import warnings_logged
+
+    processor = Mu0Processor(tiny_processor.image_processor, tiny_processor.tokenizer, delta_scale=[0.1, 0.1, 0.05],
+                             image_ranges={"mean_intensity": [0.3, 0.6], "height": [96, 96], "width": [96, 96]},
+                             max_queries=tiny_processor.max_queries)
+    with warnings_logged() as messages:
+        predict(make_model(tiny_config).eval(), processor, np.full((540, 960, 3), 120, np.uint8), [(10.0, 20.0)])
+    assert len(messages) == 1 and "960x540 frames" in messages[0]

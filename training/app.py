@@ -6,7 +6,9 @@ grid, type an instruction, and get the overlay, a 3D plot (given depth and intri
 docs/quickstart.md). Imports are absolute (`mu0....`) so the file also runs outside the package.
 """
 
+import contextlib
 import json
+import logging
 import os
 import tempfile
 
@@ -84,6 +86,24 @@ def predict(model, processor, image: np.ndarray, points: list[tuple[float, float
     return {"overlay": overlay, "result": result, "xyz": traces["xyz"][0].numpy() if "xyz" in traces else None}
 
 
+@contextlib.contextmanager
+def warnings_logged():
+    """Collect the processor's training-domain warnings while the block runs, to show them in the page."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = Collect(level=logging.WARNING)
+    source = logging.getLogger("mu0.processing.processing_mu0")
+    source.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        source.removeHandler(handler)
+
+
 def build_app(model_name: str):
     """The Gradio Blocks app for the checkpoint `model_name` (a folder or Hub repo)."""
     import gradio as gr
@@ -115,7 +135,9 @@ def build_app(model_name: str):
             with open(intrinsics_file) as handle:
                 intrinsics = np.asarray(json.load(handle), dtype=np.float32)
         try:
-            output = predict(model, processor, original, queries, prompt, int(samples), depth=depth, intrinsics=intrinsics)
+            with warnings_logged() as domain_warnings:
+                output = predict(model, processor, original, queries, prompt, int(samples), depth=depth,
+                                 intrinsics=intrinsics)
         except ValueError as error:
             raise gr.Error(str(error)) from error
         path = os.path.join(output_dir, "traces.json")
@@ -126,7 +148,8 @@ def build_app(model_name: str):
             plot = plot_traces_3d({f"sample {s}": output["xyz"][s] for s in range(int(samples))},
                                   os.path.join(output_dir, "traces_3d.png"), title=prompt)
         note = "" if plot else " Add a depth map (.npy, metres) and intrinsics (JSON 3x3) for metric 3D traces."
-        return output["overlay"], plot, path, f"{len(queries)} query points, {int(samples)} samples.{note}"
+        warning = "".join(f"\n\n**Warning:** {message}" for message in domain_warnings)
+        return output["overlay"], plot, path, f"{len(queries)} query points, {int(samples)} samples.{note}{warning}"
 
     with gr.Blocks(title="μ0 trace prediction") as app:
         gr.Markdown(f"# μ0: where will these points move?\nCheckpoint `{model_name}`. Click on the image to add "
