@@ -313,9 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--output-dir", default="outputs/demo", help="where everything is written")
     demo_parser.add_argument("--quick", action="store_true",
                              help=f"a smaller version ({QUICK.train_episodes + QUICK.eval_episodes} episodes, "
-                                  f"{QUICK.steps} steps; about 20 s, used by the tests)")
+                                  f"{QUICK.steps} steps; under a minute, used by the tests)")
     demo_parser.add_argument("--steps", type=int, default=None,
-                             help=f"training steps (default: {DemoSettings.steps}, with --quick: {QUICK.steps})")
+                             help=f"training steps (default: {DemoSettings.steps}, about 5 minutes on 2 quiet CPU cores; "
+                                  f"with --quick: {QUICK.steps})")
     demo_parser.add_argument("--seed", type=int, default=0, help="data, model and sampling seed")
     demo_parser.set_defaults(handler=demo)
     train_parser = commands.add_parser("train", help="pretrain μ0 on a TraceExtract samples dataset")
