@@ -16,7 +16,7 @@ from .captions import covering, given_captions, template_captions
 from .checkpoints import load_checkpoint
 from .keypoints import grid_keypoints, motion_keypoints
 from .sources import RawEpisode
-from .tracking import load_cotracker, track_points_cotracker, track_points_given, track_progressive
+from .tracking import LK_BACKENDS, load_hub_tracker, track_points, track_points_given, track_progressive
 from .trace_ops import (
     MIN_COVERAGE,
     fill_world_tracks,
@@ -34,7 +34,7 @@ from .trace_ops import (
 DEPTH_BACKENDS = ("given", "depth_anything")
 CAMERA_BACKENDS = ("given", "static", "estimated")
 KEYPOINT_BACKENDS = ("given", "grid", "motion", "dino")
-TRACKER_BACKENDS = ("given", "lk", "cotracker")
+TRACKER_BACKENDS = ("given", *LK_BACKENDS, "cotracker")
 CAPTION_BACKENDS = ("given", "template", "vlm")
 
 
@@ -46,11 +46,13 @@ class ExtractionSettings:
     tracker: str = "given"
     captions: str = "template"
     num_keypoints: int = 256
-    lk_window: int = 21  # LK window side in px; ~11 suits images of 128 px and less
+    lk_window: int | None = None  # LK window side in px; None: the tracker's default for the image size
     depth_model: str = "depth-anything/Depth-Anything-V2-Metric-Indoor-Small-hf"
     field_of_view: float | None = None
     dino_model: str = "facebook/dinov2-base"
-    cotracker_model: str = "cotracker3_offline"  # torch.hub entry of facebookresearch/co-tracker
+    cotracker_model: str = "cotracker3_offline"  # hubconf entry of the tracker repository
+    cotracker_repo: str | None = None  # local clone of facebookresearch/co-tracker (or another torch.hub tracker)
+    cotracker_checkpoint: str | None = None  # local .pth state dict for that entry
     caption_model: str | None = None
     min_coverage: float = MIN_COVERAGE
     history: int = 8
@@ -71,6 +73,12 @@ class ExtractionSettings:
                 raise ValueError(f"Unknown {name} backend {getattr(self, name)!r}; choose from {allowed}.")
         if self.tracker == "given" and self.keypoints != "given":
             raise ValueError("tracker='given' follows the source's own points: use keypoints='given' with it.")
+        if self.tracker == "cotracker" and not (self.cotracker_repo and self.cotracker_checkpoint):
+            raise ValueError(
+                "tracker='cotracker' runs offline from local files: set cotracker_repo (a clone of "
+                "https://github.com/facebookresearch/co-tracker) and cotracker_checkpoint (its .pth file), or use "
+                "tracker='support_lk'."
+            )
         if self.captions == "vlm" and not self.caption_model:
             raise ValueError("captions='vlm' needs caption_model: an image-text-to-text checkpoint (Hub id or folder).")
 
@@ -147,6 +155,12 @@ def _pretrained(kind: str, name_or_path: str):
     return model, load_checkpoint(processor_class, name_or_path, f"{kind} processor")
 
 
+@functools.lru_cache(maxsize=2)
+def _hub_tracker(repo_dir: str, checkpoint: str, entry: str):
+    """A local torch.hub tracker, loaded once per process."""
+    return load_hub_tracker(repo_dir, checkpoint, entry)
+
+
 def _depth(raw: RawEpisode, settings: ExtractionSettings) -> tuple[np.ndarray, np.ndarray, str]:
     """Metric depth (T, H, W) and intrinsics, with where the intrinsics came from."""
     if settings.depth == "given":
@@ -191,7 +205,7 @@ def _tracks(raw: RawEpisode, settings: ExtractionSettings) -> tuple[np.ndarray, 
     rng = np.random.default_rng(settings.seed)
     if settings.tracker == "given":
         if raw.tracks is None:
-            raise ValueError(f"Episode {raw.episode_id}: tracker='given' but the source has no tracks; use tracker='lk'.")
+            raise ValueError(f"Episode {raw.episode_id}: tracker='given' but the source has no tracks; use tracker='support_lk'.")
         visible = raw.track_visible if raw.track_visible is not None else np.ones(raw.tracks.shape[:2], dtype=bool)
         result = track_points_given(raw.tracks, visible)
         clusters = raw.cluster_ids if raw.cluster_ids is not None else np.zeros(raw.tracks.shape[1], dtype=np.int64)
@@ -214,10 +228,12 @@ def _tracks(raw: RawEpisode, settings: ExtractionSettings) -> tuple[np.ndarray, 
         clusters = (raw.cluster_ids[start] if raw.cluster_ids is not None else np.zeros(len(points), np.int64))
     queries = np.column_stack([np.zeros(len(points)), points])
     if settings.tracker == "cotracker":
-        result = track_points_cotracker(raw.frames, queries, load_cotracker(settings.cotracker_model))
+        model = _hub_tracker(settings.cotracker_repo, settings.cotracker_checkpoint, settings.cotracker_model)
+        result = track_points(raw.frames, queries, "cotracker", model=model)
         return result.tracks, result.visible, clusters
     # progressive: new points join every 50 frames wherever existing tracks no longer cover the image
-    result = track_progressive(raw.frames, queries, chunk=50, window=settings.lk_window)
+    window = {} if settings.lk_window is None else {"window": settings.lk_window}
+    result = track_progressive(raw.frames, queries, chunk=50, backend=settings.tracker, **window)
     added = result.tracks.shape[1] - len(points)
     return result.tracks, result.visible, np.concatenate([clusters, np.full(added, -1, dtype=np.int64)])
 
