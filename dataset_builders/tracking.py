@@ -242,8 +242,8 @@ def _sweep(
 ) -> TrackResult:
     """Move every point from its query frame forward to the end, then backward to the start, judging visibility
     in each frame it reaches. `step(source, target, points)` returns the points' positions in `target` and whether
-    each step was reliable; with `redetect`, points unseen or moved by an unreliable step are looked for again
-    (`_redetect`).
+    each step was reliable; with `redetect`, points unseen, or reliable again after an unreliable step (the first
+    frame a point carried by its surroundings can be located again), are looked for again (`_redetect`).
 
     Forward sweep first: `add_queries(frame_index, visible_positions, cell)` may append points at each frame it
     reaches, and the backward sweep then carries those back to the start like any other query.
@@ -255,6 +255,7 @@ def _sweep(
     appearance = _Appearance(lucas_kanade.gray, query_frames, points)
     for direction in (1, -1):
         joined = np.zeros(len(query_frames), dtype=bool)
+        was_unreliable = np.zeros(len(query_frames), dtype=bool)  # the point's previous step was unreliable
         order = range(num_frames) if direction == 1 else range(num_frames - 1, -1, -1)
         for source in order:
             joined |= query_frames == source  # points join the sweep at their query frame
@@ -264,6 +265,7 @@ def _sweep(
                     tracks, visible, query_frames, joined = _append_queries(
                         new, source, tracks, visible, query_frames, joined
                     )
+                    was_unreliable = np.concatenate([was_unreliable, np.zeros(len(new), dtype=bool)])
                     appearance.add(source, new)
             target = source + direction
             if not 0 <= target < num_frames:
@@ -273,8 +275,10 @@ def _sweep(
                 tracks[target, indices], reliable = step(source, target, tracks[source, indices])
                 visible[target, indices] = appearance.seen(target, indices, tracks[target, indices])
                 if redetect:
-                    unsure = indices[~(visible[target, indices] & reliable)]
+                    regained = reliable & was_unreliable[indices]
+                    unsure = indices[~visible[target, indices] | regained]
                     _redetect(lucas_kanade, appearance, target, unsure, tracks, visible, query_frames)
+                was_unreliable[indices] = ~reliable
     return TrackResult(tracks, visible, query_frames, backend)
 
 
@@ -415,7 +419,9 @@ class _LucasKanade:
 class _SupportedStep:
     """One `support_lk` step: LK where it is reliable, else the motion of the reliable corners around the point."""
 
-    def __init__(self, lucas_kanade: _LucasKanade, fb_threshold: float, num_support: int, support_spacing: float | None):
+    def __init__(
+        self, lucas_kanade: _LucasKanade, fb_threshold: float, num_support: int, support_spacing: float | None
+    ):
         if not fb_threshold > 0:
             raise ValueError(f"fb_threshold must be > 0, got {fb_threshold}")
         if num_support < 1:
@@ -447,14 +453,15 @@ def _weighted_median_steps(points: np.ndarray, corners: np.ndarray, steps: np.nd
     """Per point, the per-axis median of the steps of its `SUPPORT_NEIGHBOURS` nearest corners, weighted by a
     Gaussian of the distance; zero steps where no corner was tracked (a blank or wholly changed frame holds no
     evidence of motion)."""
+    from scipy.spatial import cKDTree
+
     if len(corners) == 0:
         return np.zeros_like(points)
-    distance2 = ((points[:, None, :] - corners[None, :, :]) ** 2).sum(-1)
     count = min(SUPPORT_NEIGHBOURS, len(corners))
-    nearest = np.argpartition(distance2, count - 1, axis=1)[:, :count]
-    near2 = np.take_along_axis(distance2, nearest, axis=1)
+    distance, nearest = cKDTree(corners).query(points, k=count)
+    distance, nearest = distance.reshape(len(points), count), nearest.reshape(len(points), count)
     # Relative to each point's nearest corner, so that a point far from all corners still weighs its nearest.
-    weights = np.exp(-(near2 - near2.min(1, keepdims=True)) / (2 * sigma**2))
+    weights = np.exp(-(distance**2 - distance[:, :1] ** 2) / (2 * sigma**2))
     median = np.empty_like(points)
     for axis in range(2):
         values = steps[nearest, axis]
