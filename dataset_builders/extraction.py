@@ -238,17 +238,61 @@ def _tracks(raw: RawEpisode, settings: ExtractionSettings) -> tuple[np.ndarray, 
     return result.tracks, result.visible, np.concatenate([clusters, np.full(added, -1, dtype=np.int64)])
 
 
+def entity_coverage(visible: np.ndarray, cluster_ids: np.ndarray) -> float:
+    """Coverage of sparse given tracks: per frame, the fraction of the tracked entities (cluster ids, e.g. the two
+    hands of EgoDex) with at least one visible point, averaged over frames; entities never seen do not count.
+
+    The per-point fraction of `visible_coverage` suits dense point grids, where an unseen part of the image means
+    lost tracks; a few joints per hand are often self-occluded or out of view one by one while the hand itself is
+    in view, so they are judged per entity.
+    """
+    cluster_ids = np.asarray(cluster_ids)
+    entities = [visible[:, cluster_ids == entity].any(axis=1) for entity in np.unique(cluster_ids)]
+    present = [seen for seen in entities if seen.any()]
+    return float(np.mean(present)) if present else 0.0
+
+
+def _uses_given_world(raw: RawEpisode, settings: ExtractionSettings) -> bool:
+    """Whether the world tracks come from the source (metric 3D given, no depth map): depth='given' on a source
+    with `tracks_world` and no depth. The 3D belongs to the source's own points, so it needs tracker='given'."""
+    if settings.depth != "given" or raw.depth is not None or raw.tracks_world is None:
+        return False
+    if settings.tracker != "given":
+        raise ValueError(
+            f"Episode {raw.episode_id}: the source gives 3D tracks for its own points but no depth map, so "
+            f"tracker={settings.tracker!r} has no depth to lift with; use tracker='given' and keypoints='given', "
+            "or depth='depth_anything'."
+        )
+    if raw.intrinsics is None or settings.camera != "given":
+        raise ValueError(
+            f"Episode {raw.episode_id}: given 3D tracks are in the source's world frame, so they need the source's "
+            "intrinsics and camera='given'."
+        )
+    return True
+
+
 def extract_episode(raw: RawEpisode, settings: ExtractionSettings) -> ExtractedEpisode:
     """Run every stage on one episode; raises ValueError on bad input and EpisodeRejected on unusable data."""
     if len(raw.frames) <= settings.history + 1:
         raise EpisodeRejected(f"{len(raw.frames)} frames: too short for a history of {settings.history} and a future")
-    depth, intrinsics, intrinsics_origin = _depth(raw, settings)
+    given_world = _uses_given_world(raw, settings)
+    if given_world:
+        depth, intrinsics, intrinsics_origin = None, raw.intrinsics, "source"
+    else:
+        depth, intrinsics, intrinsics_origin = _depth(raw, settings)
     tracks, visible, cluster_ids = _tracks(raw, settings)
-    coverage = visible_coverage(visible)
+    if settings.tracker == "given":
+        coverage, kind = entity_coverage(visible, cluster_ids), "tracked-entity"
+    else:
+        coverage, kind = visible_coverage(visible), "visible-track"
     if coverage < settings.min_coverage:
-        raise EpisodeRejected(f"visible-track coverage {coverage:.2f} < {settings.min_coverage}")
+        raise EpisodeRejected(f"{kind} coverage {coverage:.2f} < {settings.min_coverage}")
     extrinsics = _extrinsics(raw, settings, depth, intrinsics, tracks, visible)
-    world, world_valid = lift_to_world(tracks, visible, depth, intrinsics, extrinsics)
+    if given_world:
+        world = raw.tracks_world.astype(np.float64)
+        world_valid = visible & np.isfinite(world).all(-1)
+    else:
+        world, world_valid = lift_to_world(tracks, visible, depth, intrinsics, extrinsics)
     world, world_valid = fill_world_tracks(world, world_valid)
     # Motion is judged in one fixed camera (the first frame's), so camera motion does not count as object motion.
     anchor_traces, anchor_valid = project_to_camera(world, world_valid, extrinsics[0], intrinsics)
@@ -270,6 +314,7 @@ def extract_episode(raw: RawEpisode, settings: ExtractionSettings) -> ExtractedE
         **raw.metadata,
         "backends": {k: getattr(settings, k) for k in ("depth", "camera", "keypoints", "tracker", "captions")},
         "intrinsics": intrinsics_origin,
+        "world_tracks": "given" if given_world else "lifted",
         "coverage": coverage,
         "num_tracks": int(tracks.shape[1]),
         "num_moving": int(moving.sum()),
@@ -340,4 +385,11 @@ def episode_samples(episode: ExtractedEpisode, settings: ExtractionSettings):
         }
 
 
-__all__ = ["ExtractionSettings", "ExtractedEpisode", "EpisodeRejected", "extract_episode", "episode_samples"]
+__all__ = [
+    "ExtractionSettings",
+    "ExtractedEpisode",
+    "EpisodeRejected",
+    "entity_coverage",
+    "extract_episode",
+    "episode_samples",
+]

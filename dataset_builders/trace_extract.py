@@ -26,6 +26,7 @@ import datasets
 import numpy as np
 from PIL import Image
 
+from .checkpoints import require_checkpoints
 from .extraction import EpisodeRejected, ExtractedEpisode, ExtractionSettings, episode_samples, extract_episode
 from .robot_sources import ROBOT_SOURCES, egodex_refs, lerobot_refs
 from .sources import SOURCES, mujoco_refs, procedural_refs, rgbd_refs, scenetracker_refs, video_folder_refs
@@ -147,7 +148,7 @@ class TraceExtractConfig(datasets.BuilderConfig):
             raise ValueError(f"source={self.source!r} needs source_path (the folder to read).")
         if not 0 <= self.shard_index < self.num_shards:
             raise ValueError(f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}.")
-        self.extraction  # validates the stage backends
+        require_checkpoints(self.extraction)  # validates the stage backends, and fails early on missing checkpoints
 
     @property
     def extraction(self) -> ExtractionSettings:

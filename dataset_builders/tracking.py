@@ -573,6 +573,20 @@ COTRACKER_REPOSITORY = "https://github.com/facebookresearch/co-tracker"
 COTRACKER_CHECKPOINT_URL = "https://huggingface.co/facebook/cotracker3/resolve/main/scaled_offline.pth"
 
 
+def check_hub_tracker_files(repo_dir: str, checkpoint: str) -> None:
+    """Raise FileNotFoundError, with how to get them, unless `repo_dir/hubconf.py` and `checkpoint` exist."""
+    if not os.path.isfile(os.path.join(repo_dir, "hubconf.py")):
+        raise FileNotFoundError(
+            f"No hubconf.py in {repo_dir!r}: the tracker's code must be a local repository folder. Get it with "
+            f"`git clone {COTRACKER_REPOSITORY} {repo_dir}` (then `git checkout <commit>` to pin it) and pass that folder."
+        )
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(
+            f"Tracker checkpoint {checkpoint!r} does not exist. Download it where the network is reachable (for "
+            f"CoTracker3 offline: {COTRACKER_CHECKPOINT_URL}) and pass the local file."
+        )
+
+
 def load_hub_tracker(repo_dir: str, checkpoint: str, entry: str = "cotracker3_offline", **entry_options) -> Callable:
     """A `torch.hub`-style tracker (CoTracker3 by default) from a local repository folder and checkpoint file.
 
@@ -589,16 +603,7 @@ def load_hub_tracker(repo_dir: str, checkpoint: str, entry: str = "cotracker3_of
     """
     import torch
 
-    if not os.path.isfile(os.path.join(repo_dir, "hubconf.py")):
-        raise FileNotFoundError(
-            f"No hubconf.py in {repo_dir!r}: the tracker's code must be a local repository folder. Get it with "
-            f"`git clone {COTRACKER_REPOSITORY} {repo_dir}` (then `git checkout <commit>` to pin it) and pass that folder."
-        )
-    if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(
-            f"Tracker checkpoint {checkpoint!r} does not exist. Download it where the network is reachable (for "
-            f"CoTracker3 offline: {COTRACKER_CHECKPOINT_URL}) and pass the local file."
-        )
+    check_hub_tracker_files(repo_dir, checkpoint)
     try:
         model = torch.hub.load(repo_dir, entry, source="local", pretrained=False, **entry_options)
     except Exception as error:  # a missing dependency of the repo (einops, timm...) or a renamed entry
