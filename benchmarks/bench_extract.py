@@ -34,6 +34,8 @@ from mu0.dataset_builders.tracking import LK_BACKENDS, TrackResult, load_hub_tra
 SCENETRACKER = Path(__file__).resolve().parents[2] / "shared" / "data" / "scenetracker_000005"
 TAP_THRESHOLDS = (1, 2, 4, 8, 16)
 PLAIN_LK = "plain LK (cv2)"
+# Rows besides each backend at its defaults: support_lk set for throughput (smaller window, fewer support corners).
+VARIANTS = {"support_lk fast (window 13, 200 supports)": ("support_lk", {"window": 13, "num_support": 200})}
 
 
 def plain_lk(frames: np.ndarray, queries: np.ndarray) -> TrackResult:
@@ -78,26 +80,31 @@ def tap_metrics(result: TrackResult, truth: np.ndarray, truth_visible: np.ndarra
     }
 
 
-def tracker_runs(frames: np.ndarray, queries: np.ndarray, cotracker) -> dict[str, tuple[TrackResult, float]]:
-    """Every backend and plain LK on the same clip: result and tracking seconds."""
-    runs = {}
-    trackers = {name: {} for name in LK_BACKENDS}
+def tracker_runs(frames: np.ndarray, queries: np.ndarray, cotracker) -> dict[str, tuple[TrackResult, float, float]]:
+    """Every backend, the variants and plain LK on the same clip: result, wall seconds and process CPU seconds
+    (all threads; on a shared machine frames per CPU-second shows what the code needs, whatever the load)."""
+    trackers = {name: (name, {}) for name in LK_BACKENDS}
+    trackers.update(VARIANTS)
     if cotracker is not None:
-        trackers["cotracker"] = {"model": cotracker}
-    for name, options in trackers.items():
-        start = time.perf_counter()
-        result = track_points(frames, queries, name, **options)
-        runs[name] = result, time.perf_counter() - start
-    start = time.perf_counter()
-    result = plain_lk(frames, queries)
-    runs[PLAIN_LK] = result, time.perf_counter() - start
+        trackers["cotracker"] = ("cotracker", {"model": cotracker})
+    runs = {}
+    for name, (backend, options) in trackers.items():
+        runs[name] = _timed(lambda: track_points(frames, queries, backend, **options))
+    runs[PLAIN_LK] = _timed(lambda: plain_lk(frames, queries))
     return runs
+
+
+def _timed(run) -> tuple[TrackResult, float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = run()
+    return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
 def scored(runs: dict, truth: np.ndarray, truth_visible: np.ndarray, image_size: tuple[int, int]) -> dict:
     return {
-        name: {**tap_metrics(result, truth, truth_visible, image_size), "track_fps": len(truth) / seconds}
-        for name, (result, seconds) in runs.items()
+        name: {**tap_metrics(result, truth, truth_visible, image_size), "track_fps": len(truth) / seconds,
+               "track_fps_per_cpu_second": len(truth) / cpu_seconds}
+        for name, (result, seconds, cpu_seconds) in runs.items()
     }
 
 
@@ -105,13 +112,20 @@ def mean_rows(rows: list[dict]) -> dict:
     return {name: {key: float(np.mean([row[name][key] for row in rows])) for key in rows[0][name]} for name in rows[0]}
 
 
-def bench_scenetracker(cotracker) -> dict | None:
+def bench_scenetracker(cotracker, height: int | None = None) -> dict | None:
+    """The SceneTracker clip at its 960x540, or resized to `height` rows (ground truth scaled alike)."""
+    import cv2
+
     if not SCENETRACKER.exists():
         return None
     raw = load_scenetracker(scenetracker_refs(str(SCENETRACKER))[0])
-    queries = np.column_stack([np.zeros(raw.tracks.shape[1]), raw.tracks[0]])
-    runs = tracker_runs(raw.frames, queries, cotracker)
-    return scored(runs, raw.tracks, raw.track_visible, raw.image_size)
+    frames, truth = raw.frames, raw.tracks
+    if height is not None:
+        width = round(raw.image_size[1] * height / raw.image_size[0])
+        frames = np.stack([cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA) for frame in frames])
+        truth = (truth + 0.5) * np.array([width / raw.image_size[1], height / raw.image_size[0]]) - 0.5
+    queries = np.column_stack([np.zeros(truth.shape[1]), truth[0]])
+    return scored(tracker_runs(frames, queries, cotracker), truth, raw.track_visible, frames.shape[1:3])
 
 
 def bench_generated(generate, num_episodes: int, image_size: int, num_frames: int, cotracker) -> dict:
@@ -126,7 +140,7 @@ def bench_generated(generate, num_episodes: int, image_size: int, num_frames: in
         queries = np.column_stack([np.zeros(points.size), truth[0, points]])
         runs = tracker_runs(episode.frames, queries, cotracker)
         row = scored(runs, truth[:, points], episode.visible[:, points], episode.frames.shape[1:3])
-        for name, (result, _) in runs.items():
+        for name, (result, _, _) in runs.items():
             world, valid = lift_to_world(result.tracks, result.visible, episode.depth, episode.intrinsics, episode.extrinsics)
             error = np.linalg.norm(world[valid] - episode.tracks_world[:, points][valid], axis=-1)
             row[name]["median_3d_error_mm"] = float(np.median(error) * 1000) if error.size else float("nan")
@@ -135,11 +149,13 @@ def bench_generated(generate, num_episodes: int, image_size: int, num_frames: in
 
 
 def bench_tracker_throughput(cotracker, num_frames: int) -> dict:
-    """Tracking fps of every backend at 224² with 256 points (a procedural episode)."""
+    """Tracking fps (wall, and per CPU-second) of every tracker at 224² with 256 points (a procedural episode)."""
     episode = generate_episode(1, num_frames=num_frames, image_size=224, moving_camera=True)
     points = np.random.default_rng(0).uniform(4, 219, size=(256, 2))
     queries = np.column_stack([np.zeros(len(points)), points])
-    return {name: num_frames / seconds for name, (_, seconds) in tracker_runs(episode.frames, queries, cotracker).items()}
+    runs = tracker_runs(episode.frames, queries, cotracker)
+    return {name: {"fps": num_frames / seconds, "fps_per_cpu_second": num_frames / cpu}
+            for name, (_, seconds, cpu) in runs.items()}
 
 
 def bench_end_to_end(height: int, width: int, num_frames: int) -> dict:
@@ -199,10 +215,11 @@ def print_tap_table(title: str, rows: dict | None) -> None:
     if rows is None:
         print(f"\n{title}: not available\n")
         return
-    print(f"\n{title}\n| tracker | δ_avg | AJ | OA | median err (px) | track fps |\n|---|---|---|---|---|---|")
+    print(f"\n{title}\n| tracker | δ_avg | AJ | OA | median err (px) | track fps | frames per CPU-s |\n"
+          "|---|---|---|---|---|---|---|")
     for name, row in rows.items():
         print(f"| {name} | {row['delta_avg']:.3f} | {row['average_jaccard']:.3f} | {row['occlusion_accuracy']:.3f} | "
-              f"{row['median_error_px']:.2f} | {row['track_fps']:.1f} |")
+              f"{row['median_error_px']:.2f} | {row['track_fps']:.1f} | {row['track_fps_per_cpu_second']:.1f} |")
 
 
 def main() -> None:
@@ -223,6 +240,7 @@ def main() -> None:
     results = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_average_1min_at_start": load},
         "scenetracker": None if args.quick else bench_scenetracker(cotracker),
+        "scenetracker_224_rows": None if args.quick else bench_scenetracker(cotracker, height=224),
         "procedural_128px": bench_generated(generate_episode, episodes, 128, num_frames, cotracker),
         "mujoco_128px": bench_generated(generate_mujoco_episode, episodes, 128, num_frames, cotracker),
         "tracker_fps_224px_256_points": bench_tracker_throughput(cotracker, 24 if args.quick else 60),
@@ -235,11 +253,12 @@ def main() -> None:
     results["machine"]["load_average_1min_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"machine: {results['machine']}")
     print_tap_table("SceneTracker clip (960x540, 256 points from frame 0)", results["scenetracker"])
+    print_tap_table("SceneTracker clip resized to 398x224", results["scenetracker_224_rows"])
     print_tap_table(f"procedural, 128 px, mean of {episodes} episodes", results["procedural_128px"])
     print_tap_table(f"MuJoCo, 128 px, mean of {episodes} episodes", results["mujoco_128px"])
-    print("\n| tracker | fps at 224², 256 points |\n|---|---|")
-    for name, fps in results["tracker_fps_224px_256_points"].items():
-        print(f"| {name} | {fps:.1f} |")
+    print("\n| tracker | fps at 224², 256 points | frames per CPU-second |\n|---|---|---|")
+    for name, row in results["tracker_fps_224px_256_points"].items():
+        print(f"| {name} | {row['fps']:.1f} | {row['fps_per_cpu_second']:.1f} |")
     print("\n| resolution | extraction fps | samples/s | end-to-end fps |\n|---|---|---|---|")
     for size, row in results["extraction_throughput"].items():
         print(f"| {size} | {row['extract_fps']:.1f} | {row['samples_per_s']:.1f} | {row['end_to_end_fps']:.1f} |")
