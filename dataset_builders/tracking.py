@@ -228,6 +228,10 @@ def _backend_settings(backend: str, options: dict) -> dict:
     unknown = sorted(set(options) - set(parameters))
     if unknown:
         raise ValueError(f"Unknown option(s) {unknown} for the {backend} tracker; it takes {sorted(parameters)}.")
+    required = sorted(name for name, parameter in parameters.items()
+                      if parameter.default is inspect.Parameter.empty and name not in options)
+    if required:
+        raise ValueError(f"The {backend} tracker needs {required} (for cotracker: model=load_hub_tracker(...)).")
     return {name: options.get(name, parameter.default) for name, parameter in parameters.items()}
 
 

@@ -466,6 +466,8 @@ def test_cotracker_adapter_rejects_wrong_outputs():
         track_points(frames, queries, "cotracker", model=wrong)
     with pytest.raises(ValueError, match="empty"):
         track_points(frames, np.zeros((0, 3)), "cotracker", model=wrong)
+    with pytest.raises(ValueError, match="load_hub_tracker"):
+        track_points(frames, queries, "cotracker")
 
 
 HUBCONF = """
