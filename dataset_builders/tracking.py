@@ -3,7 +3,8 @@
 `track_points(frames, queries, backend=None)` is the entry point; the backend is recorded in `TrackResult.backend`:
     * `support_lk` (the default): pyramidal Lucas–Kanade whose unreliable steps are carried by the motion of the
       reliably tracked corners around each point (`track_points_support`). CPU-only and weight-free; on the
-      SceneTracker clip it reaches δ_avg 0.66 where plain chained LK reaches 0.54 (benchmarks/bench_extract.py).
+      SceneTracker clip it reaches δ_avg 0.66 where plain chained LK reaches 0.54, at several times the cost
+      (`window=13, num_support=200` trades some of the gain for speed; benchmarks/bench_extract.py).
     * `lk`: plain chained pyramidal LK (`track_points_lk`), the classical baseline.
     * `cotracker`: Meta's CoTracker3 (or any `torch.hub`-style tracker with its interface), loaded by
       `load_hub_tracker` from a local clone of its repository and a local checkpoint file, so it runs offline.
