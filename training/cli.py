@@ -14,6 +14,9 @@ EXAMPLES = """examples:
   mu0 demo --quick --output-dir /tmp/mu0-demo
   mu0 predict --model outputs/demo/model --image frame.png --prompt "push the red block" --grid 8
   mu0 view data/episodes --episode 3
+  mu0 extract --source video_folder --source-path my_videos --depth depth_anything --camera estimated \
+      --keypoints grid --tracker lk --field-of-view 60 --output-dir data/my-traces
+  mu0 extract --config extract.yaml --executor ray --ray-address auto --push-to-hub me/my-traces
   mu0 train --recipe tiny-cpu --dataset data/samples --output-dir outputs/tiny
   mu0 train --recipe mu0-smolvlm2-2.2b --dataset me/my-traces --push-to-hub me/mu0-run1
   mu0 evaluate --model outputs/tiny --dataset data/test-samples --output-dir outputs/eval
@@ -237,6 +240,73 @@ def view(args: argparse.Namespace) -> None:
     print(f"wrote {write_video(frames, path, fps=row['fps'] or 10.0)} ({len(frames)} frames, {int(shown.sum())} tracks)")
 
 
+# flag -> TraceExtractConfig field; the ExtractionSettings fields are the other --options of `mu0 extract`
+EXTRACT_SOURCE_OPTIONS = ("source", "source_path", "num_episodes", "seed", "num_frames", "image_size", "moving_camera",
+                          "target_fps", "camera_key", "shard_index", "num_shards")
+EXTRACT_SETTING_OPTIONS = {"depth": str, "camera": str, "keypoints": str, "tracker": str, "captions": str,
+                           "num_keypoints": int, "lk_window": int, "depth_model": str, "field_of_view": float,
+                           "dino_model": str, "cotracker_model": str, "caption_model": str, "min_coverage": float,
+                           "history": int, "horizon": int, "retarget_steps": int, "frame_stride": int}
+
+
+def extract(args: argparse.Namespace) -> None:
+    """TraceExtract from the command line: a settings file and/or flags (flags win) -> datasets in a folder."""
+    from ..dataset_builders.executors import LocalExecutor, RayExecutor, extract_to_folder, read_options
+
+    config, settings = read_options(args.config) if args.config else ({}, {})
+    config.update({name: getattr(args, name) for name in EXTRACT_SOURCE_OPTIONS if getattr(args, name) is not None})
+    settings.update({name: getattr(args, name) for name in EXTRACT_SETTING_OPTIONS if getattr(args, name) is not None})
+    if args.extraction_seed is not None:
+        settings["seed"] = args.extraction_seed
+    ray_options = {name: getattr(args, f"ray_{name}") for name in ("address", "num_workers", "cpus_per_worker",
+                                                                   "num_actors", "gpus_per_actor")}
+    ray_options = {name: value for name, value in ray_options.items() if value is not None}
+    if args.executor == "ray":
+        executor = RayExecutor(**ray_options)
+    elif ray_options:
+        raise ValueError(f"--ray-* options ({', '.join(sorted(ray_options))}) need --executor ray.")
+    else:
+        executor = LocalExecutor()
+    summary = extract_to_folder(config, settings, args.output_dir, executor=executor, work_dir=args.work_dir,
+                                push_to_hub=args.push_to_hub, progress=not args.no_progress)
+    print(f"{summary['episodes']} episodes ({summary['frames']} frames), {summary['samples']} samples, "
+          f"{summary['failures']} failures; wrote {args.output_dir}/episodes, {args.output_dir}/samples, "
+          f"trace_statistics.json and failures.jsonl")
+    if args.push_to_hub:
+        print(f"pushed to {args.push_to_hub}")
+
+
+def add_extract_parser(commands) -> None:
+    """Every TraceExtract option as a flag; defaults stay None so a settings file (or the builder's default) applies."""
+    parser = commands.add_parser("extract", help="run TraceExtract on videos: episodes and samples datasets in a folder")
+    parser.add_argument("--config", default=None, help="YAML/JSON of TraceExtract keywords (stage backends under 'settings')")
+    parser.add_argument("--output-dir", default="outputs/extract")
+    parser.add_argument("--work-dir", default=None, help="per-episode cache (default: OUTPUT_DIR/work); rerun to resume")
+    parser.add_argument("--source", choices=["procedural", "mujoco", "video_folder", "rgbd", "scenetracker", "egodex", "lerobot"])
+    parser.add_argument("--source-path", help="the folder the source reads")
+    parser.add_argument("--num-episodes", type=int, help="generated sources: how many episodes")
+    parser.add_argument("--seed", type=int, help="generated sources: the first episode's seed")
+    parser.add_argument("--num-frames", type=int, help="generated sources: frames per episode")
+    parser.add_argument("--image-size", type=int, help="generated sources: frame side in pixels")
+    parser.add_argument("--moving-camera", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--target-fps", type=float, help="video_folder/egodex: subsample the decoded video")
+    parser.add_argument("--camera-key", help="lerobot: which camera")
+    parser.add_argument("--shard-index", type=int, help="this machine's shard of --num-shards")
+    parser.add_argument("--num-shards", type=int)
+    for name, kind in EXTRACT_SETTING_OPTIONS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"ExtractionSettings.{name}")
+    parser.add_argument("--extraction-seed", type=int, help="ExtractionSettings.seed (random keypoint choice)")
+    parser.add_argument("--executor", choices=["local", "ray"], default="local")
+    parser.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
+    parser.add_argument("--ray-num-workers", type=int, help="episodes extracted at once by Ray tasks (default: all CPUs)")
+    parser.add_argument("--ray-cpus-per-worker", type=float, help="CPUs each task or actor holds (default 1)")
+    parser.add_argument("--ray-num-actors", type=int, help="actors in the learned-stage pool (default 1)")
+    parser.add_argument("--ray-gpus-per-actor", type=float, help="GPUs each learned-stage actor holds (default 0)")
+    parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="also push both configurations")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
+    parser.set_defaults(handler=extract)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mu0", description="μ0: predict future 3D traces of query points.", epilog=EXAMPLES,
@@ -312,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     view_parser.add_argument("--scale", type=int, default=2)
     view_parser.add_argument("--output-dir", default="outputs/view")
     view_parser.set_defaults(handler=view)
+    add_extract_parser(commands)
     return parser
 
 
