@@ -249,11 +249,12 @@ def extract_to_folder(config: dict, settings: dict, output_dir: str, executor=No
     _check_work_dir(work_dir, {key: value for key, value in resolved.items() if key not in NOT_RECORDED})
     refs = REF_LISTERS[builder.config.source](builder.config)[builder.config.shard_index :: builder.config.num_shards]
     summary = {"episodes": 0, "frames": 0, "failures": 0}
-    extracted = []
+    extracted, workers = [], set()
     with tqdm(total=len(refs), desc="mu0 extract", unit="episode", disable=not progress) as bar:
         for outcome in (executor or LocalExecutor()).run(work_dir, config, settings, refs):
             summary["failures" if outcome.failed else "episodes"] += 1
             summary["frames"] += outcome.num_frames
+            workers.add(outcome.worker)
             if not outcome.failed:
                 extracted.append(outcome.episode_id)
             bar.set_postfix(frames=summary["frames"], failures=summary["failures"], refresh=False)
@@ -265,7 +266,7 @@ def extract_to_folder(config: dict, settings: dict, output_dir: str, executor=No
     failures = _failures(work_dir, {ref.episode_id for ref in refs} - set(extracted))
     _write_atomically(os.path.join(output_dir, "failures.jsonl"), "".join(json.dumps(f) + "\n" for f in failures))
     _write_atomically(os.path.join(output_dir, SETTINGS_FILE), json.dumps(resolved, indent=2, sort_keys=True))
-    summary.update(samples=len(tables["samples"]), statistics=statistics)
+    summary.update(samples=len(tables["samples"]), statistics=statistics, workers=sorted(workers))
     if push_to_hub:
         from ..training.pretrain import push_samples_to_hub
 
