@@ -5,6 +5,7 @@ given depth and cameras; the SceneTracker clip in ../shared/data (if present) gi
 table and writes JSON. The MuJoCo rows need `pip install "mu0[sim]"` and an offscreen GL (MUJOCO_GL=egl).
 
     python benchmarks/bench_extract.py [--episodes 6] [--output benchmarks/results/bench_extract.json] [--quick]
+    python benchmarks/bench_extract.py --executor ray   # episodes/s on Ray next to local (bench_extract_ray.py)
 """
 
 import argparse
@@ -122,7 +123,14 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=6)
     parser.add_argument("--output", default="benchmarks/results/bench_extract.json")
     parser.add_argument("--quick", action="store_true", help="2 small episodes and 224² only (CI smoke run)")
+    parser.add_argument("--executor", choices=["local", "ray"], default="local",
+                        help="ray: extraction throughput with 1 and 2 Ray workers next to local, and Ray start-up")
     args = parser.parse_args()
+    if args.executor == "ray":
+        from bench_extract_ray import run
+
+        run(2 if args.quick else args.episodes, args.output.replace("bench_extract.json", "bench_extract_ray.json"))
+        return
     episodes = 2 if args.quick else args.episodes
     results = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},

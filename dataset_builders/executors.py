@@ -183,7 +183,8 @@ class RayExecutor:
                      include_dashboard=False, log_to_driver=False)
         try:
             ray.data.DataContext.get_current().enable_progress_bars = False  # the caller shows one bar instead
-            logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # ... and says so itself
+            logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset INFO lines under the bar
+            logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # nor "progress bars disabled"
             if not refs:
                 return
             references = ray.data.from_items([dataclasses.asdict(ref) for ref in refs], override_num_blocks=len(refs))
