@@ -35,6 +35,7 @@ LEARNED_BACKENDS = {
     "captions": ("vlm", "vlm", "caption_model"),
 }
 SETTINGS_FILE = "extract_settings.json"
+MAX_ATTEMPTS = 3  # on Ray, an episode that takes its worker down this often (a crash, the OOM killer) is skipped
 
 
 def learned_stages(settings: ExtractionSettings) -> list[str]:
@@ -181,30 +182,46 @@ class RayExecutor:
         if started:
             ray.init(address=self.address, num_cpus=None if self.address else self.num_cpus,
                      include_dashboard=False, log_to_driver=False)
+        context = ray.data.DataContext.get_current()
+        previous = context.enable_progress_bars, context.max_errored_blocks
         try:
-            ray.data.DataContext.get_current().enable_progress_bars = False  # the caller shows one bar instead
+            context.enable_progress_bars = False  # the caller shows one bar instead
+            context.max_errored_blocks = -1  # an episode whose worker keeps dying is dropped, and logged below
             logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset INFO lines under the bar
             logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # nor "progress bars disabled"
-            if not refs:
-                return
-            references = ray.data.from_items([dataclasses.asdict(ref) for ref in refs], override_num_blocks=len(refs))
-            arguments = dict(work_dir=work_dir, config=config, settings=settings)
-            if learned_stages(ExtractionSettings(**settings)):
-                outcomes = references.map_batches(
-                    _LearnedStageWorker, fn_constructor_kwargs=arguments, batch_size=1,
-                    compute=ray.data.ActorPoolStrategy(size=self.num_actors), num_gpus=self.gpus_per_actor,
-                    num_cpus=self.cpus_per_worker,
-                )
-            else:
-                outcomes = references.map_batches(
-                    _extract_batch, fn_kwargs=arguments, batch_size=1, num_cpus=self.cpus_per_worker,
-                    compute=ray.data.TaskPoolStrategy(size=self.num_workers),
-                )
-            for row in outcomes.iter_rows():
-                yield EpisodeOutcome(**{key: value.item() if hasattr(value, "item") else value for key, value in row.items()})
+            yield from self._run(ray, work_dir, config, settings, refs)
         finally:
+            context.enable_progress_bars, context.max_errored_blocks = previous
             if started:
                 ray.shutdown()
+
+    def _run(self, ray, work_dir: str, config: dict, settings: dict, refs: list[EpisodeRef]) -> Iterator[EpisodeOutcome]:
+        if not refs:
+            return
+        references = ray.data.from_items([dataclasses.asdict(ref) for ref in refs], override_num_blocks=len(refs))
+        arguments = dict(work_dir=work_dir, config=config, settings=settings)
+        if learned_stages(ExtractionSettings(**settings)):
+            outcomes = references.map_batches(
+                _LearnedStageWorker, fn_constructor_kwargs=arguments, batch_size=1,
+                compute=ray.data.ActorPoolStrategy(size=self.num_actors), num_gpus=self.gpus_per_actor,
+                num_cpus=self.cpus_per_worker, max_task_retries=MAX_ATTEMPTS - 1,
+            )
+        else:
+            outcomes = references.map_batches(
+                _extract_batch, fn_kwargs=arguments, batch_size=1, num_cpus=self.cpus_per_worker,
+                compute=ray.data.TaskPoolStrategy(size=self.num_workers), max_retries=MAX_ATTEMPTS - 1,
+            )
+        done = set()
+        for row in outcomes.iter_rows():
+            outcome = EpisodeOutcome(**{key: value.item() if hasattr(value, "item") else value for key, value in row.items()})
+            done.add(outcome.episode_id)
+            yield outcome
+        lost = [ref for ref in refs if ref.episode_id not in done]
+        if lost:  # errors inside an episode are caught by extract_one: these took their worker process down
+            builder = make_builder(work_dir, config, settings)
+            for ref in lost:
+                builder._record_failure(ref.episode_id, "failed", f"its Ray worker died {MAX_ATTEMPTS} times (see the Ray logs)")
+                yield EpisodeOutcome(ref.episode_id, 0, True, "")
 
 
 def _check_work_dir(work_dir: str, recorded: dict) -> None:

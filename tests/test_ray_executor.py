@@ -1,11 +1,12 @@
 """The Ray executor on a local 2-CPU Ray instance (one per module): the same rows, statistics and failures as the
-local executor, a killed run that resumes, and a learned stage in an actor pool."""
+local executor, a killed run that resumes (and survives a killed worker), and a learned stage in an actor pool."""
 
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -52,6 +53,19 @@ def test_ray_gives_the_local_rows_statistics_and_failures(ray_address, tmp_path)
     assert {f["episode_id"]: f["kind"] for f in failures} == {"episode_5": "rejected", "episode_9": "failed"}
 
 
+def kill_a_worker_running(function: str, deadline: float) -> bool:
+    """SIGKILL the first Ray worker process whose title says it runs `function` (Ray names busy workers after it)."""
+    import psutil
+
+    while time.monotonic() < deadline:
+        for process in psutil.process_iter(["cmdline"]):
+            if any(function in part for part in process.info["cmdline"] or []) and process.info["cmdline"][0].startswith("ray::"):
+                process.send_signal(signal.SIGKILL)
+                return True
+        time.sleep(0.1)
+    return False
+
+
 def test_a_killed_ray_run_resumes_where_it_stopped(ray_address, tmp_path):
     generated = {"source": "procedural", "num_episodes": 6, "num_frames": 40, "image_size": 96}
     arguments = [f"--{key.replace('_', '-')}={value}" for key, value in {**generated, **TRACKED}.items()]
@@ -70,8 +84,14 @@ def test_a_killed_ray_run_resumes_where_it_stopped(ray_address, tmp_path):
     run.wait()
     finished = {path.name: path.stat().st_mtime_ns for path in cache.glob("*.npz")}
     assert 2 <= len(finished) < 6
-    summary = extract_to_folder(generated, TRACKED, str(tmp_path / "ray"), RayExecutor(num_workers=2), progress=False)
-    assert summary["episodes"] == 6 and summary["failures"] == 0
+    # resume, and kill a Ray worker while it extracts an episode: Ray retries that episode in a new worker
+    resumed = {}
+    resume = threading.Thread(target=lambda: resumed.update(extract_to_folder(
+        generated, TRACKED, str(tmp_path / "ray"), RayExecutor(num_workers=2), progress=False)))
+    resume.start()
+    assert kill_a_worker_running("_extract_batch", deadline=time.monotonic() + 240)
+    resume.join(timeout=300)
+    assert resumed["episodes"] == 6 and resumed["failures"] == 0
     assert finished == {name: (cache / name).stat().st_mtime_ns for name in finished}  # not extracted again
     extract_to_folder(generated, TRACKED, str(tmp_path / "local"), LocalExecutor(), progress=False)
     assert_same_outputs(tmp_path / "local", tmp_path / "ray")
