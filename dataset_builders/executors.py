@@ -241,11 +241,14 @@ def _check_work_dir(work_dir: str, recorded: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _save_dataset(dataset: datasets.Dataset, path: str) -> None:
-    """save_to_disk into a temp folder, then rename: a reader never sees a half-written dataset."""
+def _save_dataset(dataset: datasets.Dataset, path: str, statistics: dict | None = None) -> None:
+    """save_to_disk (and the statistics beside it) into a temp folder, then rename: a reader never sees a
+    half-written dataset."""
     temporary = path + ".tmp"
     shutil.rmtree(temporary, ignore_errors=True)
     dataset.save_to_disk(temporary)
+    if statistics is not None:
+        save_statistics(statistics, temporary)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(temporary, path)
 
@@ -272,7 +275,8 @@ def extract_to_folder(config: dict, settings: dict, output_dir: str, executor=No
         for outcome in (executor or LocalExecutor()).run(work_dir, config, settings, refs):
             summary["failures" if outcome.failed else "episodes"] += 1
             summary["frames"] += outcome.num_frames
-            workers.add(outcome.worker)
+            if outcome.worker:  # empty for an episode whose Ray worker died
+                workers.add(outcome.worker)
             if not outcome.failed:
                 extracted.append(outcome.episode_id)
             bar.set_postfix(frames=summary["frames"], failures=summary["failures"], refresh=False)
@@ -314,12 +318,11 @@ def _write_outputs(work_dir: str, config: dict, settings: dict, output_dir: str)
             tables[name] = builder.as_dataset(split="train")
         statistics = builder.compute_statistics(episode_ids=config["episode_ids"])
         os.makedirs(output_dir, exist_ok=True)
-        for name, table in tables.items():
-            _save_dataset(table, os.path.join(output_dir, name))
+        _save_dataset(tables["episodes"], os.path.join(output_dir, "episodes"))
+        _save_dataset(tables["samples"], os.path.join(output_dir, "samples"), statistics)  # what `mu0 train` reads
     finally:
         if was_enabled:
             datasets.enable_progress_bars()
-    save_statistics(statistics, os.path.join(output_dir, "samples"))  # what `mu0 train --dataset` reads
     save_statistics(statistics, output_dir)
     return tables, statistics
 

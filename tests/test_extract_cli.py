@@ -129,3 +129,12 @@ def test_push_to_hub_publishes_both_configurations_and_the_statistics(hub, tmp_p
     streamed, statistics = load_samples("user/traces")
     assert statistics == json.loads((output / "trace_statistics.json").read_text())
     assert next(iter(streamed))["episode_id"] in {ref.episode_id for ref in procedural_refs(2)}
+
+
+def test_the_ray_executor_without_ray_says_how_to_install_it(tmp_path):
+    script = ("import sys; sys.modules['ray'] = None; from mu0.training.cli import main; "  # None: `import ray` fails
+              f"sys.exit(main(['extract', *{GENERATED!r}, '--num-episodes', '1', '--executor', 'ray', "
+              f"'--output-dir', {str(tmp_path)!r}]))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1 and 'pip install "mu0[scale]"' in result.stderr, result.stderr[-2000:]

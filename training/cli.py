@@ -240,7 +240,7 @@ def view(args: argparse.Namespace) -> None:
     print(f"wrote {write_video(frames, path, fps=row['fps'] or 10.0)} ({len(frames)} frames, {int(shown.sum())} tracks)")
 
 
-# flag -> TraceExtractConfig field; the ExtractionSettings fields are the other --options of `mu0 extract`
+# the flags of `mu0 extract`: TraceExtractConfig fields, then ExtractionSettings fields (a test keeps both complete)
 EXTRACT_SOURCE_OPTIONS = ("source", "source_path", "num_episodes", "seed", "num_frames", "image_size", "moving_camera",
                           "target_fps", "camera_key", "shard_index", "num_shards")
 EXTRACT_SETTING_OPTIONS = {"depth": str, "camera": str, "keypoints": str, "tracker": str, "captions": str,
