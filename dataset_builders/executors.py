@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import socket
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -200,17 +201,19 @@ class RayExecutor:
             return
         references = ray.data.from_items([dataclasses.asdict(ref) for ref in refs], override_num_blocks=len(refs))
         arguments = dict(work_dir=work_dir, config=config, settings=settings)
-        if learned_stages(ExtractionSettings(**settings)):
-            outcomes = references.map_batches(
-                _LearnedStageWorker, fn_constructor_kwargs=arguments, batch_size=1,
-                compute=ray.data.ActorPoolStrategy(size=self.num_actors), num_gpus=self.gpus_per_actor,
-                num_cpus=self.cpus_per_worker, max_task_retries=MAX_ATTEMPTS - 1,
-            )
-        else:
-            outcomes = references.map_batches(
-                _extract_batch, fn_kwargs=arguments, batch_size=1, num_cpus=self.cpus_per_worker,
-                compute=ray.data.TaskPoolStrategy(size=self.num_workers), max_retries=MAX_ATTEMPTS - 1,
-            )
+        with warnings.catch_warnings():  # Ray has no named parameter for retries yet, only the deprecated kwargs
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+            if learned_stages(ExtractionSettings(**settings)):
+                outcomes = references.map_batches(
+                    _LearnedStageWorker, fn_constructor_kwargs=arguments, batch_size=1,
+                    compute=ray.data.ActorPoolStrategy(size=self.num_actors), num_gpus=self.gpus_per_actor,
+                    num_cpus=self.cpus_per_worker, max_task_retries=MAX_ATTEMPTS - 1,
+                )
+            else:
+                outcomes = references.map_batches(
+                    _extract_batch, fn_kwargs=arguments, batch_size=1, num_cpus=self.cpus_per_worker,
+                    compute=ray.data.TaskPoolStrategy(size=self.num_workers), max_retries=MAX_ATTEMPTS - 1,
+                )
         done = set()
         for row in outcomes.iter_rows():
             outcome = EpisodeOutcome(**{key: value.item() if hasattr(value, "item") else value for key, value in row.items()})
