@@ -246,7 +246,8 @@ EXTRACT_SOURCE_OPTIONS = ("source", "source_path", "num_episodes", "seed", "num_
 EXTRACT_SETTING_OPTIONS = {"depth": str, "camera": str, "keypoints": str, "tracker": str, "captions": str,
                            "num_keypoints": int, "lk_window": int, "depth_model": str, "field_of_view": float,
                            "dino_model": str, "cotracker_model": str, "caption_model": str, "min_coverage": float,
-                           "history": int, "horizon": int, "retarget_steps": int, "frame_stride": int}
+                           "history": int, "horizon": int, "retarget_steps": int, "retarget_step": float,
+                           "frame_stride": int, "static_queries": bool}
 
 
 def extract(args: argparse.Namespace) -> None:
@@ -294,7 +295,8 @@ def add_extract_parser(commands) -> None:
     parser.add_argument("--shard-index", type=int, help="this machine's shard of --num-shards")
     parser.add_argument("--num-shards", type=int)
     for name, kind in EXTRACT_SETTING_OPTIONS.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"ExtractionSettings.{name}")
+        typed = {"action": argparse.BooleanOptionalAction, "default": None} if kind is bool else {"type": kind}
+        parser.add_argument(f"--{name.replace('_', '-')}", help=f"ExtractionSettings.{name}", **typed)
     parser.add_argument("--extraction-seed", type=int, help="ExtractionSettings.seed (random keypoint choice)")
     parser.add_argument("--executor", choices=["local", "ray"], default="local")
     parser.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
