@@ -77,6 +77,7 @@ def train(args: argparse.Namespace) -> None:
 def evaluate(args: argparse.Namespace) -> None:
     """The authors' protocol on a samples dataset: a table of metrics, metrics.json and worst/best overlays."""
     from .. import Mu0Processor
+    from ..dataset_builders.released_test_set import is_trace_extract_tree, released_test_samples
     from .baselines import load_trace_model
     from .evaluation import EvaluationProtocol, evaluate_models, format_metrics_table, model_label
     from .pretrain import load_samples
@@ -85,7 +86,10 @@ def evaluate(args: argparse.Namespace) -> None:
         frame_offsets=tuple(args.frame_offsets), num_queries=args.num_queries, num_samples=args.samples,
         seed=args.seed, use_depth=args.use_depth, use_history=args.use_history, batch_size=args.batch_size,
     )
-    samples, _ = load_samples(args.dataset, split=args.split)
+    if is_trace_extract_tree(args.dataset):  # TraceExtract output, e.g. the authors' released test_set/
+        samples = released_test_samples(args.dataset)
+    else:
+        samples, _ = load_samples(args.dataset, split=args.split)
     model = load_trace_model(args.model)
     processor = Mu0Processor.from_pretrained(args.model)
     summary = evaluate_models({model_label(model): model}, processor, samples, protocol,
@@ -286,7 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.set_defaults(handler=train)
     evaluate_parser = commands.add_parser("evaluate", help="the authors' evaluation protocol on a samples dataset")
     evaluate_parser.add_argument("--model", required=True, help="a saved μ0 or baseline folder (with its processor)")
-    evaluate_parser.add_argument("--dataset", required=True, help="a folder from save_samples() or a Hub dataset repo")
+    evaluate_parser.add_argument("--dataset", required=True,
+                                 help="a folder from save_samples(), a Hub dataset repo, or a TraceExtract output tree "
+                                      "(<group>/<episode>/samples/, e.g. the released test_set)")
     evaluate_parser.add_argument("--split", default="train", help="split of a Hub dataset (default: train)")
     evaluate_parser.add_argument("--output-dir", default="outputs/evaluate")
     evaluate_parser.add_argument("--use-depth", action="store_true", help="feed the depth image (default: RGB only)")
