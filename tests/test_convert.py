@@ -273,3 +273,29 @@ def test_mu0_convert_writes_a_loadable_folder_and_pushes_it(hub, tmp_path, relea
     for name, tensor in loaded["state"].items():
         assert tensor.dtype == expected[name].dtype, name
         torch.testing.assert_close(tensor.float(), expected[name].float(), rtol=0, atol=0, msg=name)
+
+
+def test_the_full_size_release_maps_onto_the_default_mu0_group_by_group():
+    """The release recipe at full size (SmolVLM2-2.2B, 20 layers, DINOv2-base) on the meta device: the key groups and
+    totals of the released file (1417 keys, 2 587 257 390 parameters) all land on the default Mu0ForTracePrediction."""
+    from mu0 import Mu0ForTracePrediction
+    from mu0.configuration_mu0 import DINOV2_BASE_ARCHITECTURE, SMOLVLM2_2B_ARCHITECTURE
+    from mu0.convert import convert_state_dict
+
+    vlm, dino = SmolVLMConfig(**SMOLVLM2_2B_ARCHITECTURE), Dinov2Config(**DINOV2_BASE_ARCHITECTURE)
+    cfg = released_config("HuggingFaceTB/SmolVLM2-2.2B-Instruct", "facebook/dinov2-base", num_vlm_layers=20,
+                          resize_imgs_with_padding=[512, 512], tokenizer_max_length=48, dino_input_size=518, n_max=256)
+    with torch.device("meta"):
+        state = released_state_dict(cfg, vlm, dino)
+        model = Mu0ForTracePrediction(mu0_config_from_released(cfg, vlm, dino))
+    assert len(state) == 1417 and sum(tensor.numel() for tensor in state.values()) == 2_587_257_390
+    _, report = convert_state_dict(state, model.state_dict())
+    assert report.mapped == {
+        "vision_embeddings": 3, "vision_encoder_layers": 432, "depth_lora": 324, "vision_post_layernorm": 2,
+        "depth_patch_stem": 2, "connector": 1, "text_embed_tokens": 1, "vlm_text_layers": 180, "vlm_text_final_norm": 1,
+        "expert_layers": 180, "expert_final_norm": 1, "adaln_timestep_embedder": 4, "adaln_modulation_heads": 40,
+        "suffix_in_proj_history": 2, "suffix_in_proj_future": 2, "suffix_group_embedding": 1,
+        "suffix_segment_embedding": 1, "suffix_uv_fourier_mlp": 4, "dino_backbone": 223, "dino_fusion_mlp": 4,
+        "velocity_head": 2, "done_head": 2,
+    }
+    assert report.dropped == {"lm_head_unused": 1, "action_time_mlp_unused": 4} and report.unused_group_rows == 38
