@@ -20,6 +20,7 @@ EXAMPLES = """examples:
   mu0 train --recipe tiny-cpu --dataset data/samples --output-dir outputs/tiny
   mu0 train --recipe mu0-smolvlm2-2.2b --dataset me/my-traces --push-to-hub me/mu0-run1
   mu0 evaluate --model outputs/tiny --dataset data/test-samples --output-dir outputs/eval
+  mu0 convert mu0_rollout/final_ckpt outputs/mu0-released --push-to-hub me/mu0-released
   mu0 adapt --base outputs/demo/model --dataset data/robot-lerobot --lora-rank 8 --output-dir outputs/adapter
 """
 
@@ -79,6 +80,7 @@ def train(args: argparse.Namespace) -> None:
 def evaluate(args: argparse.Namespace) -> None:
     """The authors' protocol on a samples dataset: a table of metrics, metrics.json and worst/best overlays."""
     from .. import Mu0Processor
+    from ..dataset_builders.released_test_set import is_trace_extract_tree, released_test_samples
     from .baselines import load_trace_model
     from .evaluation import EvaluationProtocol, evaluate_models, format_metrics_table, model_label
     from .pretrain import load_samples
@@ -87,7 +89,10 @@ def evaluate(args: argparse.Namespace) -> None:
         frame_offsets=tuple(args.frame_offsets), num_queries=args.num_queries, num_samples=args.samples,
         seed=args.seed, use_depth=args.use_depth, use_history=args.use_history, batch_size=args.batch_size,
     )
-    samples, _ = load_samples(args.dataset, split=args.split)
+    if is_trace_extract_tree(args.dataset):  # TraceExtract output, e.g. the authors' released test_set/
+        samples = released_test_samples(args.dataset)
+    else:
+        samples, _ = load_samples(args.dataset, split=args.split)
     model = load_trace_model(args.model)
     processor = Mu0Processor.from_pretrained(args.model)
     summary = evaluate_models({model_label(model): model}, processor, samples, protocol,
@@ -309,6 +314,28 @@ def add_extract_parser(commands) -> None:
     parser.set_defaults(handler=extract)
 
 
+def convert(args: argparse.Namespace) -> None:
+    from ..convert import ConversionReport, convert_released_checkpoint
+    from .publishing import push_mu0_to_hub, render_model_card
+
+    if os.path.exists(args.output_dir):
+        raise FileExistsError(f"{args.output_dir} already exists; choose another output folder.")
+    report = ConversionReport()
+    model, processor = convert_released_checkpoint(args.source, normalizer_stats=args.normalizer_stats, report=report)
+    print(report.summary())
+    recipe = f"the authors' released μ0, converted from `{os.path.abspath(args.source)}` with `mu0 convert`"
+    staging = args.output_dir.rstrip("/") + ".tmp"  # renamed into place once complete
+    model.save_pretrained(staging)
+    processor.save_pretrained(staging)
+    with open(os.path.join(staging, "README.md"), "w") as handle:
+        handle.write(render_model_card(model, processor, args.push_to_hub or os.path.basename(args.output_dir), recipe=recipe))
+    os.replace(staging, args.output_dir)
+    print(f"wrote {args.output_dir}")
+    if args.push_to_hub:
+        push_mu0_to_hub(model, processor, args.push_to_hub, recipe=recipe)
+        print(f"pushed to {args.push_to_hub}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mu0", description="μ0: predict future 3D traces of query points.", epilog=EXAMPLES,
@@ -335,7 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.set_defaults(handler=train)
     evaluate_parser = commands.add_parser("evaluate", help="the authors' evaluation protocol on a samples dataset")
     evaluate_parser.add_argument("--model", required=True, help="a saved μ0 or baseline folder (with its processor)")
-    evaluate_parser.add_argument("--dataset", required=True, help="a folder from save_samples() or a Hub dataset repo")
+    evaluate_parser.add_argument("--dataset", required=True,
+                                 help="a folder from save_samples(), a Hub dataset repo, or a TraceExtract output tree "
+                                      "(<group>/<episode>/samples/, e.g. the released test_set)")
     evaluate_parser.add_argument("--split", default="train", help="split of a Hub dataset (default: train)")
     evaluate_parser.add_argument("--output-dir", default="outputs/evaluate")
     evaluate_parser.add_argument("--use-depth", action="store_true", help="feed the depth image (default: RGB only)")
@@ -350,6 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
                                  choices=["zero_motion", "constant_velocity"], help="heuristic baselines scored alongside")
     evaluate_parser.add_argument("--overlays", type=int, default=3, help="worst and best samples drawn (each)")
     evaluate_parser.set_defaults(handler=evaluate)
+    convert_parser = commands.add_parser("convert", help="convert the authors' released checkpoint to a μ0 folder")
+    convert_parser.add_argument("source", help="the released step folder (final_ckpt/: model.safetensors, config.json)")
+    convert_parser.add_argument("output_dir", help="the folder to write (from_pretrained / trust_remote_code loadable)")
+    convert_parser.add_argument("--normalizer-stats", default=None,
+                                help="normalizer_stats.json (default: in or beside the source folder)")
+    convert_parser.add_argument("--push-to-hub", default=None, metavar="REPO")
+    convert_parser.set_defaults(handler=convert)
     adapt_parser = commands.add_parser("adapt", help="train an action expert on a frozen μ0 from robot demonstrations")
     adapt_parser.add_argument("--base", required=True, help="the μ0 to build on: a saved folder or Hub repo")
     adapt_parser.add_argument("--dataset", required=True, help="a local LeRobotDataset v3 folder")
