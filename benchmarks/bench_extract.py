@@ -13,6 +13,7 @@ an offscreen GL (MUJOCO_GL=egl).
 
     python benchmarks/bench_extract.py [--episodes 6] [--quick] [--egodex DIR]
         [--cotracker-repo DIR --cotracker-checkpoint FILE] [--output benchmarks/results/bench_extract.json]
+    python benchmarks/bench_extract.py --executor ray   # episodes/s on Ray next to local (bench_extract_ray.py)
 """
 
 import argparse
@@ -230,7 +231,14 @@ def main() -> None:
     parser.add_argument("--egodex", help="folder of EgoDex clips (.mp4 + .hdf5) to run end to end")
     parser.add_argument("--cotracker-repo", help="local clone of facebookresearch/co-tracker (adds the cotracker rows)")
     parser.add_argument("--cotracker-checkpoint", help="local CoTracker3 offline checkpoint (.pth)")
+    parser.add_argument("--executor", choices=["local", "ray"], default="local",
+                        help="ray: extraction throughput with 1 and 2 Ray workers next to local, and Ray start-up")
     args = parser.parse_args()
+    if args.executor == "ray":
+        from bench_extract_ray import run
+
+        run(2 if args.quick else args.episodes, args.output.replace("bench_extract.json", "bench_extract_ray.json"))
+        return
     if bool(args.cotracker_repo) != bool(args.cotracker_checkpoint):
         parser.error("--cotracker-repo and --cotracker-checkpoint go together")
     cotracker = load_hub_tracker(args.cotracker_repo, args.cotracker_checkpoint) if args.cotracker_repo else None

@@ -358,3 +358,33 @@ def test_cross_layer_queries_are_unrotated(tiny_model, tiny_processor):
         at_prefix_end = cross(hidden, prefix.keys[1], prefix.values[1], mask, cos, sin)
         elsewhere = cross(hidden, prefix.keys[1], prefix.values[1], mask, sin, cos)
     torch.testing.assert_close(at_prefix_end, elsewhere)
+
+
+def test_control_point_targets_are_fitted_in_fp32_under_bf16_autocast(tiny_model, tiny_processor):
+    batch = random_batch(tiny_processor)
+    valid = batch["labels_mask"] & batch["query_mask"][..., None]
+    reference, _ = tiny_model._trace_targets(batch["labels"], valid, batch["query_mask"])
+    captured = {}
+    fit = tiny_model._trace_targets
+
+    def recording(*args):
+        captured["targets"] = fit(*args)[0]
+        return fit(*args)
+
+    tiny_model._trace_targets = recording
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tiny_model(**batch)
+    assert captured["targets"].dtype == torch.float32
+    torch.testing.assert_close(captured["targets"], reference, rtol=0, atol=0)
+
+
+def test_from_backbones_reads_and_checks_the_backbone_configs(tmp_path, tiny_config):
+    from transformers import AutoModel
+
+    vlm_config = tiny_config.vlm_config.to_dict()
+    vlm_config["text_config"]["intermediate_size"] = 3 * tiny_config.vlm_config.text_config.hidden_size
+    AutoModel.from_config(type(tiny_config.vlm_config).from_dict(vlm_config)).save_pretrained(tmp_path / "vlm")
+    AutoModel.from_config(tiny_config.dino_config).save_pretrained(tmp_path / "dino")
+    config = preset_config("tiny", backbone_checkpoint=str(tmp_path / "vlm"), dino_checkpoint=str(tmp_path / "dino"))
+    with pytest.raises(ValueError, match="text_config.intermediate_size"):
+        Mu0ForTracePrediction.from_backbones(config)
