@@ -4,7 +4,6 @@ Expected positions come from ground truth, never from the tracker: projections o
 world tracks, the known shift of a synthetic translated texture, or the SceneTracker clip's ground truth.
 """
 
-import os
 import re
 import sys
 import textwrap
