@@ -19,6 +19,7 @@ EXTRACT = ["opencv-python-headless>=4.8", "av>=12", "scipy>=1.10", "h5py>=3.8"]
 SIM = ["mujoco>=3.2", "metaworld>=3.0", "gymnasium>=1.0"]
 RERUN = ["rerun-sdk>=0.20"]
 APP = ["gradio>=5.0"]
+SCALE = ["ray[data]>=2.40"]  # `mu0 extract --executor ray`
 
 EXTRAS = {
     "extract": EXTRACT,
@@ -26,8 +27,9 @@ EXTRAS = {
     "sim": SIM,
     "rerun": RERUN,
     "app": APP,
+    "scale": SCALE,
     # the browser test drives Debian's chromium through chromium-driver (.ci/run installs both)
-    "dev": ["pytest>=8", "matplotlib>=3.7", *EXTRACT, *SIM, *RERUN, *APP, "selenium>=4.20"],
+    "dev": ["pytest>=8", "matplotlib>=3.7", *EXTRACT, *SIM, *RERUN, *SCALE, *APP, "selenium>=4.20"],
 }
 
 setup(
