@@ -63,7 +63,7 @@ def uninterrupted(tmp_path_factory):
     return rows(builder), builder.compute_statistics()
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_killed_extraction_resumes_to_the_same_rows_and_statistics(tmp_path, uninterrupted, seed):
     rng = np.random.default_rng(seed)
     k, before = int(rng.integers(1, COMMITS_PER_EXTRACTION + 1)), bool(rng.integers(2))
