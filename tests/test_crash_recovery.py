@@ -131,3 +131,93 @@ def cpu_ticks(pid: int) -> int | None:
     except FileNotFoundError:
         return None
     return None if fields[0] in "ZX" else int(fields[11]) + int(fields[12])
+
+
+# ------------------------------------------------------------------------------------------------- training
+KILL_IN_CHECKPOINT = """
+import os, signal
+from transformers import Trainer
+_save, _rng = Trainer._save_checkpoint, Trainer._save_rng_state
+def save_checkpoint(self, *args, **kwargs):
+    _save(self, *args, **kwargs)
+    if self.state.global_step == {k}:
+        os.kill(os.getpid(), signal.SIGKILL)  # the checkpoint is complete
+def save_rng_state(self, *args, **kwargs):
+    if {partial} and self.state.global_step == {k}:
+        os.kill(os.getpid(), signal.SIGKILL)  # weights and optimizer written, trainer state not
+    _rng(self, *args, **kwargs)
+Trainer._save_checkpoint, Trainer._save_rng_state = save_checkpoint, save_rng_state
+"""
+TRAINING_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def training_run(tmp_path_factory):
+    """A small samples dataset, a recipe checkpointing every step, and the uninterrupted run's weights."""
+    from mu0.training.cli import main
+    from mu0.training.pretrain import load_recipe, save_samples
+
+    root = tmp_path_factory.mktemp("training")
+    builder = extraction(root)
+    builder.download_and_prepare()
+    save_samples(builder.as_dataset(split="train"), builder.compute_statistics(), str(root / "samples"))
+    recipe = load_recipe("tiny-cpu")
+    recipe["training"].update(max_steps=TRAINING_STEPS, save_steps=1, save_total_limit=None,
+                              per_device_train_batch_size=2, logging_steps=1)
+    (root / "recipe.json").write_text(json.dumps(recipe))
+    arguments = ["train", "--recipe", str(root / "recipe.json"), "--dataset", str(root / "samples"), "--eval-samples", "0"]
+    assert main([*arguments, "--output-dir", str(root / "uninterrupted")]) == 0
+    return arguments, load_weights(root / "uninterrupted")
+
+
+def load_weights(folder) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.fixture(scope="module", params=[0, 1, 2])
+def resumed_training(request, training_run, tmp_path_factory):
+    """A run killed inside or after a random checkpoint (the seed picks which), then `mu0 train --resume last`."""
+    from mu0.training.cli import main
+
+    arguments, _ = training_run
+    rng = np.random.default_rng(request.param)
+    k, partial = int(rng.integers(1, TRAINING_STEPS)), bool(rng.integers(2))
+    root = tmp_path_factory.mktemp(f"resumed-{request.param}")
+    output = root / "run"
+    script = KILL_IN_CHECKPOINT.format(k=k, partial=partial) + textwrap.dedent(f"""
+        import sys
+        from mu0.training.cli import main
+        sys.exit(main({[*arguments, "--output-dir", str(output)]!r}))
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (output / f"checkpoint-{k}" / "trainer_state.json").exists() != partial
+    assert main([*arguments, "--output-dir", str(output), "--resume", "last"]) == 0
+    return root, load_weights(output)
+
+
+def test_killed_training_resumes_from_its_last_complete_checkpoint(resumed_training):
+    root, weights = resumed_training
+    output = root / "run"
+    checkpoints = [name for name in os.listdir(output) if name.startswith("checkpoint-")]
+    assert len(checkpoints) == TRAINING_STEPS  # the cut-short checkpoint was redone, not resumed from
+    assert all((output / name / "trainer_state.json").exists() for name in checkpoints)
+    state = json.loads((output / f"checkpoint-{TRAINING_STEPS}" / "trainer_state.json").read_text())
+    assert state["global_step"] == TRAINING_STEPS
+    assert all(np.isfinite(tensor.numpy()).all() for tensor in weights.values())
+    assert temp_files(root) == []
+
+
+@pytest.mark.xfail(strict=True, reason="resuming mid-epoch does not yet restore the collator's random state: the "
+                                       "resumed weights differ from an uninterrupted run's by up to ~3e-3")
+def test_killed_training_resumes_to_the_same_weights(training_run, resumed_training):
+    import torch
+
+    _, expected = training_run
+    _, resumed = resumed_training
+    assert resumed.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)

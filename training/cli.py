@@ -74,8 +74,8 @@ def require_rows(dataset: str) -> None:
 
 
 def require_readable_checkpoint(folder: str) -> None:
-    """A `--resume` folder whose weights are truncated (a kill while saving) is named here, not by a raw
-    SafetensorError after the model is built."""
+    """A `--resume` folder cut short by a kill (truncated weights, no trainer state: the Trainer writes that last)
+    is named here, not by a raw SafetensorError after the model is built."""
     from safetensors import SafetensorError, safe_open
 
     if not os.path.isdir(folder):
@@ -91,6 +91,27 @@ def require_readable_checkpoint(folder: str) -> None:
             raise ValueError(
                 f"--resume {folder!r}: {name} is truncated or corrupt ({error}); resume from an earlier checkpoint."
             ) from error
+    try:
+        with open(os.path.join(folder, "trainer_state.json")) as handle:
+            json.load(handle)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--resume {folder!r} has no readable trainer_state.json: the save was interrupted; "
+                         "resume from an earlier checkpoint.") from error
+
+
+def last_complete_checkpoint(output_dir: str) -> str:
+    """`--resume last`: the newest `checkpoint-N` in the output folder that a kill did not cut short."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    steps = sorted((int(name.split("-")[1]) for name in names if re.fullmatch(r"checkpoint-\d+", name)), reverse=True)
+    for step in steps:
+        folder = os.path.join(output_dir, f"checkpoint-{step}")
+        try:
+            require_readable_checkpoint(folder)
+        except (ValueError, FileNotFoundError) as error:
+            logging.getLogger(__name__).warning("Skipping an incomplete checkpoint: %s", error)
+            continue
+        return folder
+    raise FileNotFoundError(f"--resume last: no complete checkpoint in {output_dir!r}.")
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -115,7 +136,9 @@ def train(args: argparse.Namespace) -> None:
     from .pretrain import load_recipe, load_samples, make_trainer
 
     require_path_or_repo_id(args.dataset, "--dataset")
-    if args.resume is not None:
+    if args.resume == "last":
+        args.resume = last_complete_checkpoint(args.output_dir)
+    elif args.resume is not None:
         require_readable_checkpoint(args.resume)
     require_writable_folder(args.output_dir, "--output-dir")
     recipe = load_recipe(args.recipe)
@@ -372,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--max-steps", type=positive_int, default=None, help="override the recipe's max_steps")
     train_parser.add_argument("--eval-samples", type=non_negative_int, default=None,
                               help="rows evaluated after training (default: 32 for a local dataset, 0 when streamed)")
-    train_parser.add_argument("--resume", default=None, help="a checkpoint folder to resume from")
+    train_parser.add_argument("--resume", default=None,
+                              help="a checkpoint folder to resume from, or `last`: the newest complete one in --output-dir")
     train_parser.add_argument("--push-to-hub", default=None, metavar="REPO")
     train_parser.set_defaults(handler=train)
     evaluate_parser = commands.add_parser("evaluate", help="the authors' evaluation protocol on a samples dataset")
