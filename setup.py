@@ -24,7 +24,7 @@ EXTRAS = {
     "viz": ["matplotlib>=3.7"],
     "sim": SIM,
     "rerun": RERUN,
-    "dev": ["pytest>=8", "matplotlib>=3.7", *EXTRACT, *SIM, *RERUN],
+    "dev": ["pytest>=8", "hypothesis>=6.100", "matplotlib>=3.7", *EXTRACT, *SIM, *RERUN],
 }
 
 setup(
