@@ -12,8 +12,14 @@ batches (random image, depth map, history and future per query point), so nothin
 
 Times are medians over `--repeats` after one warm-up call. Prints markdown tables and writes JSON.
 
+`--size full` instead smoke-tests the default (released-size) config with random weights, nothing downloaded: the
+backbone and DINOv2 in bf16 and the expert in fp32 as released, one 960x540 frame, one training step (batch 1, 16
+queries, AdamW) and `predict_traces` (4 steps, 5 samples), with wall time, peak memory and the trainable / frozen
+parameter counts next to the released checkpoint's.
+
     python benchmarks/bench_model.py [--sizes tiny small] [--queries 1 16 64 256] [--steps 1 4 10] [--repeats 3]
                                      [--output benchmarks/results/bench_model.json] [--quick]
+    python benchmarks/bench_model.py --size full [--output benchmarks/results/bench_model_full.json]
 """
 
 import argparse
@@ -38,6 +44,11 @@ from mu0.presets import preset_config
 MAX_QUERIES = 256
 TRAIN_BATCH_SIZE = 2
 IMAGE_HEIGHT, IMAGE_WIDTH = 96, 128
+FULL_FRAME = (540, 960)
+# The released checkpoint (../shared/RELEASED.md): trainable parameters include the 3.1 M unused action-time MLP,
+# frozen ones the 101 M unused LM head; neither exists here.
+RELEASED_TRAINABLE, RELEASED_FROZEN = 522_343_870, 2_064_913_520
+RELEASED_UNUSED_TRAINABLE, RELEASED_UNUSED_FROZEN = 3_147_776, 100_925_440
 MIB = 2**20
 
 try:
@@ -124,27 +135,31 @@ def make_processor(config: Mu0Config) -> Mu0Processor:
     )
 
 
-def synthetic_batch(processor: Mu0Processor, batch_size: int, num_queries: int, with_future: bool, seed: int = 0) -> dict:
+def synthetic_batch(
+    processor: Mu0Processor, batch_size: int, num_queries: int, with_future: bool, seed: int = 0,
+    frame: tuple[int, int] = (IMAGE_HEIGHT, IMAGE_WIDTH),
+) -> dict:
     """A processed batch with every input the model takes (image, depth, history; future for training).
 
     Points move on straight lines so the spline fit in the loss sees ordinary, well-conditioned targets.
     """
     rng = np.random.default_rng(seed)
+    height, width = frame
     horizon, history_length = processor.horizon, processor.history_length
     kwargs: dict[str, list] = {key: [] for key in ("images", "query_points", "history", "history_mask", "depth", "cluster_ids")}
     futures, future_masks = [], []
     for _ in range(batch_size):
         anchor = np.column_stack([
-            rng.uniform(5, IMAGE_WIDTH - 5, num_queries),
-            rng.uniform(5, IMAGE_HEIGHT - 5, num_queries),
+            rng.uniform(5, width - 5, num_queries),
+            rng.uniform(5, height - 5, num_queries),
             rng.uniform(0.8, 2.0, num_queries),
         ])
         velocity = rng.normal(0, [0.3, 0.3, 0.01], (num_queries, 3))
-        kwargs["images"].append(rng.integers(0, 255, (IMAGE_HEIGHT, IMAGE_WIDTH, 3), dtype=np.uint8))
+        kwargs["images"].append(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
         kwargs["query_points"].append(anchor)
         kwargs["history"].append(anchor[:, None] - np.arange(1, history_length + 1)[None, :, None] * velocity[:, None])
         kwargs["history_mask"].append(np.ones((num_queries, history_length), dtype=bool))
-        kwargs["depth"].append(rng.uniform(0.5, 3.0, (IMAGE_HEIGHT, IMAGE_WIDTH)))
+        kwargs["depth"].append(rng.uniform(0.5, 3.0, (height, width)))
         kwargs["cluster_ids"].append(np.arange(num_queries) % 2)
         futures.append(anchor[:, None] + np.arange(1, horizon + 1)[None, :, None] * velocity[:, None])
         future_masks.append(np.ones((num_queries, horizon), dtype=bool))
@@ -212,6 +227,68 @@ def bench_size(size: str, queries: list[int], steps: list[int], repeats: int) ->
     return report
 
 
+def bench_full() -> dict:
+    """The default config at full size with random weights: one training step and one sampling call."""
+    timings = {}
+    start = time.perf_counter()
+    with PeakRSS() as memory:
+        config = Mu0Config()
+        torch.manual_seed(0)
+        model = Mu0ForTracePrediction(config).set_backbone_dtype(torch.bfloat16)
+    timings["build"] = {"seconds": time.perf_counter() - start, **memory.report()}
+    print(f"  full build: {timings['build']['seconds']:.0f} s", flush=True)
+    processor = make_processor(config)
+    counts = parameter_counts(model)
+    counts["frozen"] = counts["total"] - counts["trainable"]
+    train_batch = synthetic_batch(processor, 1, 16, with_future=True, frame=FULL_FRAME)
+    predict_batch = synthetic_batch(processor, 1, 16, with_future=False, frame=FULL_FRAME)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+
+    def train_step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(**train_batch).loss
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    def predict() -> torch.Tensor:
+        return model.predict_traces(**predict_batch, num_steps=4, num_samples=5,
+                                    generator=torch.Generator().manual_seed(0)).traces
+
+    for name, call in (("train_step", train_step), ("predict_traces", predict)):
+        if name == "predict_traces":
+            model.eval()
+        start = time.perf_counter()
+        with PeakRSS() as memory:
+            value = call()
+        timings[name] = {"seconds": time.perf_counter() - start, **memory.report()}
+        if name == "train_step":
+            timings[name]["loss"] = value
+        else:
+            timings[name]["traces_finite"] = bool(torch.isfinite(value).all())
+        print(f"  full {name}: {timings[name]['seconds']:.1f} s", flush=True)
+    return {
+        "parameters": counts,
+        "released": {"trainable": RELEASED_TRAINABLE, "frozen": RELEASED_FROZEN,
+                     "trainable_without_unused": RELEASED_TRAINABLE - RELEASED_UNUSED_TRAINABLE,
+                     "frozen_without_unused": RELEASED_FROZEN - RELEASED_UNUSED_FROZEN},
+        "dtypes": {"backbone": str(model.backbone_dtype), "expert": str(model.expert_dtype)},
+        "frame": list(FULL_FRAME),
+        "timings": timings,
+    }
+
+
+def print_full(report: dict) -> None:
+    counts, released = report["parameters"], report["released"]
+    print("\n| parameters | μ0 (this package) | released | released without unused modules |\n|---|---|---|---|")
+    print(f"| trainable | {counts['trainable']:,} | {released['trainable']:,} | {released['trainable_without_unused']:,} |")
+    print(f"| frozen | {counts['frozen']:,} | {released['frozen']:,} | {released['frozen_without_unused']:,} |")
+    print("\n| step | wall time (s) | peak RSS (MiB) | peak RSS Δ (MiB) |\n|---|---|---|---|")
+    for name, row in report["timings"].items():
+        print(f"| {name} | {row['seconds']:.1f} | {row['peak_rss_mib']:.0f} | {row['peak_rss_delta_mib']:.0f} |")
+
+
 def print_tables(reports: list[dict]) -> None:
     print("\n| size | total params | trainable params |\n|---|---|---|")
     for report in reports:
@@ -240,6 +317,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", default="benchmarks/results/bench_model.json")
     parser.add_argument("--quick", action="store_true", help="tiny only, N in {1, 16}, steps in {1, 4}, 1 repeat (CI smoke run)")
+    parser.add_argument("--size", choices=["full"], help="smoke-test the default full-size config instead (see above)")
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.queries, args.steps, args.repeats = ["tiny"], [1, 16], [1, 4], 1
@@ -259,6 +337,16 @@ def main() -> None:
     print(f"median wall time over {args.repeats} repeat(s) after 1 warm-up call; peak RSS Δ over the RSS before one "
           "extra untimed call", flush=True)
     started = time.perf_counter()
+    if args.size == "full":
+        report = bench_full()
+        print_full(report)
+        machine["load_average_after"] = os.getloadavg()
+        output = args.output.replace("bench_model.json", "bench_model_full.json")
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        with open(output, "w") as handle:
+            json.dump({"machine": machine, "full": report, "total_seconds": time.perf_counter() - started}, handle, indent=2)
+        print(f"\nwrote {output} ({time.perf_counter() - started:.0f} s)")
+        return
     reports = [bench_size(size, args.queries, args.steps, args.repeats) for size in args.sizes]
     print_tables(reports)
     # Other processes on the same cores inflate CPU timings several-fold: keep the load next to the numbers.

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from transformers import TrainerCallback, set_seed
 
+from mu0.dataset_builders.extraction import SYNTHETIC_RETARGET_STEP
 from mu0.dataset_builders.trace_extract import TraceExtract
 from mu0.presets import preset_config
 from mu0.training.baselines import BASELINES, build_trace_model
@@ -87,7 +88,8 @@ def extract(num_episodes: int, seed: int, settings: BenchSettings, work_dir: str
                            num_frames=settings.num_frames, image_size=settings.image_size,
                            cache_dir=os.path.join(work_dir, f"cache-{seed}"),
                            work_dir=os.path.join(work_dir, f"extract-{seed}"),
-                           settings={"frame_stride": settings.frame_stride})
+                           settings={"frame_stride": settings.frame_stride,
+                                     "retarget_step": SYNTHETIC_RETARGET_STEP})
     builder.download_and_prepare()
     return builder.as_dataset(split="train"), builder
 

@@ -8,7 +8,7 @@ spans [-1, 1] edge to edge.
 import numpy as np
 
 ROBUST_FRACTION = 0.02  # the fastest 2 % of tracks define a group's speed
-RETARGET_STEP = 0.05  # one retargeted step = 0.05 of the robust path length unit
+RETARGET_STEP = 0.05  # released: one retargeted step = 0.05 of robust path length in (x / W, y / H, z) units
 MOVING_DIAGONAL_FRACTION = 1 / 20
 MIN_COVERAGE = 0.6
 
@@ -116,9 +116,17 @@ def moving_tracks(tracks: np.ndarray, valid: np.ndarray, image_size: tuple[int, 
     return displacement.max(axis=0) > MOVING_DIAGONAL_FRACTION * diagonal
 
 
-def robust_speed(normalized_tracks: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Per-frame speed of a group: the mean step of its fastest 2 % of tracks, (T - 1,) in normalised units."""
-    steps = np.linalg.norm(np.diff(normalized_tracks, axis=0), axis=-1)
+def path_coordinates(tracks: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
+    """(x / W, y / H, z) of pixel-and-metre tracks (..., 3): the space the released retargeting measures paths in
+    ([0, 1] image units, so a step of 0.05 there is 0.1 in the [-1, 1] units of u, v; z in metres)."""
+    height, width = image_size
+    return np.stack([tracks[..., 0] / width, tracks[..., 1] / height, tracks[..., 2]], axis=-1)
+
+
+def robust_speed(path_tracks: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Per-frame speed of a group: the mean step of its fastest 2 % of tracks, (T - 1,), in the units of
+    `path_coordinates`."""
+    steps = np.linalg.norm(np.diff(path_tracks, axis=0), axis=-1)
     step_valid = valid[1:] & valid[:-1]
     steps = np.where(step_valid, steps, -np.inf)
     keep = max(1, int(np.ceil(ROBUST_FRACTION * steps.shape[1])))
@@ -126,8 +134,10 @@ def robust_speed(normalized_tracks: np.ndarray, valid: np.ndarray) -> np.ndarray
     return np.where(np.isfinite(fastest), fastest, 0.0).mean(axis=1)
 
 
-def retarget_times(speed: np.ndarray, anchor: int, num_steps: int, direction: int = 1) -> np.ndarray:
-    """Fractional frame times reached after every 0.05 of cumulative robust path length from `anchor`.
+def retarget_times(
+    speed: np.ndarray, anchor: int, num_steps: int, direction: int = 1, step: float = RETARGET_STEP
+) -> np.ndarray:
+    """Fractional frame times reached after every `step` of cumulative robust path length from `anchor`.
 
     Retargeting makes one step mean a fixed amount of motion, whatever the embodiment's speed. Steps beyond the
     motion available in the episode come back as NaN (invalid).
@@ -137,7 +147,7 @@ def retarget_times(speed: np.ndarray, anchor: int, num_steps: int, direction: in
     else:
         segment = speed[:anchor][::-1]
     cumulative = np.concatenate([[0.0], np.cumsum(segment)])
-    targets = RETARGET_STEP * np.arange(1, num_steps + 1)
+    targets = step * np.arange(1, num_steps + 1)
     times = np.full(num_steps, np.nan)
     reachable = targets <= cumulative[-1]
     if reachable.any() and cumulative[-1] > 0:
@@ -207,6 +217,7 @@ __all__ = [
     "motion_events",
     "moving_tracks",
     "normalize_pixels",
+    "path_coordinates",
     "project_to_camera",
     "retarget_times",
     "robust_speed",

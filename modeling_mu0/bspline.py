@@ -107,7 +107,9 @@ def fit_control_points(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit control points `(..., D, C)` to traces `(..., H, C)` of anchor-relative deltas by weighted least squares.
 
-    Minimises `sum_k w_k ||B_k P - y_k||^2 + ||B(0) P||^2 + smoothness * ||diff(P)||^2` with `w_k = valid[..., k]`.
+    Minimises `sum_k w_k ||B_k P - y_k||^2 + ||B(0) P||^2 + ||smoothness * diff(P)||^2` with `w_k = valid[..., k]`:
+    the Tikhonov rows `smoothness * Γ` are stacked under the design matrix, so the normal equations carry
+    `smoothness² ΓᵀΓ` (the released fit; λ = 0.2 adds 0.04 ΓᵀΓ).
     The anchor term pins the curve start to the current point and, with the first-difference penalty, makes the
     normal equations SPD for any mask when `smoothness > 0`. `smoothness = 0` gives an exact least-squares fit but
     needs valid steps on every Bézier piece, otherwise the system is singular. Invalid entries (NaN included) are
@@ -135,7 +137,7 @@ def fit_control_points(
     targets = torch.where(valid.unsqueeze(-1), traces.to(solve_dtype), 0.0)
 
     normal = torch.einsum("hd,...h,he->...de", basis, weights, basis)
-    normal = normal + torch.outer(anchor, anchor) + smoothness * difference.T @ difference
+    normal = normal + torch.outer(anchor, anchor) + smoothness**2 * difference.T @ difference
     rhs = torch.einsum("hd,...h,...hc->...dc", basis, weights, targets)
     control_points = torch.linalg.solve(normal, rhs)
     if clip is not None:

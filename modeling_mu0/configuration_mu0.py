@@ -72,7 +72,8 @@ class Mu0Config(PreTrainedConfig):
         horizon (`int`, defaults to 32): future steps of a trace.
         num_control_points (`int`, defaults to 10): B-spline control points D (4, 7 or 10).
         spline_degree (`int`, defaults to 3): B-spline degree (cubic).
-        spline_smoothness (`float`, defaults to 0.2): first-difference Tikhonov weight of the control-point fit.
+        spline_smoothness (`float`, defaults to 0.2): first-difference Tikhonov weight λ of the control-point fit,
+            stacked as rows λΓ under the design matrix (normal equations AᵀWA + λ²ΓᵀΓ), as released.
         control_point_clip (`float`, defaults to 1.5): control points are clipped to this magnitude.
         expert_width_factor (`float`, defaults to 0.5): expert width relative to the backbone text width.
         self_attn_every_n_layers (`int`, defaults to 2):
@@ -83,11 +84,17 @@ class Mu0Config(PreTrainedConfig):
         time_sampling_beta_alpha, time_sampling_beta_beta, time_sampling_scale, time_sampling_offset:
             training time `t = scale * Beta(alpha, beta) + offset`.
         min_period, max_period (`float`): range of the sinusoidal flow-time embedding.
+        time_embedding_dim (`int`, defaults to 256): width of that sinusoid, before the adaLN time MLP.
+        rope_max_wavelength (`float`, defaults to 10000.0):
+            rotary wavelength of the prefix and the expert. The released recipe uses 10 000 whatever rope theta the
+            backbone was pretrained with (SmolLM2: 130 000).
         done_loss_weight (`float`, defaults to 0.5): weight of the done-head BCE.
         rigidity_loss_weight (`float`, defaults to 5.0): weight of the same-cluster rigidity term.
         done_bias_init (`float`, defaults to 3.0): initial bias of the done head (traces start "alive").
         use_depth (`bool`, defaults to `True`): accept a rendered depth image as a second prefix image.
         depth_lora_rank, depth_lora_alpha (`int`): LoRA on the vision tower, active for the depth pass only.
+        depth_clone_stem (`bool`, defaults to `True`): the depth pass uses its own trainable copy of the vision
+            tower's patch convolution.
         use_dino (`bool`, defaults to `True`): fuse DINOv2 features sampled at each query point.
         use_history (`bool`, defaults to `True`):
             Encode each query's past steps in its history token; `False` keeps the token but never shows it the past
@@ -137,12 +144,15 @@ class Mu0Config(PreTrainedConfig):
     time_sampling_offset: float = 0.001
     min_period: float = 4e-3
     max_period: float = 4.0
+    time_embedding_dim: int = 256
+    rope_max_wavelength: float = 10000.0
     done_loss_weight: float = 0.5
     rigidity_loss_weight: float = 5.0
     done_bias_init: float = 3.0
     use_depth: bool = True
     depth_lora_rank: int = 8
     depth_lora_alpha: int = 16
+    depth_clone_stem: bool = True
     use_dino: bool = True
     use_history: bool = True
     use_done_head: bool = True
@@ -234,6 +244,10 @@ class Mu0Config(PreTrainedConfig):
             raise ValueError("use_depth=True needs depth_lora_rank >= 1 (the depth pass has its own LoRA).")
         if not 0.0 < self.time_sampling_scale + self.time_sampling_offset <= 1.0:
             raise ValueError("time_sampling_scale + time_sampling_offset must lie in (0, 1].")
+        if self.time_embedding_dim < 2 or self.time_embedding_dim % 2:
+            raise ValueError(f"time_embedding_dim must be a positive even number, got {self.time_embedding_dim}.")
+        if not self.rope_max_wavelength > 1:
+            raise ValueError(f"rope_max_wavelength must be > 1, got {self.rope_max_wavelength}.")
         if self.num_fourier_frequencies < 1:
             raise ValueError("num_fourier_frequencies must be >= 1.")
         if self.image_size < 1 or self.dino_image_size < 1 or self.max_prompt_length < 1:

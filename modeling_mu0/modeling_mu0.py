@@ -7,6 +7,7 @@ projections. Each query point contributes two suffix tokens (history, future); f
 through adaLN-Zero, so the frozen backbone stream is never modulated.
 """
 
+import copy
 import math
 import numbers
 from contextlib import contextmanager
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, PreTrainedModel
+from transformers import AutoConfig, AutoModel, DynamicCache, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
@@ -89,7 +90,9 @@ class Mu0DepthLoRALinear(nn.Linear):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         output = super().forward(hidden_states)
         if self.depth_active:
-            output = output + self.lora_B(self.lora_A(hidden_states)) * self.scaling
+            # The LoRA may stay in fp32 under a bf16 tower (the released dtypes): compute it in its own dtype.
+            update = self.lora_B(self.lora_A(hidden_states.to(self.lora_A.weight.dtype))) * self.scaling
+            output = output + update.to(output.dtype)
         return output
 
 
@@ -161,17 +164,65 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rotary_embedding(
+    positions: torch.Tensor, head_dim: int, max_wavelength: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin (B, L, head_dim) of rotary positions (B, L), half-split layout, in fp32 then cast.
+
+    The released recipe rotates the backbone and the expert alike with wavelength 10 000, whatever rope theta the
+    backbone was pretrained with, so μ0 computes its own table instead of the backbone's.
+    """
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim
+    angles = positions[..., None].float() / (max_wavelength**exponents)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, heads, L, head_dim) by one position per batch element (cos/sin are (B, head_dim))."""
-    cos, sin = cos[:, None, None, :], sin[:, None, None, :]
+    """Rotate (B, heads, L, head_dim) by cos/sin of shape (B, L, head_dim) (L may be 1 to broadcast one position)."""
+    cos, sin = cos[:, None], sin[:, None]
     return x * cos + rotate_half(x) * sin
 
 
 def sinusoidal_time_embedding(time: torch.Tensor, dim: int, min_period: float, max_period: float) -> torch.Tensor:
-    fraction = torch.linspace(0.0, 1.0, dim // 2, dtype=torch.float32, device=time.device)
+    """[sin | cos] of the flow time at log-spaced periods, in float64 where the device has it: at the shortest
+    period the angle reaches ~1.6e3 rad, where float32 rounding alone moves the embedding by ~1e-4."""
+    dtype = torch.float32 if time.device.type == "mps" else torch.float64
+    fraction = torch.linspace(0.0, 1.0, dim // 2, dtype=dtype, device=time.device)
     period = min_period * (max_period / min_period) ** fraction
-    angles = time.float()[:, None] * (2 * math.pi / period)[None, :]
+    angles = time.to(dtype)[:, None] * (2 * math.pi / period)[None, :]
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class Mu0RMSNorm(nn.Module):
+    """RMSNorm with a learned scale, computed in fp32 (the Llama form the released expert layers use)."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        hidden_states = hidden_states.float()
+        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * hidden_states.to(dtype)
+
+
+class Mu0TimestepEmbedder(nn.Module):
+    """Flow time -> sinusoid (`time_embedding_dim` wide) -> Linear -> SiLU -> Linear: the adaLN condition."""
+
+    def __init__(self, config: Mu0Config):
+        super().__init__()
+        hidden = config.expert_hidden_size
+        self.embedding_dim = config.time_embedding_dim
+        self.min_period, self.max_period = config.min_period, config.max_period
+        self.mlp_in = nn.Linear(self.embedding_dim, hidden)
+        self.mlp_out = nn.Linear(hidden, hidden)
+
+    def forward(self, time: torch.Tensor) -> torch.Tensor:
+        embedding = sinusoidal_time_embedding(time, self.embedding_dim, self.min_period, self.max_period)
+        return self.mlp_out(F.silu(self.mlp_in(embedding.to(self.mlp_in.weight.dtype))))
 
 
 class Mu0FourierEmbedding(nn.Module):
@@ -190,7 +241,12 @@ class Mu0FourierEmbedding(nn.Module):
 
 
 class Mu0ExpertAttention(nn.Module):
-    """Suffix queries over prefix keys/values (cross layers) or over [prefix; suffix] (joint layers)."""
+    """Suffix queries over [prefix; suffix] keys/values (joint layers) or over the prefix alone (cross layers).
+
+    Joint layers rotate the suffix queries and keys at the suffix position. Cross layers re-project the backbone's
+    rotated prefix keys and its values through their own k/v projections, and their queries sit at position 0,
+    which leaves them unrotated.
+    """
 
     def __init__(self, config: Mu0Config, joint: bool):
         super().__init__()
@@ -202,7 +258,6 @@ class Mu0ExpertAttention(nn.Module):
         hidden = config.expert_hidden_size
         kv_dim = self.num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
-        # Joint layers project the suffix; cross layers re-project the backbone's prefix keys/values.
         kv_in = hidden if joint else kv_dim
         self.k_proj = nn.Linear(kv_in, kv_dim, bias=False)
         self.v_proj = nn.Linear(kv_in, kv_dim, bias=False)
@@ -220,8 +275,9 @@ class Mu0ExpertAttention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
     ) -> torch.Tensor:
-        query = apply_rotary(self._heads(self.q_proj(hidden_states), self.num_heads), cos, sin)
+        query = self._heads(self.q_proj(hidden_states), self.num_heads)
         if self.joint:
+            query = apply_rotary(query, cos, sin)
             suffix_keys = apply_rotary(self._heads(self.k_proj(hidden_states), self.num_kv_heads), cos, sin)
             suffix_values = self._heads(self.v_proj(hidden_states), self.num_kv_heads)
             keys = torch.cat([prefix_keys.to(query.dtype), suffix_keys], dim=2)
@@ -233,12 +289,12 @@ class Mu0ExpertAttention(nn.Module):
             values = self._heads(self.v_proj(flat_values), self.num_kv_heads)
         groups = self.num_heads // self.num_kv_heads
         attended = F.scaled_dot_product_attention(
-            query,
-            keys.repeat_interleave(groups, dim=1),
-            values.repeat_interleave(groups, dim=1),
+            query.float(),
+            keys.repeat_interleave(groups, dim=1).float(),
+            values.repeat_interleave(groups, dim=1).float(),
             attn_mask=attention_mask[:, None],
         )
-        return self.o_proj(attended.transpose(1, 2).flatten(2))
+        return self.o_proj(attended.to(hidden_states.dtype).transpose(1, 2).flatten(2))
 
 
 class Mu0ExpertMLP(nn.Module):
@@ -253,16 +309,18 @@ class Mu0ExpertMLP(nn.Module):
 
 
 class Mu0ExpertLayer(GradientCheckpointingLayer):
-    """One trace-expert block; adaLN-Zero modulation starts at zero so the block starts as the identity."""
+    """One trace-expert block: Llama pre-norms followed by adaLN-Zero (shift, scale) and a gate on each residual
+    branch. The modulation starts at zero, so the block starts as the identity."""
 
     def __init__(self, config: Mu0Config, layer_idx: int):
         super().__init__()
         hidden = config.expert_hidden_size
+        eps = getattr(config.vlm_config.get_text_config(), "rms_norm_eps", 1e-6)
         self.layer_idx = layer_idx
         self.joint = layer_idx % config.self_attn_every_n_layers == 0
-        self.attn_norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.input_layernorm = Mu0RMSNorm(hidden, eps)
         self.attention = Mu0ExpertAttention(config, joint=self.joint)
-        self.mlp_norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.post_attention_layernorm = Mu0RMSNorm(hidden, eps)
         self.mlp = Mu0ExpertMLP(hidden, config.expert_intermediate_size)
         self.adaln_modulation = zero_initialised(nn.Linear(hidden, 6 * hidden))
 
@@ -278,15 +336,33 @@ class Mu0ExpertLayer(GradientCheckpointingLayer):
     ) -> torch.Tensor:
         modulation = self.adaln_modulation(F.silu(time_condition))[:, None, :]
         shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=-1)
-        normed = self.attn_norm(hidden_states) * (1 + scale_attn) + shift_attn
+        normed = self.input_layernorm(hidden_states) * (1 + scale_attn) + shift_attn
         hidden_states = hidden_states + gate_attn * self.attention(
             normed, prefix_keys, prefix_values, attention_mask, cos, sin
         )
-        normed = self.mlp_norm(hidden_states) * (1 + scale_mlp) + shift_mlp
+        normed = self.post_attention_layernorm(hidden_states) * (1 + scale_mlp) + shift_mlp
         return hidden_states + gate_mlp * self.mlp(normed)
 
 
-class Mu0PreTrainedModel(PreTrainedModel):
+class Mu0FrozenPartsMixin:
+    """Which parameters train is a function of the config: every load path re-applies it.
+
+    `from_pretrained` rebuilds parameters from the checkpoint with `requires_grad=True`, which would silently train
+    a frozen 2 B backbone on every resume or fine-tune.
+    """
+
+    def apply_frozen_parts(self) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.apply_frozen_parts()
+        return loaded
+
+
+class Mu0PreTrainedModel(Mu0FrozenPartsMixin, PreTrainedModel):
     config: Mu0Config
     config_class = Mu0Config
     base_model_prefix = "mu0"
@@ -309,6 +385,8 @@ class Mu0PreTrainedModel(PreTrainedModel):
         if getattr(module, "zero_init", False):
             nn.init.zeros_(module.weight)
             nn.init.constant_(module.bias, getattr(module, "bias_init", 0.0))
+        elif isinstance(module, Mu0RMSNorm):
+            nn.init.ones_(module.weight)
         elif isinstance(module, Mu0FourierEmbedding):
             module.frequencies.copy_(math.pi * 2.0 ** torch.arange(len(module.frequencies)))
         elif isinstance(module, Mu0DepthLoRALinear):
@@ -327,6 +405,18 @@ def zero_initialised(linear: nn.Linear, bias: float = 0.0) -> nn.Linear:
     return linear
 
 
+def _patch_embedding_owner(vision_tower: nn.Module) -> tuple[nn.Module, str]:
+    """The module holding the vision tower's patch convolution and its attribute name (swapped for depth)."""
+    for name, module in vision_tower.named_modules():
+        if name.endswith("patch_embedding") and isinstance(module, nn.Conv2d):
+            parent = vision_tower.get_submodule(name.rsplit(".", 1)[0]) if "." in name else vision_tower
+            return parent, name.rsplit(".", 1)[-1]
+    raise ValueError(
+        f"depth_clone_stem=True but the vision tower {type(vision_tower).__name__} has no Conv2d named "
+        "'patch_embedding'; set depth_clone_stem=False for this backbone."
+    )
+
+
 class Mu0ForTracePrediction(Mu0PreTrainedModel):
     """Predicts the future 3D traces of query points from one image, an instruction and optional depth/history."""
 
@@ -337,24 +427,27 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
         self.vlm = AutoModel.from_config(config.vlm_config)
         self.dino = AutoModel.from_config(config.dino_config) if config.use_dino else None
         self._depth_lora_layers = self._add_depth_lora() if config.use_depth else []
+        if config.use_depth and config.depth_clone_stem:
+            owner, name = _patch_embedding_owner(self.vision_tower)
+            # A trainable copy of the patch convolution, used only while encoding the depth image.
+            self.depth_patch_embedding = copy.deepcopy(getattr(owner, name))
+        else:
+            self.depth_patch_embedding = None
 
-        use_history = config.use_history and config.history_length > 0
-        self.history_proj = nn.Linear(4 * config.history_length, hidden) if use_history else None
+        self.history_proj = nn.Linear(3 * config.history_length, hidden) if self.uses_history else None
         self.future_proj = nn.Linear(3 * config.trace_length, hidden)
         self.group_embedding = nn.Embedding(2, hidden)
         self.point_fourier = Mu0FourierEmbedding(config.num_fourier_frequencies, hidden)
         if config.use_dino:
             self.dino_fusion_in = nn.Linear(hidden + config.dino_config.hidden_size, hidden)
-            self.dino_fusion_out = zero_initialised(nn.Linear(hidden, hidden))
+            self.dino_fusion_out = nn.Linear(hidden, hidden)
         else:
             self.dino_fusion_in = self.dino_fusion_out = None
-        self.time_mlp_in = nn.Linear(hidden, hidden)
-        self.time_mlp_out = nn.Linear(hidden, hidden)
+        self.time_embedder = Mu0TimestepEmbedder(config)
         self.expert_layers = nn.ModuleList(
             [Mu0ExpertLayer(config, layer_idx) for layer_idx in range(text_config.num_hidden_layers)]
         )
-        self.final_norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.final_modulation = zero_initialised(nn.Linear(hidden, 2 * hidden))
+        self.expert_norm = Mu0RMSNorm(hidden, getattr(text_config, "rms_norm_eps", 1e-6))
         self.trace_velocity_head = nn.Linear(hidden, 3 * config.trace_length)
         self.trace_done_head = (
             zero_initialised(nn.Linear(hidden, config.horizon), bias=config.done_bias_init) if config.use_done_head else None
@@ -363,7 +456,11 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
             "spline_basis", bspline_basis(config.horizon, config.num_control_points, config.spline_degree), persistent=False
         )
         self.post_init()
-        self._freeze_backbone()
+        self.apply_frozen_parts()
+
+    @property
+    def uses_history(self) -> bool:
+        return self.config.use_history and self.config.history_length > 0
 
     # ----------------------------------------------------------------------------------------------- backbone
     @property
@@ -373,6 +470,14 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
     @property
     def vision_tower(self) -> nn.Module:
         return self.vlm.get_encoder(modality="image")
+
+    @property
+    def backbone_dtype(self) -> torch.dtype:
+        return self.vlm.get_input_embeddings().weight.dtype
+
+    @property
+    def expert_dtype(self) -> torch.dtype:
+        return self.future_proj.weight.dtype
 
     def _add_depth_lora(self) -> list[Mu0DepthLoRALinear]:
         """Swap the vision tower's attention/MLP projections for depth-gated LoRA projections."""
@@ -400,7 +505,8 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
             )
         return layers
 
-    def _freeze_backbone(self) -> None:
+    def apply_frozen_parts(self) -> None:
+        """Freeze the backbone and DINOv2 as configured; the depth LoRA and depth stem always train."""
         if self.config.freeze_vision_tower:
             for name, parameter in self.vlm.named_parameters():
                 if not name.startswith(self._text_model_prefix()):
@@ -412,12 +518,31 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
         for layer in self._depth_lora_layers:
             layer.lora_A.requires_grad_(True)
             layer.lora_B.requires_grad_(True)
+        if self.depth_patch_embedding is not None:
+            self.depth_patch_embedding.requires_grad_(True)
+
+    def set_backbone_dtype(self, dtype: torch.dtype) -> "Mu0ForTracePrediction":
+        """Frozen backbone, DINOv2 and depth stem in `dtype` (the released checkpoint keeps them in bf16), while the
+        trainable depth LoRA and the trace expert stay in their own dtype (fp32 as released)."""
+        lora_dtype = None if not self._depth_lora_layers else self._depth_lora_layers[0].lora_A.weight.dtype
+        for module in (self.vlm, self.dino, self.depth_patch_embedding):
+            if module is not None:
+                module.to(dtype)
+        for layer in self._depth_lora_layers:
+            layer.lora_A.to(lora_dtype)
+            layer.lora_B.to(lora_dtype)
+        return self
 
     def _text_model_prefix(self) -> str:
         return next(name for name, module in self.vlm.named_modules() if module is self.text_model) + "."
 
     @contextmanager
     def _depth_pass(self):
+        """Encode with the depth LoRA on and, when configured, the depth patch stem swapped in."""
+        if self.depth_patch_embedding is not None:
+            owner, name = _patch_embedding_owner(self.vision_tower)
+            rgb_stem = getattr(owner, name)
+            setattr(owner, name, self.depth_patch_embedding)
         for layer in self._depth_lora_layers:
             layer.depth_active = True
         try:
@@ -425,9 +550,11 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
         finally:
             for layer in self._depth_lora_layers:
                 layer.depth_active = False
+            if self.depth_patch_embedding is not None:
+                setattr(owner, name, rgb_stem)
 
     def _encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return encode_images(self.vlm, pixel_values.to(self.dtype))
+        return encode_images(self.vlm, pixel_values.to(self.backbone_dtype))
 
     def _bidirectional_mask(self, prefix_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """4-D mask letting every prefix token see every valid prefix token (images, depth and prompt alike).
@@ -438,6 +565,10 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
         allowed = (prefix_mask[:, None, :] | eye[None])[:, None]
         return text_attention_mask(self.text_model, allowed, dtype)
 
+    def _head_dim(self) -> int:
+        text_config = self.config.vlm_config.get_text_config()
+        return getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+
     def compute_prefix(
         self,
         pixel_values: torch.Tensor,
@@ -446,7 +577,12 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
         depth_pixel_values: torch.Tensor | None = None,
         depth_mask: torch.Tensor | None = None,
     ) -> Mu0Prefix:
-        """Run the backbone once over [image, depth, prompt] and keep every layer's keys/values."""
+        """Run the kept backbone layers once over [image, depth, prompt] and keep every layer's keys/values.
+
+        Embeddings are scaled by sqrt(hidden) and rotated with μ0's own rotary table (`rope_max_wavelength`), as in
+        the released recipe. A depth image with `depth_mask` False is left out: its tokens would be masked keys with
+        no position, so the result is the same as encoding and masking them.
+        """
         batch_size = pixel_values.shape[0]
         device = pixel_values.device
         embeds = [self._encode_images(pixel_values)]
@@ -461,16 +597,24 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
         embeds.append(self.vlm.get_input_embeddings()(input_ids))
         text_mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         masks.append(text_mask)
-        inputs_embeds = torch.cat([e.to(embeds[-1].dtype) for e in embeds], dim=1)
+        hidden_states = torch.cat([e.to(embeds[-1].dtype) for e in embeds], dim=1)
+        hidden_states = hidden_states * torch.tensor(hidden_states.shape[-1] ** 0.5, dtype=hidden_states.dtype)
         prefix_mask = torch.cat(masks, dim=1)
         position_ids = (prefix_mask.long().cumsum(-1) - 1).clamp(min=0)
-        output = self.text_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=self._bidirectional_mask(prefix_mask, inputs_embeds.dtype),
-            position_ids=position_ids,
-            use_cache=True,
+        position_embeddings = rotary_embedding(
+            position_ids, self._head_dim(), self.config.rope_max_wavelength, hidden_states.dtype
         )
-        cache = output.past_key_values
+        layer_mask = self._bidirectional_mask(prefix_mask, hidden_states.dtype)
+        cache = DynamicCache(config=self.text_model.config)
+        for layer in self.text_model.layers[: self.config.num_vlm_layers]:
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=layer_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=True,
+                position_embeddings=position_embeddings,
+            )
         return Mu0Prefix(
             keys=[layer.keys for layer in cache.layers],
             values=[layer.values for layer in cache.layers],
@@ -479,16 +623,16 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
 
     # ------------------------------------------------------------------------------------------------ suffix
     def _dino_features(self, dino_pixel_values: torch.Tensor, query_points: torch.Tensor) -> torch.Tensor:
-        """DINOv2 patch features bilinearly sampled at each query's (u, v) in [-1, 1]."""
+        """DINOv2 patch features (CLS dropped) bilinearly sampled at each query's (u, v) in [-1, 1]."""
         patch_size = self.config.dino_config.patch_size
         grid_h, grid_w = dino_pixel_values.shape[-2] // patch_size, dino_pixel_values.shape[-1] // patch_size
         with torch.no_grad():
-            tokens = self.dino(pixel_values=dino_pixel_values.to(self.dtype)).last_hidden_state[:, -grid_h * grid_w :]
+            tokens = self.dino(pixel_values=dino_pixel_values.to(self.dino.dtype)).last_hidden_state[:, -grid_h * grid_w :]
         feature_map = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, grid_h, grid_w)
         sampled = F.grid_sample(
             feature_map.float(), query_points[:, :, None, :].float(), mode="bilinear", align_corners=False
         )
-        return sampled[..., 0].transpose(1, 2).to(self.dtype)
+        return sampled[..., 0].transpose(1, 2).to(self.expert_dtype)
 
     def _point_context(
         self, query_points: torch.Tensor, dino_pixel_values: torch.Tensor | None
@@ -504,55 +648,65 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
     def _embed_suffix(
         self,
         noisy_control_points: torch.Tensor,
+        query_mask: torch.Tensor,
         fourier: torch.Tensor,
         dino_features: torch.Tensor | None,
         history: torch.Tensor | None,
-        history_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Two tokens per query, ordered [history_1..N, future_1..N]."""
-        batch_size, num_queries = noisy_control_points.shape[:2]
-        future = self.future_proj(noisy_control_points.flatten(2).to(self.dtype))
+        """Suffix tokens ordered [history_1..N, future_1..N] (future only without history), (B, T, hidden).
+
+        Each token is its projection plus a group embedding and the Fourier (u, v) term (zero for padded queries);
+        with DINO, `MLP([token, dino])` replaces the token, as released.
+        """
+        dtype = self.expert_dtype
+        future = self.future_proj(noisy_control_points.flatten(2).to(dtype))
+        groups = [future]
         if self.history_proj is not None:
-            if history is None:
-                history = noisy_control_points.new_zeros(batch_size, num_queries, self.config.history_length, 3)
-                history_mask = noisy_control_points.new_zeros(batch_size, num_queries, self.config.history_length)
-            history_mask = history_mask.to(history.dtype)
-            history_features = torch.cat([history * history_mask[..., None], history_mask[..., None]], dim=-1)
-            past = self.history_proj(history_features.flatten(2).to(self.dtype))
-        else:
-            past = torch.zeros_like(future)
-        tokens = torch.stack([past, future], dim=1) + self.group_embedding.weight[None, :, None, :]
-        tokens = tokens + fourier[:, None]
+            past = future.new_zeros(*future.shape[:2], 3 * self.config.history_length) if history is None else history.flatten(2)
+            groups.insert(0, self.history_proj(past.to(dtype)))
+        offset = 2 - len(groups)
+        tokens = torch.stack(groups, dim=1) + self.group_embedding.weight[offset:, None, :][None]
+        tokens = tokens + (fourier * query_mask[..., None].to(fourier.dtype))[:, None]
         if dino_features is not None:
-            dino = dino_features[:, None].expand(-1, 2, -1, -1)
-            tokens = tokens + self.dino_fusion_out(F.silu(self.dino_fusion_in(torch.cat([tokens, dino], dim=-1))))
+            dino = (dino_features * query_mask[..., None].to(dino_features.dtype))[:, None].expand(-1, len(groups), -1, -1)
+            tokens = self.dino_fusion_out(F.silu(self.dino_fusion_in(torch.cat([tokens, dino.to(dtype)], dim=-1))))
         return tokens.flatten(1, 2)
 
-    def _attention_masks(self, prefix_mask: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
-        """(B, 2N, L + 2N) boolean mask: prefix keys, then suffix keys.
+    def _attention_masks(
+        self, prefix_mask: torch.Tensor, query_mask: torch.Tensor, history_visible: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, T, L + T) boolean mask over prefix keys, then suffix keys (T = 2N with history tokens, else N).
 
-        History tokens see only (valid) history tokens; future tokens see every valid suffix token; padded queries
-        are never seen; every suffix token sees the valid prefix, so no row is empty.
+        History tokens see only visible history tokens; future tokens see every visible suffix token; padded queries
+        are never seen; every suffix token sees the valid prefix, so no row is empty. `history_visible` (B, N) says
+        whose history token may be seen (None: nobody's, the no-history case).
         """
-        num_queries = query_mask.shape[1]
-        is_history = torch.arange(2 * num_queries, device=query_mask.device) < num_queries
-        key_valid = query_mask.bool().repeat(1, 2)
-        suffix = key_valid[:, None, :] & (~is_history[:, None] | is_history[None, :])[None]
-        prefix = prefix_mask[:, None, :].expand(-1, 2 * num_queries, -1)
+        future_valid = query_mask.bool()
+        if self.history_proj is None:
+            suffix = future_valid[:, None, :].expand(-1, future_valid.shape[1], -1)
+        else:
+            visible = torch.zeros_like(future_valid) if history_visible is None else history_visible.bool() & future_valid
+            num_queries = query_mask.shape[1]
+            is_history = torch.arange(2 * num_queries, device=query_mask.device) < num_queries
+            key_valid = torch.cat([visible, future_valid], dim=1)
+            suffix = key_valid[:, None, :] & (~is_history[:, None] | is_history[None, :])[None]
+        prefix = prefix_mask[:, None, :].expand(-1, suffix.shape[1], -1)
         return torch.cat([prefix, suffix], dim=-1)
 
-    def _time_condition(self, time: torch.Tensor) -> torch.Tensor:
-        embedding = sinusoidal_time_embedding(
-            time, self.config.expert_hidden_size, self.config.min_period, self.config.max_period
-        )
-        return self.time_mlp_out(F.silu(self.time_mlp_in(embedding.to(self.dtype))))
-
     def _suffix_rotary(self, prefix: Mu0Prefix) -> tuple[torch.Tensor, torch.Tensor]:
-        """All suffix tokens share one position id (right after the prefix), so query order does not matter."""
+        """cos/sin (B, 1, head_dim) at the one position every suffix token shares (the real prefix length), so
+        query order does not matter."""
         positions = prefix.attention_mask.long().sum(-1, keepdim=True)
-        probe = prefix.keys[0].new_zeros(positions.shape[0], 1, 1)
-        cos, sin = self.text_model.rotary_emb(probe, positions)
-        return cos[:, 0], sin[:, 0]
+        return rotary_embedding(positions, self._head_dim(), self.config.rope_max_wavelength, self.expert_dtype)
+
+    @staticmethod
+    def _history_visible(history: torch.Tensor | None, history_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Queries whose history token is shown: those with at least one valid past step (None without history)."""
+        if history is None:
+            return None
+        if history_mask is None:
+            return torch.ones(history.shape[:2], dtype=torch.bool, device=history.device)
+        return history_mask.bool().any(-1)
 
     def denoise_step(
         self,
@@ -572,10 +726,11 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
         """
         future_states = self.future_token_states(
             prefix, noisy_control_points, time, query_mask, fourier, dino_features, history, history_mask
-        )
-        velocity = self.trace_velocity_head(future_states).view(*future_states.shape[:2], -1, 3)
-        done_logits = None if self.trace_done_head is None else self.trace_done_head(future_states).float()
-        return velocity.float(), done_logits
+        ).float()
+        velocity = self.trace_velocity_head(future_states.to(self.expert_dtype)).float()
+        velocity = velocity.view(*future_states.shape[:2], -1, 3)
+        done_logits = None if self.trace_done_head is None else self.trace_done_head(future_states.to(self.expert_dtype)).float()
+        return velocity, done_logits
 
     def future_token_states(
         self,
@@ -589,17 +744,26 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
         history_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final expert states (B, N, hidden) of the future tokens: what the heads read, and what an action
-        expert pools into motion tokens."""
+        expert pools into motion tokens.
+
+        history (B, N, h, 3): past positions, oldest first, relative to the current point in (u, v) units and metres,
+        not divided by `delta_scale`, zero where invalid. history_mask (B, N, h): their validity; a query whose
+        history has no valid step shows no history token, and without `history` no history token is shown.
+        """
         num_queries = noisy_control_points.shape[1]
-        hidden_states = self._embed_suffix(noisy_control_points, fourier, dino_features, history, history_mask)
-        condition = self._time_condition(time)
-        mask = self._attention_masks(prefix.attention_mask, query_mask)
+        if history is not None and tuple(history.shape) != (*noisy_control_points.shape[:2], self.config.history_length, 3):
+            raise ValueError(
+                f"history must have shape (B, N, history_length={self.config.history_length}, 3), got "
+                f"{tuple(history.shape)}."
+            )
+        hidden_states = self._embed_suffix(noisy_control_points, query_mask, fourier, dino_features, history)
+        condition = self.time_embedder(time)
+        mask = self._attention_masks(prefix.attention_mask, query_mask, self._history_visible(history, history_mask))
         cos, sin = self._suffix_rotary(prefix)
         for layer, keys, values in zip(self.expert_layers, prefix.keys, prefix.values):
             layer_mask = mask if layer.joint else mask[..., : keys.shape[2]]
             hidden_states = layer(hidden_states, condition, keys, values, layer_mask, cos, sin)
-        shift, scale = self.final_modulation(F.silu(condition))[:, None, :].chunk(2, dim=-1)
-        return (self.final_norm(hidden_states) * (1 + scale) + shift)[:, num_queries:]
+        return self.expert_norm(hidden_states)[:, -num_queries:]
 
     # ------------------------------------------------------------------------------------------------ inputs
     def _validate_queries(
@@ -641,7 +805,9 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
         r"""
         query_points (`(B, N, 2)`): current (u, v) of each query, normalised to [-1, 1] by width and height.
         query_mask (`(B, N)`): False for padded queries.
-        history / history_mask (`(B, N, h, 3)` / `(B, N, h)`): time-reversed past steps as normalised deltas.
+        history / history_mask (`(B, N, h, 3)` / `(B, N, h)`): past positions, oldest first, relative to the
+            current point ((u, v) units and metres, not divided by `delta_scale`, zero where invalid), and their
+            validity. Without `history` no history token is shown (the no-history protocol).
         cluster_ids (`(B, N)`): entity id of each query (-1 for none); drives the rigidity loss.
         labels / labels_mask (`(B, N, H, 3)` / `(B, N, H)`): dense future traces as normalised anchor-relative
             deltas and their per-step validity. Control-point targets are fitted here, so callers never handle
@@ -664,7 +830,9 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
         if labels_mask is None:
             raise ValueError("labels were given without labels_mask (per-step validity of the future trace).")
         labels_mask = labels_mask.bool() & query_mask[..., None]
-        targets, trained = self._trace_targets(labels.float(), labels_mask, query_mask)
+        # Targets are fitted in fp32 even under bf16 autocast: half precision moves control points by up to 6e-3.
+        with torch.autocast(device_type=labels.device.type, enabled=False):
+            targets, trained = self._trace_targets(labels.float(), labels_mask, query_mask)
         if self.config.trace_objective == "regression":
             time = torch.ones(batch_size, device=labels.device)
             velocity, done_logits = self.denoise_step(
@@ -681,10 +849,11 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
                 prefix, noisy, time, query_mask, fourier, dino_features, history, history_mask
             )
             clean, error = noisy - expanded_time * velocity, velocity - (noise - targets)
+        # Squared error summed over a query's trace values (30 for D=10), averaged over trained queries, as released.
         if self.config.trace_parameterisation == "dense":  # only valid steps have a target
-            per_query = ((error**2).mean(-1) * labels_mask).sum(-1) / labels_mask.sum(-1).clamp(min=1)
+            per_query = ((error**2).sum(-1) * labels_mask).sum(-1)
         else:
-            per_query = (error**2).mean(dim=(-1, -2))
+            per_query = (error**2).sum(dim=(-1, -2))
         flow_loss = (per_query * trained).sum() / trained.sum().clamp(min=1)
         if done_logits is None:
             done_loss = velocity.new_zeros(())
@@ -728,15 +897,21 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
     def rigidity_loss(clean_control_points: torch.Tensor, cluster_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Variance over the control-point (or step) index of pairwise distances between same-cluster queries.
 
-        A rigid part keeps its points' mutual distances through time, so a prediction that stretches it pays.
+        A rigid part keeps its points' mutual distances through time, so a prediction that stretches it pays. As
+        released: the mean over a cluster's pairs, then the mean over every (sample, cluster) with two or more
+        valid queries, so a large cluster weighs as much as a small one.
         """
         points = clean_control_points.transpose(1, 2)  # (B, D, N, 3)
         distances = (points[:, :, :, None, :] - points[:, :, None, :, :]).norm(dim=-1)  # (B, D, N, N)
-        same = (cluster_ids[:, :, None] == cluster_ids[:, None, :]) & (cluster_ids[:, :, None] >= 0)
-        pairs = same & valid[:, :, None] & valid[:, None, :]
-        pairs = pairs & ~torch.eye(pairs.shape[-1], dtype=torch.bool, device=pairs.device)[None]
+        member = valid & (cluster_ids >= 0)
+        same = (cluster_ids[:, :, None] == cluster_ids[:, None, :]) & member[:, :, None] & member[:, None, :]
+        pairs = same & ~torch.eye(same.shape[-1], dtype=torch.bool, device=same.device)[None]
+        cluster_size = same.sum(-1).to(distances.dtype)  # (B, N): valid members of each query's cluster
+        # Each unordered pair appears twice in `pairs`; a cluster of size K has K (K - 1) ordered pairs.
+        pair_weight = pairs / (cluster_size * (cluster_size - 1)).clamp(min=1)[:, :, None]
+        num_clusters = (member & (cluster_size >= 2)).to(distances.dtype) / cluster_size.clamp(min=1)
         variance = distances.var(dim=1, unbiased=False)
-        return (variance * pairs).sum() / pairs.sum().clamp(min=1)
+        return (variance * pair_weight).sum() / num_clusters.sum().clamp(min=1)
 
     # -------------------------------------------------------------------------------------------- inference
     def _make_scheduler(self, num_steps: int):
@@ -855,22 +1030,71 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
     def from_backbones(cls, config: Mu0Config | None = None, **loading_kwargs) -> "Mu0ForTracePrediction":
         """A fresh μ0 whose backbone and DINOv2 carry pretrained weights (`config.backbone_checkpoint`, `dino_checkpoint`).
 
-        Downloads from the Hub; the trace expert starts from its own initialisation.
+        The backbone configs are read from those checkpoints with `AutoConfig` (no hard-coded copy): without
+        `config`, the default μ0 is built on them; with one, its sub-configs must agree with them. Downloads from the
+        Hub unless the ids are local folders; the trace expert starts from its own initialisation and the depth
+        stem from the pretrained patch convolution.
         """
-        config = config or Mu0Config()
+        config = checked_backbone_config(config or Mu0Config(), **loading_kwargs)
         model = cls(config)
         for module, checkpoint in ((model.vlm, config.backbone_checkpoint), (model.dino, config.dino_checkpoint)):
             if module is None:
                 continue
-            if checkpoint is None:
-                raise ValueError(f"No checkpoint configured for {type(module).__name__}: set it in Mu0Config.")
             pretrained = AutoModel.from_pretrained(checkpoint, **loading_kwargs)
-            missing, unexpected = module.load_state_dict(pretrained.state_dict(), strict=False)
+            missing, _ = module.load_state_dict(pretrained.state_dict(), strict=False)
             missing = [key for key in missing if ".lora_" not in key]
             if missing:
                 raise ValueError(f"{checkpoint} lacks weights for {len(missing)} parameters, e.g. {missing[:3]}.")
-        model._freeze_backbone()
+        if model.depth_patch_embedding is not None:
+            owner, name = _patch_embedding_owner(model.vision_tower)
+            model.depth_patch_embedding.load_state_dict(getattr(owner, name).state_dict())
+        model.apply_frozen_parts()
         return model
+
+
+# Architecture fields a pretrained backbone must share with the μ0 config that will hold its weights.
+_ARCHITECTURE_FIELDS = (
+    "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
+    "num_hidden_layers", "patch_size", "image_size", "scale_factor",
+)
+
+
+def _architecture_mismatches(expected: PreTrainedConfig, actual: PreTrainedConfig, prefix: str) -> list[str]:
+    mismatches = []
+    for field in _ARCHITECTURE_FIELDS:
+        if field == "num_hidden_layers" and prefix.endswith("text_config"):
+            continue  # μ0 keeps the first num_vlm_layers of them
+        ours, theirs = getattr(expected, field, None), getattr(actual, field, None)
+        if ours is not None and theirs is not None and ours != theirs:
+            mismatches.append(f"{prefix}.{field}: Mu0Config has {ours}, the checkpoint {theirs}")
+    for name in ("text_config", "vision_config"):
+        ours, theirs = getattr(expected, name, None), getattr(actual, name, None)
+        if isinstance(ours, PreTrainedConfig) and isinstance(theirs, PreTrainedConfig):
+            mismatches += _architecture_mismatches(ours, theirs, f"{prefix}.{name}")
+    return mismatches
+
+
+def checked_backbone_config(config: Mu0Config, **loading_kwargs) -> Mu0Config:
+    """`config` with its VLM and DINOv2 configs read from their checkpoints, after checking the two agree."""
+    updates = {}
+    for field, checkpoint_field, enabled in (
+        ("vlm_config", "backbone_checkpoint", True),
+        ("dino_config", "dino_checkpoint", config.use_dino),
+    ):
+        if not enabled:
+            continue
+        checkpoint = getattr(config, checkpoint_field)
+        if checkpoint is None:
+            raise ValueError(f"Mu0Config.{checkpoint_field} is None: name the checkpoint whose weights to load.")
+        pretrained = AutoConfig.from_pretrained(checkpoint, **loading_kwargs)
+        mismatches = _architecture_mismatches(getattr(config, field), pretrained, field)
+        if mismatches:
+            raise ValueError(f"{checkpoint} does not match Mu0Config.{field}: " + "; ".join(mismatches))
+        updates[field] = pretrained.to_dict()
+    settings = {**config.to_dict(), **updates}
+    for key in ("model_type", "transformers_version", "architectures"):
+        settings.pop(key, None)
+    return Mu0Config(**settings)
 
 
 __all__ = ["Mu0PreTrainedModel", "Mu0ForTracePrediction", "Mu0TraceOutput", "Mu0TracePrediction", "Mu0Prefix"]

@@ -21,6 +21,7 @@ from .modeling_mu0 import (
     Mu0ExpertAttention,
     Mu0ExpertMLP,
     Mu0ForTracePrediction,
+    Mu0FrozenPartsMixin,
     Mu0Prefix,
     sample_flow_time,
     sampling_steps,
@@ -133,7 +134,7 @@ class Mu0ActionExpert(nn.Module):
         self.velocity_head = nn.Linear(width, config.action_dim)
 
 
-class Mu0ActionPreTrainedModel(PreTrainedModel):
+class Mu0ActionPreTrainedModel(Mu0FrozenPartsMixin, PreTrainedModel):
     config: Mu0ActionConfig
     config_class = Mu0ActionConfig
     base_model_prefix = "mu0_action"
@@ -160,8 +161,14 @@ class Mu0ForActionPrediction(Mu0ActionPreTrainedModel):
         self.trace_model = Mu0ForTracePrediction(config.trace_config)
         self.action_expert = Mu0ActionExpert(config)
         self.post_init()
-        if config.freeze_trace_model:
+        self.apply_frozen_parts()
+
+    def apply_frozen_parts(self) -> None:
+        """μ0 entirely frozen (`freeze_trace_model`), or only its configured backbone parts (LoRA adaptation)."""
+        if self.config.freeze_trace_model:
             self.trace_model.requires_grad_(False)
+        else:
+            self.trace_model.apply_frozen_parts()
 
     @classmethod
     def from_trace_model(cls, trace_model: str | Mu0ForTracePrediction, **config_kwargs) -> "Mu0ForActionPrediction":

@@ -33,8 +33,9 @@ def render_depth(depth: np.ndarray, log_min: float, log_max: float) -> np.ndarra
     depth = np.asarray(depth, dtype=np.float64)
     valid = np.isfinite(depth) & (depth > 1e-3)
     log_depth = np.log(np.clip(np.where(valid, depth, np.exp(log_max)), np.exp(log_min), np.exp(log_max)))
-    nearness = 1.0 - (log_depth - log_min) / (log_max - log_min)
-    return turbo_colormap(np.where(valid, nearness, 0.0)).astype(np.float32)
+    nearness = np.where(valid, 1.0 - (log_depth - log_min) / (log_max - log_min), 0.0)
+    # The released renderer looks colours up in a 256-entry table, truncating: quantise the same way.
+    return turbo_colormap(np.floor(np.clip(nearness, 0.0, 1.0) * 255) / 255).astype(np.float32)
 
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")  # how PIL opens 16-bit PNGs; convert("RGB") saturates them
@@ -84,8 +85,9 @@ def to_float_image(image) -> np.ndarray:
 
 class Mu0ImageProcessor(BaseImageProcessor):
     r"""
-    Resizes one RGB frame (plain bilinear, aspect not kept) to `image_size` normalised to [-1, 1] for the backbone
-    and to `dino_image_size` with ImageNet statistics for DINOv2, and renders optional metric depth as turbo colour.
+    Resizes one RGB frame (plain bilinear, aspect not kept) to `image_size` normalised to [-1, 1] for the backbone;
+    DINOv2 gets that square frame with ImageNet statistics, resized to `dino_image_size`. Optional metric depth is
+    rendered as turbo colour at the frame's resolution, then resized like the frame.
 
     Args:
         image_size (`int`, defaults to 512): backbone input side.
@@ -115,14 +117,18 @@ class Mu0ImageProcessor(BaseImageProcessor):
         self.dino_std = list(dino_std)
 
     @staticmethod
-    def _resize_normalize(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
-        resized = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        mean = torch.tensor(mean, dtype=resized.dtype)[None, :, None, None]
-        std = torch.tensor(std, dtype=resized.dtype)[None, :, None, None]
-        return (resized - mean) / std
+    def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+        """Plain bilinear resize to size x size (no antialiasing, aspect not kept), as the released data loader."""
+        return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+
+    @staticmethod
+    def _normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+        mean = torch.tensor(mean, dtype=images.dtype)[None, :, None, None]
+        std = torch.tensor(std, dtype=images.dtype)[None, :, None, None]
+        return (images - mean) / std
 
     def _normalize_all(self, frames: list[torch.Tensor], size: int, mean, std) -> torch.Tensor:
-        return torch.cat([self._resize_normalize(frame, size, mean, std) for frame in frames])
+        return torch.cat([self._normalize(self._resize(frame, size), mean, std) for frame in frames])
 
     def preprocess(
         self,
@@ -139,9 +145,12 @@ class Mu0ImageProcessor(BaseImageProcessor):
             raise ValueError("No images were given.")
         arrays = [to_float_image(image) for image in images]
         frames = [torch.from_numpy(array).permute(2, 0, 1)[None] for array in arrays]
-        data = {"pixel_values": self._normalize_all(frames, self.image_size, self.image_mean, self.image_std)}
+        backbone_frames = torch.cat([self._resize(frame, self.image_size) for frame in frames])
+        data = {"pixel_values": self._normalize(backbone_frames, self.image_mean, self.image_std)}
         if return_dino:
-            data["dino_pixel_values"] = self._normalize_all(frames, self.dino_image_size, self.dino_mean, self.dino_std)
+            # DINOv2 sees the backbone's square frame, normalised, then resized (the released order of operations).
+            dino_frames = self._normalize(backbone_frames, self.dino_mean, self.dino_std)
+            data["dino_pixel_values"] = self._resize(dino_frames, self.dino_image_size)
         if depth is not None:
             data.update(self._preprocess_depth(arrays, depth, depth_log_range))
         return BatchFeature(data=data, tensor_type=return_tensors)

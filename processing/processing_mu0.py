@@ -101,7 +101,8 @@ class Mu0Processor(ProcessorMixin):
             (N, 3) adds each point's current metric depth z, needed for history, future and metric output.
         depth: per image, an (H, W) metric depth map or None.
         history / history_mask: per image (N, h, 3) past (x, y, z) positions, most recent first, in the same
-            units as `query_points`, and their validity (N, h).
+            units as `query_points`, and their validity (N, h). The output `history` is oldest first and relative to
+            the current point in (u, v) units and metres (not divided by `delta_scale`), zero where invalid.
         future / future_mask: per image (N, H, 3) future positions in the current camera and validity (N, H):
             turned into training `labels` / `labels_mask`.
         cluster_ids: per image (N,) entity ids (-1 for none) for the rigidity loss.
@@ -215,6 +216,9 @@ class Mu0Processor(ProcessorMixin):
             deltas, mask = self._encode_deltas(
                 per_image[name], per_image[mask_name], anchors, counts, image_sizes, normalized, length, name
             )
+            if name == "history":
+                # The released history token reads the past oldest first, in (u, v) units and metres, unscaled.
+                deltas, mask = deltas.flip(2) * self.require_delta_scale(), mask.flip(2)
             data[out_name] = deltas
             data["labels_mask" if out_name == "labels" else "history_mask"] = mask
         if per_image["cluster_ids"] is not None:

@@ -112,6 +112,7 @@ def test_render_then_fit_is_exact(num_control_points, dtype, atol):
 
 
 def test_fit_matches_independent_weighted_least_squares():
+    # The released fit: least squares on [valid rows of B; anchor row; stacked Tikhonov rows λΓ] (λ itself, not √λ).
     num_steps, num_control_points, smoothness = 24, 10, 0.2
     traces = smooth_curves(8, num_steps, 2, seed=1)
     generator = torch.Generator().manual_seed(2)
@@ -123,7 +124,7 @@ def test_fit_matches_independent_weighted_least_squares():
     difference = np.diff(np.eye(num_control_points), axis=0)
     for row in range(8):
         weights = valid[row].double().numpy()[:, None]
-        system = np.concatenate([weights * basis.numpy(), anchor, math.sqrt(smoothness) * difference])
+        system = np.concatenate([weights * basis.numpy(), anchor, smoothness * difference])
         target = np.concatenate(
             [weights * traces[row].numpy(), np.zeros((1 + num_control_points - 1, traces.shape[-1]))]
         )

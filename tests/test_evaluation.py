@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import make_model, make_processor
 
+from mu0.dataset_builders.extraction import SYNTHETIC_RETARGET_STEP
 from mu0.presets import preset_config
 from mu0.training.cli import main
 from mu0.training.evaluation import (
@@ -35,7 +36,7 @@ def samples_dir(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("samples")
     builder = TraceExtract(config_name="samples", source="procedural", num_episodes=2, num_frames=40, image_size=64,
-                           cache_dir=str(root / "cache"), work_dir=str(root / "work"), settings={"frame_stride": 2})
+                           cache_dir=str(root / "cache"), work_dir=str(root / "work"), settings={"frame_stride": 2, "retarget_step": SYNTHETIC_RETARGET_STEP})
     builder.download_and_prepare()
     save_samples(builder.as_dataset(split="train"), builder.compute_statistics(), str(root / "samples"))
     return root / "samples"

@@ -86,13 +86,17 @@ def test_depth_lora_is_active_only_for_the_depth_pass(tiny_model, tiny_processor
 def test_suffix_attention_mask_rules(tiny_model):
     prefix_mask = torch.tensor([[True, True, False]])
     query_mask = torch.tensor([[True, True, False]])
-    mask = tiny_model._attention_masks(prefix_mask, query_mask)[0]
+    history_visible = torch.tensor([[True, False, True]])  # the second query's history was dropped
+    mask = tiny_model._attention_masks(prefix_mask, query_mask, history_visible)[0]
     prefix, suffix = mask[:, :3], mask[:, 3:]
     assert prefix.tolist() == [[True, True, False]] * 6
     history_rows, future_rows = suffix[:3], suffix[3:]
-    # history tokens see valid history only; future tokens see every valid suffix token; padding is never seen
-    assert history_rows.tolist() == [[True, True, False, False, False, False]] * 3
-    assert future_rows.tolist() == [[True, True, False, True, True, False]] * 3
+    # history tokens see visible history only; future tokens see every visible suffix token; padding is never seen
+    assert history_rows.tolist() == [[True, False, False, False, False, False]] * 3
+    assert future_rows.tolist() == [[True, False, False, True, True, False]] * 3
+    # without history (the no-history protocol) no history token is seen at all
+    no_history = tiny_model._attention_masks(prefix_mask, query_mask)[0][:, 3:]
+    assert not no_history[:, :3].any() and no_history[3:, 3:].tolist() == [[True, True, False]] * 3
 
 
 # ------------------------------------------------------------------------------------------------------- loss

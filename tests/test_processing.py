@@ -216,12 +216,13 @@ def test_history_goes_to_history_and_history_mask(proc):
     batch = proc(images=blank(), query_points=ANCHOR[None], history=history[None], history_mask=mask[None])
     assert "labels" not in batch and "labels_mask" not in batch
     assert batch["history"].shape == (1, 1, HISTORY, 3)
-    expected = hand_deltas(-np.arange(1, HISTORY + 1), W, H)  # anchor - k * step
-    expected[[1, 5]] = 0.0
+    # oldest first, anchor-relative and unscaled ((u, v) units and metres), as the released history token reads it
+    expected = hand_deltas(-np.arange(HISTORY, 0, -1), W, H) * np.array(DELTA_SCALE)  # anchor - k * step
+    expected[[HISTORY - 2, HISTORY - 6]] = 0.0
     torch.testing.assert_close(batch["history"][0, 0], torch.tensor(expected, dtype=torch.float32), atol=1e-5, rtol=0)
-    # most recent past step: (-0.3125, 0.3125, -0.4)
-    torch.testing.assert_close(batch["history"][0, 0, 0], torch.tensor([-0.3125, 0.3125, -0.4]), atol=1e-5, rtol=0)
-    assert batch["history_mask"][0, 0].tolist() == [i not in (1, 5) for i in range(HISTORY)]
+    # most recent past step, last: (-0.3125, 0.3125, -0.4) in delta units of (0.1, 0.1, 0.05)
+    torch.testing.assert_close(batch["history"][0, 0, -1], torch.tensor([-0.03125, 0.03125, -0.02]), atol=1e-5, rtol=0)
+    assert batch["history_mask"][0, 0].tolist() == [i not in (HISTORY - 2, HISTORY - 6) for i in range(HISTORY)]
 
 
 def test_normalized_future_is_divided_by_scale_only(proc):

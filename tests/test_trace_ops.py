@@ -125,3 +125,20 @@ def test_moving_threshold_and_events():
     assert events[0][0] == 0 and events[-1][1] == 60
     assert all(25 <= end - start <= 200 for start, end in events)
     assert visible_coverage(np.array([[True, False], [True, True]])) == pytest.approx(0.75)
+
+
+def test_retargeting_measures_paths_in_released_units():
+    """One step = 0.05 of path length in (x / W, y / H, z metres): a point moving 0.05 W px per frame takes one
+    retargeted step per frame, whatever the image height, and depth motion counts as well."""
+    from mu0.dataset_builders.trace_ops import path_coordinates
+
+    width, height, frames = 200, 50, 12
+    sideways = np.zeros((frames, 1, 3))
+    sideways[:, 0, 0] = 0.05 * width * np.arange(frames)
+    speed = robust_speed(path_coordinates(sideways, (height, width)), np.ones((frames, 1), bool))
+    np.testing.assert_allclose(speed, 0.05)
+    np.testing.assert_allclose(retarget_times(speed, anchor=2, num_steps=3), [3.0, 4.0, 5.0])
+    receding = np.zeros((frames, 1, 3))
+    receding[:, 0, 2] = 0.1 * np.arange(frames)  # 10 cm per frame towards the back, no pixel motion
+    speed = robust_speed(path_coordinates(receding, (height, width)), np.ones((frames, 1), bool))
+    np.testing.assert_allclose(retarget_times(speed, anchor=0, num_steps=2), [0.5, 1.0])

@@ -165,7 +165,7 @@ def train(args: argparse.Namespace) -> None:
             if key.endswith("@32") and key.split("/")[1].split("@")[0] in ("ade", "fde", "min_ade", "min_fde"):
                 print(f"| {key.removeprefix('eval_')} | {metrics[key]:.4f} |")
     if trainer.skipped_nonfinite_steps:
-        print(f"skipped {trainer.skipped_nonfinite_steps} batches with a non-finite loss")
+        print(f"skipped {trainer.skipped_nonfinite_steps} steps with a non-finite loss or gradient norm")
     if args.push_to_hub:
         from .publishing import push_mu0_to_hub
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ..dataset_builders.extraction import SYNTHETIC_RETARGET_STEP
 from ..dataset_builders.trace_extract import TraceExtract
 from ..processing.visualization import draw_traces, plot_traces_3d, write_video
 from .pretrain import load_recipe, make_trainer
@@ -115,7 +116,7 @@ def run_demo(output_dir: str, settings: DemoSettings) -> dict:
         image_size=settings.image_size,
         cache_dir=os.path.join(output_dir, "cache"),
         work_dir=os.path.join(output_dir, "trace_extract"),
-        settings={"frame_stride": settings.frame_stride},
+        settings={"frame_stride": settings.frame_stride, "retarget_step": SYNTHETIC_RETARGET_STEP},
     )
     builder.download_and_prepare()
     samples = builder.as_dataset(split="train")
@@ -130,12 +131,13 @@ def run_demo(output_dir: str, settings: DemoSettings) -> dict:
     trainer = make_trainer(recipe, train, statistics, os.path.join(output_dir, "checkpoints"), max_steps=settings.steps)
     trainer.train()
     model, processor = trainer.model.eval(), trainer.processing_class
+    delta_scale = processor.require_delta_scale()
     results = evaluate_predictors(
         {"mu0": sampler(model, settings.num_samples, settings.seed), "zero_motion": zero_motion,
-         "constant_velocity": constant_velocity},
+         "constant_velocity": constant_velocity(delta_scale)},
         evaluation.with_format("numpy"),
         trainer.eval_collator,
-        processor.require_delta_scale(),
+        delta_scale,
     )
 
     shown = evaluation.with_format("numpy")

@@ -23,7 +23,8 @@ from .trainer import PredictionSet, constant_velocity, predict_dataset, sampler,
 PER_QUERY_COLUMNS = ("query_uv", "query_z", "history", "history_valid", "future", "future_valid", "future_raw",
                      "future_raw_valid", "track_ids", "cluster_ids", "moving")
 TABLE_METRICS = ("ade", "fde", "min_ade", "min_fde")
-HEURISTICS = {"zero_motion": zero_motion, "constant_velocity": constant_velocity}
+# Heuristic predictors, built from the processor's delta_scale.
+HEURISTICS = {"zero_motion": lambda delta_scale: zero_motion, "constant_velocity": constant_velocity}
 
 
 @dataclass
@@ -189,8 +190,9 @@ def evaluate_models(
     collator = Mu0TraceCollator(processor, horizon=models[name].config.horizon, training=False,
                                 use_depth=protocol.use_depth, max_queries=protocol.num_queries)
     predictors = {label: sampler(model.eval(), protocol.num_samples, protocol.seed) for label, model in models.items()}
-    predictors.update({heuristic: HEURISTICS[heuristic] for heuristic in heuristics})
-    predictions = predict_dataset(predictors, rows, collator, processor.require_delta_scale(), protocol.batch_size)
+    delta_scale = processor.require_delta_scale()
+    predictors.update({heuristic: HEURISTICS[heuristic](delta_scale) for heuristic in heuristics})
+    predictions = predict_dataset(predictors, rows, collator, delta_scale, protocol.batch_size)
     horizon = predictions.targets.shape[1]
     errors = per_row_errors(predictions, name, horizon)
     summary = {

@@ -1,13 +1,14 @@
 """Pretraining μ0 with `transformers.Trainer`: a non-finite-loss guard and trace-metric evaluation (best of N)."""
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from .metrics import trace_metrics
 
@@ -95,11 +96,18 @@ def zero_motion(batch) -> torch.Tensor:
     return torch.zeros_like(batch["labels"]).unsqueeze(1)
 
 
-def constant_velocity(batch) -> torch.Tensor:
-    """Repeat the last observed step; history steps are spaced like future steps, so one step per future step."""
-    last_step = -batch["history"][:, :, 0] * batch["history_mask"][:, :, 0, None]
-    steps = torch.arange(1, batch["labels"].shape[2] + 1, dtype=last_step.dtype)
-    return (steps[None, None, :, None] * last_step[:, :, None, :]).unsqueeze(1)
+def constant_velocity(delta_scale: torch.Tensor) -> Predictor:
+    """Repeat the last observed step; history steps are spaced like future steps, so one step per future step.
+
+    The history is unscaled and oldest first (as the model reads it); the prediction is in `delta_scale` units.
+    """
+
+    def predict(batch) -> torch.Tensor:
+        last_step = -batch["history"][:, :, -1] * batch["history_mask"][:, :, -1, None] / delta_scale
+        steps = torch.arange(1, batch["labels"].shape[2] + 1, dtype=last_step.dtype)
+        return (steps[None, None, :, None] * last_step[:, :, None, :]).unsqueeze(1)
+
+    return predict
 
 
 def sampler(model, num_samples: int, seed: int) -> Predictor:
@@ -114,29 +122,48 @@ def sampler(model, num_samples: int, seed: int) -> Predictor:
     return predict
 
 
+class CollatorEpochCallback(TrainerCallback):
+    """Tells a `Mu0TraceCollator` which epoch it collates, so its per-row randomness differs between epochs and a
+    resumed run (which starts its epoch mid-way) draws what the uninterrupted run drew."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if hasattr(self.collator, "epoch"):
+            self.collator.epoch = math.floor(state.epoch + 1e-6)
+
+
 class Mu0Trainer(Trainer):
     """`Trainer` whose evaluation samples traces and reports ADE/FDE/DTW/Fréchet (and best-of-N) instead of a loss.
 
-    A batch whose loss is NaN or inf is skipped: its gradients are dropped (set to None, so the optimiser leaves
-    every parameter alone) and the event is counted in `skipped_nonfinite_steps`.
+    A step whose loss or gradient norm is NaN or inf is skipped on every rank: the backward pass runs as usual (so
+    every rank joins the gradient all-reduce), then the ranks agree on a "non-finite" flag, and when any raised it
+    the gradients are dropped (set to None, so the optimiser leaves every parameter alone). Skips are counted in
+    `skipped_nonfinite_steps`.
     """
 
     def __init__(self, *args, eval_collator=None, num_eval_samples: int = 5, eval_seed: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
+        self.add_callback(CollatorEpochCallback(self.data_collator))
         self.eval_collator = eval_collator
         self.num_eval_samples = num_eval_samples
         self.eval_seed = eval_seed
         self.skipped_nonfinite_steps = 0
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if not torch.isfinite(loss):
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        local = torch.tensor(0.0 if grad_norm is None else float(grad_norm), device=self.accelerator.device)
+        nonfinite = (~torch.isfinite(local)).float()
+        # With sharded gradients (FSDP) ranks can disagree; the max makes every rank skip together.
+        if self.accelerator.num_processes > 1:
+            nonfinite = self.accelerator.reduce(nonfinite, reduction="max")
+        if nonfinite.item():
             self.skipped_nonfinite_steps += 1
-            logger.warning("Non-finite loss at step %d: batch skipped (%d so far).", self.state.global_step,
-                           self.skipped_nonfinite_steps)
+            logger.warning("Non-finite loss or gradient norm at step %d: step skipped on every rank (%d so far).",
+                           self.state.global_step, self.skipped_nonfinite_steps)
             model.zero_grad(set_to_none=True)
-            loss = torch.zeros((), device=loss.device, requires_grad=True)
-        return (loss, outputs) if return_outputs else loss
+        return grad_norm
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
