@@ -211,8 +211,6 @@ def test_killed_training_resumes_from_its_last_complete_checkpoint(resumed_train
     assert temp_files(root) == []
 
 
-@pytest.mark.xfail(strict=True, reason="resuming mid-epoch does not yet restore the collator's random state: the "
-                                       "resumed weights differ from an uninterrupted run's by up to ~3e-3")
 def test_killed_training_resumes_to_the_same_weights(training_run, resumed_training):
     import torch
 

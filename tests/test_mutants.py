@@ -126,6 +126,8 @@ def test_heun_sampler_matches_a_hand_written_loop(tiny_config, tiny_processor):
 class HotPatchDino(torch.nn.Module):
     """A DINOv2 stand-in: every patch token is zero except one, at (row, column) of the patch grid."""
 
+    dtype = torch.float32
+
     def __init__(self, hidden_size: int, grid: int, hot: tuple[int, int] | None):
         super().__init__()
         self.hidden_size, self.grid, self.hot = hidden_size, grid, hot

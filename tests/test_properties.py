@@ -201,7 +201,8 @@ def test_predict_traces_counts(model_and_batch, num_steps, num_samples):
 def test_predict_traces_query_points(model_and_batch, points):
     model, batch = model_and_batch
     batch = {**batch, "query_points": torch.from_numpy(points)}
-    batch.pop("query_mask"), batch.pop("query_depth", None)
+    for name in ("query_mask", "query_depth", "history", "history_mask"):  # per-query inputs of the old count
+        batch.pop(name, None)
     prediction = raises_value_error_naming(lambda: model.predict_traces(**batch, num_steps=2), "query_points")
     if prediction is not None:
         assert torch.isfinite(prediction.traces).all()
