@@ -210,3 +210,27 @@ def test_statistics_are_plain_numpy_percentiles():
     result = statistics.compute()
     np.testing.assert_allclose(result["delta_scale"], np.percentile(np.concatenate(deltas), 95, axis=0), rtol=1e-12)
     np.testing.assert_allclose(result["depth_log_range"], np.percentile(np.concatenate(log_depths), [1, 99]), rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------ tracking
+@pytest.mark.parametrize("round_trip_error, tracked", [(0.5, True), (1.5, False)])
+def test_forward_backward_check_uses_its_threshold(monkeypatch, round_trip_error, tracked):
+    """Kills: the forward-backward threshold loosened 3x. Optical flow is replaced by a field with a known round
+    trip: forward moves every point by (+2, +1) px per frame, backward undoes that but lands `round_trip_error` px
+    off in x. With the default fb_threshold of 1 px the point is tracked only when the miss is below it."""
+    cv2 = pytest.importorskip("cv2")
+    from mu0.dataset_builders.tracking import track_points_lk
+
+    def known_flow(previous, following, points, *args, **kwargs):
+        step = int(following[0, 0]) - int(previous[0, 0])  # each frame's grey level is its index
+        moved = points + step * np.array([2.0, 1.0], np.float32)
+        if step < 0:
+            moved[..., 0] += round_trip_error
+        return moved, np.ones((len(points), 1), np.uint8), np.zeros((len(points), 1), np.float32)
+
+    monkeypatch.setattr(cv2, "calcOpticalFlowPyrLK", known_flow)
+    frames = np.stack([np.full((32, 32, 3), index, np.uint8) for index in range(3)])
+    result = track_points_lk(frames, np.array([[0, 10.0, 10.0]]))
+    assert result.visible[1:, 0].tolist() == [tracked, tracked]
+    if tracked:
+        np.testing.assert_allclose(result.tracks[:, 0], [[10, 10], [12, 11], [14, 12]])
