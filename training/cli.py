@@ -354,6 +354,8 @@ def view(args: argparse.Namespace) -> None:
     from ..processing.visualization import draw_traces, write_video
     from .pretrain import load_episodes
 
+    require_path_or_repo_id(args.dataset, "dataset")
+    require_writable_folder(args.output_dir, "--output-dir")
     episodes = load_episodes(args.dataset)
     if not 0 <= args.episode < len(episodes):
         raise ValueError(f"--episode {args.episode} is out of range: the dataset has {len(episodes)} episodes.")
