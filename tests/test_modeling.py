@@ -296,3 +296,95 @@ def test_labels_need_their_mask(tiny_model, tiny_processor):
     batch.pop("labels_mask")
     with pytest.raises(ValueError, match="labels_mask"):
         tiny_model(**batch)
+
+
+# ----------------------------------------------------------------------------------------- released computation
+def test_prefix_is_the_backbone_with_scaled_embeddings_and_wavelength_10000(tiny_processor):
+    """compute_prefix runs the kept text layers itself; the same keys/values come out of the backbone's own forward
+    when its rope theta (SmolLM2's 130 000 here) is set to μ0's wavelength and the embeddings are pre-scaled by
+    sqrt(hidden)."""
+    import copy
+
+    config = preset_config("tiny")
+    config.vlm_config.text_config.rope_parameters["rope_theta"] = 130000.0
+    tiny_model = make_model(config)
+    batch = random_batch(tiny_processor)
+    prefix = tiny_model.compute_prefix(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    text_model = copy.deepcopy(tiny_model.text_model)
+    text_model.config.rope_parameters["rope_theta"] = 10000.0
+    text_model.rotary_emb = type(text_model.rotary_emb)(text_model.config)
+    with torch.no_grad():
+        image = tiny_model._encode_images(batch["pixel_values"])
+        embeds = torch.cat([image, tiny_model.vlm.get_input_embeddings()(batch["input_ids"])], dim=1)
+        embeds = embeds * embeds.shape[-1] ** 0.5
+        output = text_model(
+            inputs_embeds=embeds,
+            attention_mask=tiny_model._bidirectional_mask(prefix.attention_mask, embeds.dtype),
+            position_ids=(prefix.attention_mask.long().cumsum(-1) - 1).clamp(min=0),
+            use_cache=True,
+        )
+    for layer, keys in zip(output.cache.layers, prefix.keys):
+        torch.testing.assert_close(layer.keys, keys)
+
+
+def test_depth_off_equals_a_masked_depth_block(tiny_model, tiny_processor):
+    """Leaving depth out and passing it masked (depth_mask False) give the same traces: masked tokens are never
+    attended and take no rotary position, as in the released depth-off mode."""
+    with torch.no_grad():  # open the adaLN-Zero gates, so the expert reads the prefix at all
+        for layer in tiny_model.expert_layers:
+            layer.adaln_modulation.weight.normal_(0, 0.1)
+            layer.adaln_modulation.bias.normal_(0, 0.5)
+    batch = inference_inputs(random_batch(tiny_processor))
+    noise = torch.randn(2, 1, 3, 10, 3, generator=torch.Generator().manual_seed(3))
+    masked = dict(batch, depth_mask=torch.zeros(2, dtype=torch.bool))
+    omitted = {k: v for k, v in batch.items() if k not in ("depth_pixel_values", "depth_mask")}
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_model.predict_traces(**masked, noise=noise).traces,
+                                   tiny_model.predict_traces(**omitted, noise=noise).traces, rtol=1e-5, atol=1e-5)
+        shown = tiny_model.predict_traces(**batch, noise=noise).traces
+    assert (shown - tiny_model.predict_traces(**omitted, noise=noise).traces).abs().max() > 1e-4
+
+
+def test_cross_layer_queries_are_unrotated(tiny_model, tiny_processor):
+    """Odd (cross) layers rotate neither their queries nor the re-projected keys: moving the suffix position only
+    changes the joint layers."""
+    batch = random_batch(tiny_processor)
+    prefix = tiny_model.compute_prefix(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    cross = tiny_model.expert_layers[1].attention
+    hidden = torch.randn(2, 6, tiny_model.config.expert_hidden_size)
+    mask = tiny_model._attention_masks(prefix.attention_mask, batch["query_mask"])[..., : prefix.keys[1].shape[2]]
+    cos, sin = tiny_model._suffix_rotary(prefix)
+    with torch.no_grad():
+        at_prefix_end = cross(hidden, prefix.keys[1], prefix.values[1], mask, cos, sin)
+        elsewhere = cross(hidden, prefix.keys[1], prefix.values[1], mask, sin, cos)
+    torch.testing.assert_close(at_prefix_end, elsewhere)
+
+
+def test_control_point_targets_are_fitted_in_fp32_under_bf16_autocast(tiny_model, tiny_processor):
+    batch = random_batch(tiny_processor)
+    valid = batch["labels_mask"] & batch["query_mask"][..., None]
+    reference, _ = tiny_model._trace_targets(batch["labels"], valid, batch["query_mask"])
+    captured = {}
+    fit = tiny_model._trace_targets
+
+    def recording(*args):
+        captured["targets"] = fit(*args)[0]
+        return fit(*args)
+
+    tiny_model._trace_targets = recording
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tiny_model(**batch)
+    assert captured["targets"].dtype == torch.float32
+    torch.testing.assert_close(captured["targets"], reference, rtol=0, atol=0)
+
+
+def test_from_backbones_reads_and_checks_the_backbone_configs(tmp_path, tiny_config):
+    from transformers import AutoModel
+
+    vlm_config = tiny_config.vlm_config.to_dict()
+    vlm_config["text_config"]["intermediate_size"] = 3 * tiny_config.vlm_config.text_config.hidden_size
+    AutoModel.from_config(type(tiny_config.vlm_config).from_dict(vlm_config)).save_pretrained(tmp_path / "vlm")
+    AutoModel.from_config(tiny_config.dino_config).save_pretrained(tmp_path / "dino")
+    config = preset_config("tiny", backbone_checkpoint=str(tmp_path / "vlm"), dino_checkpoint=str(tmp_path / "dino"))
+    with pytest.raises(ValueError, match="text_config.intermediate_size"):
+        Mu0ForTracePrediction.from_backbones(config)
