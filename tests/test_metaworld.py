@@ -110,7 +110,6 @@ def test_downstream_benchmark_smoke(tmp_path):
     rows = {row["variant"]: row for row in result["rows"]}
     assert set(rows) == {"mu0", "no_trace", "mu0_lora"}
     assert all(0.0 <= row["success_rate"] <= 1.0 for row in rows.values())
-    assert result["expert_success"] == 1.0  # every recorded demonstration solved its task
     # The ablation drops the motion path; LoRA adds trainable weights on top of the action expert.
     assert rows["no_trace"]["trainable_parameters"] < rows["mu0"]["trainable_parameters"]
     assert rows["mu0_lora"]["trainable_parameters"] > rows["mu0"]["trainable_parameters"]
