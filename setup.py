@@ -18,13 +18,15 @@ EXTRACT = ["opencv-python-headless>=4.8", "av>=12", "scipy>=1.10", "h5py>=3.8"]
 # MuJoCo renders offscreen through EGL (`MUJOCO_GL=egl`); metaworld pins the MuJoCo release it supports.
 SIM = ["mujoco>=3.2", "metaworld>=3.0", "gymnasium>=1.0"]
 RERUN = ["rerun-sdk>=0.20"]
+SCALE = ["ray[data]>=2.40"]  # `mu0 extract --executor ray`
 
 EXTRAS = {
     "extract": EXTRACT,
     "viz": ["matplotlib>=3.7"],
     "sim": SIM,
     "rerun": RERUN,
-    "dev": ["pytest>=8", "hypothesis>=6.100", "matplotlib>=3.7", *EXTRACT, *SIM, *RERUN],
+    "scale": SCALE,
+    "dev": ["pytest>=8", "hypothesis>=6.100", "matplotlib>=3.7", *EXTRACT, *SIM, *RERUN, *SCALE],
 }
 
 setup(

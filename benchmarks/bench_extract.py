@@ -1,10 +1,19 @@
-"""TraceExtract accuracy and throughput against exact ground truth.
+"""TraceExtract accuracy and throughput against exact ground truth, for every tracker backend and plain LK.
 
-Procedural and MuJoCo-rendered episodes (moving camera) are tracked with the `lk` backend and lifted with their
-given depth and cameras; the SceneTracker clip in ../shared/data (if present) gives TAP-style 2D scores. Prints a
-table and writes JSON. The MuJoCo rows need `pip install "mu0[sim]"` and an offscreen GL (MUJOCO_GL=egl).
+Each tracker backend (`support_lk`, `lk`, and `cotracker` when a local repository and checkpoint are given) and
+plain chained OpenCV LK (window 21, 3 levels, no checks: the classical reference) track the same queries in the
+same run. TAP-Vid metrics at 256-px scale over the frames after each point's query frame: δ_avg (GT-visible
+positions within 1/2/4/8/16 px, averaged), average Jaccard (AJ) and occlusion accuracy (OA); plus tracking fps.
+Sources: the SceneTracker clip in ../shared/data (if present; 960x540, 256 points queried at frame 0), procedural
+and MuJoCo-rendered episodes (moving camera, exact tracks; lifted to 3D with their given depth too), and with
+`--egodex DIR` a folder of EgoDex clips (`.mp4` + `.hdf5`), run end to end through the `egodex` source and
+tracked from each joint's first visible frame against the given joints. Then frames per second of the whole
+extraction at 224² and 480x640. Prints tables and writes JSON. The MuJoCo rows need `pip install "mu0[sim]"` and
+an offscreen GL (MUJOCO_GL=egl).
 
-    python benchmarks/bench_extract.py [--episodes 6] [--output benchmarks/results/bench_extract.json] [--quick]
+    python benchmarks/bench_extract.py [--episodes 6] [--quick] [--egodex DIR]
+        [--cotracker-repo DIR --cotracker-checkpoint FILE] [--output benchmarks/results/bench_extract.json]
+    python benchmarks/bench_extract.py --executor ray   # episodes/s on Ray next to local (bench_extract_ray.py)
 """
 
 import argparse
@@ -21,80 +30,137 @@ from mu0.dataset_builders.mujoco_scenes import generate_mujoco_episode
 from mu0.dataset_builders.procedural import generate_episode, project_points
 from mu0.dataset_builders.sources import RawEpisode, load_scenetracker, scenetracker_refs
 from mu0.dataset_builders.trace_ops import lift_to_world
-from mu0.dataset_builders.tracking import track_points_lk
+from mu0.dataset_builders.tracking import LK_BACKENDS, TrackResult, load_hub_tracker, track_points
 
 SCENETRACKER = Path(__file__).resolve().parents[2] / "shared" / "data" / "scenetracker_000005"
 TAP_THRESHOLDS = (1, 2, 4, 8, 16)
+PLAIN_LK = "plain LK (cv2)"
+# Rows besides each backend at its defaults: support_lk set for throughput (smaller window, fewer support corners).
+VARIANTS = {"support_lk fast (window 13, 200 supports)": ("support_lk", {"window": 13, "num_support": 200})}
 
 
-def ground_truth_pixels(episode) -> np.ndarray:
-    return np.stack(
-        [project_points(episode.tracks_world[t], episode.extrinsics[t], episode.intrinsics)[0] for t in range(len(episode.frames))]
-    )
+def plain_lk(frames: np.ndarray, queries: np.ndarray) -> TrackResult:
+    """Chained `cv2.calcOpticalFlowPyrLK` (window 21, 3 levels) forward and backward from each query frame, every
+    point always reported visible: the classical reference, written out independently of the backends."""
+    import cv2
+
+    gray = [cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) for frame in frames]
+    query_frames = queries[:, 0].astype(np.int64)
+    tracks = np.repeat(queries[None, :, 1:].astype(np.float32), len(frames), axis=0)
+    for query_frame in np.unique(query_frames):
+        points = query_frames == query_frame
+        for direction in (1, -1):
+            for source in range(query_frame, len(frames) - 1 if direction == 1 else 0, direction):
+                moved, _, _ = cv2.calcOpticalFlowPyrLK(gray[source], gray[source + direction],
+                                                       tracks[source, points].reshape(-1, 1, 2), None,
+                                                       winSize=(21, 21), maxLevel=3)
+                tracks[source + direction, points] = moved.reshape(-1, 2)
+    return TrackResult(tracks, np.ones(tracks.shape[:2], bool), query_frames, PLAIN_LK)
 
 
-def tap_scores(predicted: np.ndarray, predicted_visible: np.ndarray, truth: np.ndarray, truth_visible: np.ndarray) -> dict:
-    """δ_avg: fraction of GT-visible points within 1/2/4/8/16 px, averaged; occlusion accuracy over all points."""
-    errors = np.linalg.norm(predicted - truth, axis=-1)[truth_visible]
-    within = {f"within_{t}px": float((errors < t).mean()) for t in TAP_THRESHOLDS}
+def tap_metrics(result: TrackResult, truth: np.ndarray, truth_visible: np.ndarray, image_size: tuple[int, int]) -> dict:
+    """TAP-Vid δ_avg, average Jaccard and occlusion accuracy at 256-px scale, over frames after each query frame."""
+    height, width = image_size
+    scale = np.array([256 / width, 256 / height])
+    error = np.linalg.norm((result.tracks - truth) * scale, axis=-1)
+    evaluated = np.arange(len(truth))[:, None] > result.query_frames[None, :]
+    seen, predicted = truth_visible & evaluated, result.visible & evaluated
+    within, jaccard = [], []
+    for threshold in TAP_THRESHOLDS:
+        close = error < threshold
+        within.append((close & seen).sum() / max(seen.sum(), 1))
+        true_positives = (close & seen & predicted).sum()
+        false_positives = (predicted & ~(seen & close)).sum()
+        false_negatives = (seen & ~(predicted & close)).sum()
+        jaccard.append(true_positives / max(true_positives + false_positives + false_negatives, 1))
     return {
-        "delta_avg": float(np.mean(list(within.values()))),
-        **within,
-        "occlusion_accuracy": float((predicted_visible == truth_visible).mean()),
-        "median_2d_error_px": float(np.median(errors)),
+        "delta_avg": float(np.mean(within)),
+        "average_jaccard": float(np.mean(jaccard)),
+        "occlusion_accuracy": float(((result.visible == truth_visible) & evaluated).sum() / max(evaluated.sum(), 1)),
+        "median_error_px": float(np.median(np.linalg.norm(result.tracks - truth, axis=-1)[seen])),
     }
 
 
-def bench_generated(generate, num_episodes: int, image_size: int, num_frames: int) -> dict:
-    """LK against the exact tracks of episodes from `generate` (`generate_episode` or `generate_mujoco_episode`)."""
-    rows = []
-    for seed in range(num_episodes):
-        start = time.perf_counter()
-        episode = generate(seed, num_frames=num_frames, image_size=image_size, moving_camera=True)
-        generate_seconds = time.perf_counter() - start
-        truth = ground_truth_pixels(episode)
-        queries = np.column_stack([np.zeros(truth.shape[1]), truth[0]])
-        start = time.perf_counter()
-        result = track_points_lk(episode.frames, queries)
-        track_seconds = time.perf_counter() - start
-        scores = tap_scores(result.tracks, result.visible, truth, episode.visible)
-        start = time.perf_counter()
-        world, valid = lift_to_world(result.tracks, result.visible, episode.depth, episode.intrinsics, episode.extrinsics)
-        lift_seconds = time.perf_counter() - start
-        error_3d = np.linalg.norm(world[valid] - episode.tracks_world[valid], axis=-1)
-        static = ~episode.moving
-        static_world = np.where(valid[:, static, None], world[:, static], np.nan)
-        drift = np.nanmax(np.linalg.norm(static_world - episode.tracks_world[:1, static], axis=-1), axis=0)
-        rows.append({
-            **scores,
-            "median_3d_error_mm": float(np.median(error_3d) * 1000),
-            "static_world_drift_mm": float(np.nanmedian(drift) * 1000),
-            "track_fps": num_frames / track_seconds,
-            "lift_fps": num_frames / lift_seconds,
-            "generate_fps": num_frames / generate_seconds,
-        })
-    return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
+def tracker_runs(frames: np.ndarray, queries: np.ndarray, cotracker) -> dict[str, tuple[TrackResult, float, float]]:
+    """Every backend, the variants and plain LK on the same clip: result, wall seconds and process CPU seconds
+    (all threads; on a shared machine frames per CPU-second shows what the code needs, whatever the load)."""
+    trackers = {name: (name, {}) for name in LK_BACKENDS}
+    trackers.update(VARIANTS)
+    if cotracker is not None:
+        trackers["cotracker"] = ("cotracker", {"model": cotracker})
+    runs = {}
+    for name, (backend, options) in trackers.items():
+        runs[name] = _timed(lambda: track_points(frames, queries, backend, **options))
+    runs[PLAIN_LK] = _timed(lambda: plain_lk(frames, queries))
+    return runs
 
 
-def bench_scenetracker() -> dict | None:
+def _timed(run) -> tuple[TrackResult, float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = run()
+    return result, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def scored(runs: dict, truth: np.ndarray, truth_visible: np.ndarray, image_size: tuple[int, int]) -> dict:
+    return {
+        name: {**tap_metrics(result, truth, truth_visible, image_size), "track_fps": len(truth) / seconds,
+               "track_fps_per_cpu_second": len(truth) / cpu_seconds}
+        for name, (result, seconds, cpu_seconds) in runs.items()
+    }
+
+
+def mean_rows(rows: list[dict]) -> dict:
+    return {name: {key: float(np.mean([row[name][key] for row in rows])) for key in rows[0][name]} for name in rows[0]}
+
+
+def bench_scenetracker(cotracker, height: int | None = None) -> dict | None:
+    """The SceneTracker clip at its 960x540, or resized to `height` rows (ground truth scaled alike)."""
+    import cv2
+
     if not SCENETRACKER.exists():
         return None
     raw = load_scenetracker(scenetracker_refs(str(SCENETRACKER))[0])
-    queries = np.column_stack([np.zeros(raw.tracks.shape[1]), raw.tracks[0]])
-    start = time.perf_counter()
-    result = track_points_lk(raw.frames, queries)
-    seconds = time.perf_counter() - start
-    scores = tap_scores(result.tracks, result.visible, raw.tracks, raw.track_visible)
-    truth_world, truth_valid = lift_to_world(raw.tracks, raw.track_visible, raw.depth, raw.intrinsics, raw.extrinsics)
-    world, valid = lift_to_world(result.tracks, result.visible, raw.depth, raw.intrinsics, raw.extrinsics)
-    both = valid & truth_valid
-    scores["median_3d_error_mm"] = float(np.median(np.linalg.norm(world[both] - truth_world[both], axis=-1)) * 1000)
-    scores["track_fps"] = len(raw.frames) / seconds
-    return scores
+    frames, truth = raw.frames, raw.tracks
+    if height is not None:
+        width = round(raw.image_size[1] * height / raw.image_size[0])
+        frames = np.stack([cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA) for frame in frames])
+        truth = (truth + 0.5) * np.array([width / raw.image_size[1], height / raw.image_size[0]]) - 0.5
+    queries = np.column_stack([np.zeros(truth.shape[1]), truth[0]])
+    return scored(tracker_runs(frames, queries, cotracker), truth, raw.track_visible, frames.shape[1:3])
+
+
+def bench_generated(generate, num_episodes: int, image_size: int, num_frames: int, cotracker) -> dict:
+    """Every tracker against the exact tracks of episodes from `generate`, queried at frame 0 where visible; the
+    tracks are lifted with the exact depth and cameras for a 3D error too."""
+    rows = []
+    for seed in range(num_episodes):
+        episode = generate(seed, num_frames=num_frames, image_size=image_size, moving_camera=True)
+        truth = np.stack([project_points(world, camera, episode.intrinsics)[0]
+                          for world, camera in zip(episode.tracks_world, episode.extrinsics)])
+        points = np.flatnonzero(episode.visible[0])
+        queries = np.column_stack([np.zeros(points.size), truth[0, points]])
+        runs = tracker_runs(episode.frames, queries, cotracker)
+        row = scored(runs, truth[:, points], episode.visible[:, points], episode.frames.shape[1:3])
+        for name, (result, _, _) in runs.items():
+            world, valid = lift_to_world(result.tracks, result.visible, episode.depth, episode.intrinsics, episode.extrinsics)
+            error = np.linalg.norm(world[valid] - episode.tracks_world[:, points][valid], axis=-1)
+            row[name]["median_3d_error_mm"] = float(np.median(error) * 1000) if error.size else float("nan")
+        rows.append(row)
+    return mean_rows(rows)
+
+
+def bench_tracker_throughput(cotracker, num_frames: int) -> dict:
+    """Tracking fps (wall, and per CPU-second) of every tracker at 224² with 256 points (a procedural episode)."""
+    episode = generate_episode(1, num_frames=num_frames, image_size=224, moving_camera=True)
+    points = np.random.default_rng(0).uniform(4, 219, size=(256, 2))
+    queries = np.column_stack([np.zeros(len(points)), points])
+    runs = tracker_runs(episode.frames, queries, cotracker)
+    return {name: {"fps": num_frames / seconds, "fps_per_cpu_second": num_frames / cpu}
+            for name, (_, seconds, cpu) in runs.items()}
 
 
 def bench_end_to_end(height: int, width: int, num_frames: int) -> dict:
-    """Frames per second of each stage and the whole extraction on a resized procedural episode."""
+    """Frames per second of the whole extraction (default tracker) on a resized procedural episode."""
     import cv2
 
     episode = generate_episode(1, num_frames=num_frames, image_size=max(height, width), moving_camera=True)
@@ -103,7 +169,7 @@ def bench_end_to_end(height: int, width: int, num_frames: int) -> dict:
     scale = np.diag([width / episode.frames.shape[2], height / episode.frames.shape[1], 1.0])
     raw = RawEpisode("bench", frames, 10.0, depth=depth, intrinsics=scale @ episode.intrinsics,
                      extrinsics=episode.extrinsics, task=episode.task)
-    settings = ExtractionSettings(keypoints="grid", tracker="lk", captions="template", num_keypoints=256)
+    settings = ExtractionSettings(keypoints="grid", tracker="support_lk", captions="template", num_keypoints=256)
     start = time.perf_counter()
     extracted = extract_episode(raw, settings)
     extract_seconds = time.perf_counter() - start
@@ -117,40 +183,104 @@ def bench_end_to_end(height: int, width: int, num_frames: int) -> dict:
     }
 
 
+def bench_egodex(folder: str, cotracker) -> dict:
+    """Each EgoDex clip end to end (given 3D joints, no depth map) and the projected joints tracked by every
+    backend from each joint's first visible frame."""
+    from mu0.dataset_builders.extraction import EpisodeRejected
+    from mu0.dataset_builders.robot_sources import egodex_refs, load_egodex
+
+    settings = ExtractionSettings(depth="given", camera="given", keypoints="given", tracker="given")
+    clips = {}
+    for ref in egodex_refs(folder):
+        start = time.perf_counter()
+        raw = load_egodex(ref)
+        try:
+            episode = extract_episode(raw, settings)
+            num_samples, coverage, rejected = sum(1 for _ in episode_samples(episode, settings)), episode.metadata["coverage"], None
+        except EpisodeRejected as error:
+            num_samples, coverage, rejected = 0, None, str(error)
+        row = {"frames": len(raw.frames), "samples": num_samples, "coverage": coverage, "rejected": rejected,
+               "seconds": time.perf_counter() - start}
+        seen = raw.track_visible & np.isfinite(raw.tracks).all(-1)
+        tracked = seen.any(0)
+        first = seen[:, tracked].argmax(0)
+        truth = raw.tracks[:, tracked]
+        queries = np.column_stack([first, truth[first, np.arange(tracked.sum())]])
+        runs = tracker_runs(raw.frames, queries, cotracker)
+        row["trackers"] = scored(runs, np.nan_to_num(truth), seen[:, tracked], raw.image_size)
+        clips[ref.episode_id] = row
+    return clips
+
+
+def print_tap_table(title: str, rows: dict | None) -> None:
+    if rows is None:
+        print(f"\n{title}: not available\n")
+        return
+    print(f"\n{title}\n| tracker | δ_avg | AJ | OA | median err (px) | track fps | frames per CPU-s |\n"
+          "|---|---|---|---|---|---|---|")
+    for name, row in rows.items():
+        print(f"| {name} | {row['delta_avg']:.3f} | {row['average_jaccard']:.3f} | {row['occlusion_accuracy']:.3f} | "
+              f"{row['median_error_px']:.2f} | {row['track_fps']:.1f} | {row['track_fps_per_cpu_second']:.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--episodes", type=int, default=6)
     parser.add_argument("--output", default="benchmarks/results/bench_extract.json")
-    parser.add_argument("--quick", action="store_true", help="2 small episodes and 224² only (CI smoke run)")
+    parser.add_argument("--quick", action="store_true", help="2 small episodes, no SceneTracker, 224² only (CI smoke run)")
+    parser.add_argument("--egodex", help="folder of EgoDex clips (.mp4 + .hdf5) to run end to end")
+    parser.add_argument("--cotracker-repo", help="local clone of facebookresearch/co-tracker (adds the cotracker rows)")
+    parser.add_argument("--cotracker-checkpoint", help="local CoTracker3 offline checkpoint (.pth)")
+    parser.add_argument("--executor", choices=["local", "ray"], default="local",
+                        help="ray: extraction throughput with 1 and 2 Ray workers next to local, and Ray start-up")
     args = parser.parse_args()
+    if args.executor == "ray":
+        from bench_extract_ray import run
+
+        run(2 if args.quick else args.episodes, args.output.replace("bench_extract.json", "bench_extract_ray.json"))
+        return
+    if bool(args.cotracker_repo) != bool(args.cotracker_checkpoint):
+        parser.error("--cotracker-repo and --cotracker-checkpoint go together")
+    cotracker = load_hub_tracker(args.cotracker_repo, args.cotracker_checkpoint) if args.cotracker_repo else None
     episodes = 2 if args.quick else args.episodes
+    num_frames = 32 if args.quick else 48
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     results = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "procedural_lk_128px": bench_generated(generate_episode, episodes, 128, 32 if args.quick else 48),
-        "mujoco_lk_128px": bench_generated(generate_mujoco_episode, episodes, 128, 32 if args.quick else 48),
-        "scenetracker_lk": None if args.quick else bench_scenetracker(),
-        "throughput": {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_average_1min_at_start": load},
+        "scenetracker": None if args.quick else bench_scenetracker(cotracker),
+        "scenetracker_224_rows": None if args.quick else bench_scenetracker(cotracker, height=224),
+        "procedural_128px": bench_generated(generate_episode, episodes, 128, num_frames, cotracker),
+        "mujoco_128px": bench_generated(generate_mujoco_episode, episodes, 128, num_frames, cotracker),
+        "tracker_fps_224px_256_points": bench_tracker_throughput(cotracker, 24 if args.quick else 60),
+        "extraction_throughput": {
             f"{h}x{w}": bench_end_to_end(h, w, 24 if args.quick else 60)
             for h, w in ([(224, 224)] if args.quick else [(224, 224), (480, 640)])
         },
+        "egodex": bench_egodex(args.egodex, cotracker) if args.egodex else None,
     }
-    print("| dataset | median 2D err (px) | within 4 px | δ_avg | occlusion acc | median 3D err (mm) | static drift (mm) "
-          "| track fps | generate fps |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name in ("procedural_lk_128px", "mujoco_lk_128px", "scenetracker_lk"):
-        row = results[name]
-        if row is None:
-            continue
-        print(f"| {name} | {row['median_2d_error_px']:.2f} | {row['within_4px']:.3f} | {row['delta_avg']:.3f} | "
-              f"{row['occlusion_accuracy']:.3f} | {row['median_3d_error_mm']:.1f} | "
-              f"{row.get('static_world_drift_mm', float('nan')):.1f} | {row['track_fps']:.0f} | "
-              f"{row.get('generate_fps', float('nan')):.0f} |")
+    results["machine"]["load_average_1min_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"machine: {results['machine']}")
+    print_tap_table("SceneTracker clip (960x540, 256 points from frame 0)", results["scenetracker"])
+    print_tap_table("SceneTracker clip resized to 398x224", results["scenetracker_224_rows"])
+    print_tap_table(f"procedural, 128 px, mean of {episodes} episodes", results["procedural_128px"])
+    print_tap_table(f"MuJoCo, 128 px, mean of {episodes} episodes", results["mujoco_128px"])
+    print("\n| tracker | fps at 224², 256 points | frames per CPU-second |\n|---|---|---|")
+    for name, row in results["tracker_fps_224px_256_points"].items():
+        print(f"| {name} | {row['fps']:.1f} | {row['fps_per_cpu_second']:.1f} |")
     print("\n| resolution | extraction fps | samples/s | end-to-end fps |\n|---|---|---|---|")
-    for size, row in results["throughput"].items():
+    for size, row in results["extraction_throughput"].items():
         print(f"| {size} | {row['extract_fps']:.1f} | {row['samples_per_s']:.1f} | {row['end_to_end_fps']:.1f} |")
+    if results["egodex"] is not None:
+        print("\n| EgoDex clip | frames | samples | coverage | seconds | " + " | ".join(
+            f"δ_avg {name}" for name in next(iter(results["egodex"].values()))["trackers"]) + " |")
+        for clip, row in results["egodex"].items():
+            coverage = "rejected" if row["coverage"] is None else f"{row['coverage']:.2f}"
+            deltas = " | ".join(f"{scores['delta_avg']:.3f}" for scores in row["trackers"].values())
+            print(f"| {clip} | {row['frames']} | {row['samples']} | {coverage} | {row['seconds']:.1f} | {deltas} |")
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-    with open(args.output, "w") as handle:
+    with open(args.output + ".tmp", "w") as handle:
         json.dump(results, handle, indent=2)
+    os.replace(args.output + ".tmp", args.output)
     print(f"\nwrote {args.output}")
 
 

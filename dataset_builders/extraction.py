@@ -16,7 +16,7 @@ from .captions import covering, given_captions, template_captions
 from .checkpoints import load_checkpoint
 from .keypoints import grid_keypoints, motion_keypoints
 from .sources import RawEpisode
-from .tracking import load_cotracker, track_points_cotracker, track_points_given, track_progressive
+from .tracking import LK_BACKENDS, load_hub_tracker, track_points, track_points_given, track_progressive
 from .trace_ops import (
     MIN_COVERAGE,
     RETARGET_STEP,
@@ -36,7 +36,7 @@ from .trace_ops import (
 DEPTH_BACKENDS = ("given", "depth_anything")
 CAMERA_BACKENDS = ("given", "static", "estimated")
 KEYPOINT_BACKENDS = ("given", "grid", "motion", "dino")
-TRACKER_BACKENDS = ("given", "lk", "cotracker")
+TRACKER_BACKENDS = ("given", *LK_BACKENDS, "cotracker")
 CAPTION_BACKENDS = ("given", "template", "vlm")
 
 
@@ -54,11 +54,13 @@ class ExtractionSettings:
     tracker: str = "given"
     captions: str = "template"
     num_keypoints: int = 256
-    lk_window: int = 21  # LK window side in px; ~11 suits images of 128 px and less
+    lk_window: int | None = None  # LK window side in px; None: the tracker's default for the image size
     depth_model: str = "depth-anything/Depth-Anything-V2-Metric-Indoor-Small-hf"
     field_of_view: float | None = None
     dino_model: str = "facebook/dinov2-base"
-    cotracker_model: str = "cotracker3_offline"  # torch.hub entry of facebookresearch/co-tracker
+    cotracker_model: str = "cotracker3_offline"  # hubconf entry of the tracker repository
+    cotracker_repo: str | None = None  # local clone of facebookresearch/co-tracker (or another torch.hub tracker)
+    cotracker_checkpoint: str | None = None  # local .pth state dict for that entry
     caption_model: str | None = None
     min_coverage: float = MIN_COVERAGE
     history: int = 8
@@ -85,6 +87,12 @@ class ExtractionSettings:
             raise ValueError(f"retarget_step must be > 0, got {self.retarget_step}.")
         if self.tracker == "given" and self.keypoints != "given":
             raise ValueError("tracker='given' follows the source's own points: use keypoints='given' with it.")
+        if self.tracker == "cotracker" and not (self.cotracker_repo and self.cotracker_checkpoint):
+            raise ValueError(
+                "tracker='cotracker' runs offline from local files: set cotracker_repo (a clone of "
+                "https://github.com/facebookresearch/co-tracker) and cotracker_checkpoint (its .pth file), or use "
+                "tracker='support_lk'."
+            )
         if self.captions == "vlm" and not self.caption_model:
             raise ValueError("captions='vlm' needs caption_model: an image-text-to-text checkpoint (Hub id or folder).")
 
@@ -162,6 +170,12 @@ def _pretrained(kind: str, name_or_path: str):
     return model, load_checkpoint(processor_class, name_or_path, f"{kind} processor")
 
 
+@functools.lru_cache(maxsize=2)
+def _hub_tracker(repo_dir: str, checkpoint: str, entry: str):
+    """A local torch.hub tracker, loaded once per process."""
+    return load_hub_tracker(repo_dir, checkpoint, entry)
+
+
 def _depth(raw: RawEpisode, settings: ExtractionSettings) -> tuple[np.ndarray, np.ndarray, str]:
     """Metric depth (T, H, W) and intrinsics, with where the intrinsics came from."""
     if settings.depth == "given":
@@ -206,7 +220,7 @@ def _tracks(raw: RawEpisode, settings: ExtractionSettings) -> tuple[np.ndarray, 
     rng = np.random.default_rng(settings.seed)
     if settings.tracker == "given":
         if raw.tracks is None:
-            raise ValueError(f"Episode {raw.episode_id}: tracker='given' but the source has no tracks; use tracker='lk'.")
+            raise ValueError(f"Episode {raw.episode_id}: tracker='given' but the source has no tracks; use tracker='support_lk'.")
         visible = raw.track_visible if raw.track_visible is not None else np.ones(raw.tracks.shape[:2], dtype=bool)
         result = track_points_given(raw.tracks, visible)
         clusters = raw.cluster_ids if raw.cluster_ids is not None else np.zeros(raw.tracks.shape[1], dtype=np.int64)
@@ -229,25 +243,71 @@ def _tracks(raw: RawEpisode, settings: ExtractionSettings) -> tuple[np.ndarray, 
         clusters = (raw.cluster_ids[start] if raw.cluster_ids is not None else np.zeros(len(points), np.int64))
     queries = np.column_stack([np.zeros(len(points)), points])
     if settings.tracker == "cotracker":
-        result = track_points_cotracker(raw.frames, queries, load_cotracker(settings.cotracker_model))
+        model = _hub_tracker(settings.cotracker_repo, settings.cotracker_checkpoint, settings.cotracker_model)
+        result = track_points(raw.frames, queries, "cotracker", model=model)
         return result.tracks, result.visible, clusters
     # progressive: new points join every 50 frames wherever existing tracks no longer cover the image
-    result = track_progressive(raw.frames, queries, chunk=50, window=settings.lk_window)
+    window = {} if settings.lk_window is None else {"window": settings.lk_window}
+    result = track_progressive(raw.frames, queries, chunk=50, backend=settings.tracker, **window)
     added = result.tracks.shape[1] - len(points)
     return result.tracks, result.visible, np.concatenate([clusters, np.full(added, -1, dtype=np.int64)])
+
+
+def entity_coverage(visible: np.ndarray, cluster_ids: np.ndarray) -> float:
+    """Coverage of sparse given tracks: per frame, the fraction of the tracked entities (cluster ids, e.g. the two
+    hands of EgoDex) with at least one visible point, averaged over frames; entities never seen do not count.
+
+    The per-point fraction of `visible_coverage` suits dense point grids, where an unseen part of the image means
+    lost tracks; a few joints per hand are often self-occluded or out of view one by one while the hand itself is
+    in view, so they are judged per entity.
+    """
+    cluster_ids = np.asarray(cluster_ids)
+    entities = [visible[:, cluster_ids == entity].any(axis=1) for entity in np.unique(cluster_ids)]
+    present = [seen for seen in entities if seen.any()]
+    return float(np.mean(present)) if present else 0.0
+
+
+def _uses_given_world(raw: RawEpisode, settings: ExtractionSettings) -> bool:
+    """Whether the world tracks come from the source (metric 3D given, no depth map): depth='given' on a source
+    with `tracks_world` and no depth. The 3D belongs to the source's own points, so it needs tracker='given'."""
+    if settings.depth != "given" or raw.depth is not None or raw.tracks_world is None:
+        return False
+    if settings.tracker != "given":
+        raise ValueError(
+            f"Episode {raw.episode_id}: the source gives 3D tracks for its own points but no depth map, so "
+            f"tracker={settings.tracker!r} has no depth to lift with; use tracker='given' and keypoints='given', "
+            "or depth='depth_anything'."
+        )
+    if raw.intrinsics is None or settings.camera != "given":
+        raise ValueError(
+            f"Episode {raw.episode_id}: given 3D tracks are in the source's world frame, so they need the source's "
+            "intrinsics and camera='given'."
+        )
+    return True
 
 
 def extract_episode(raw: RawEpisode, settings: ExtractionSettings) -> ExtractedEpisode:
     """Run every stage on one episode; raises ValueError on bad input and EpisodeRejected on unusable data."""
     if len(raw.frames) <= settings.history + 1:
         raise EpisodeRejected(f"{len(raw.frames)} frames: too short for a history of {settings.history} and a future")
-    depth, intrinsics, intrinsics_origin = _depth(raw, settings)
+    given_world = _uses_given_world(raw, settings)
+    if given_world:
+        depth, intrinsics, intrinsics_origin = None, raw.intrinsics, "source"
+    else:
+        depth, intrinsics, intrinsics_origin = _depth(raw, settings)
     tracks, visible, cluster_ids = _tracks(raw, settings)
-    coverage = visible_coverage(visible)
+    if settings.tracker == "given":
+        coverage, kind = entity_coverage(visible, cluster_ids), "tracked-entity"
+    else:
+        coverage, kind = visible_coverage(visible), "visible-track"
     if coverage < settings.min_coverage:
-        raise EpisodeRejected(f"visible-track coverage {coverage:.2f} < {settings.min_coverage}")
+        raise EpisodeRejected(f"{kind} coverage {coverage:.2f} < {settings.min_coverage}")
     extrinsics = _extrinsics(raw, settings, depth, intrinsics, tracks, visible)
-    world, world_valid = lift_to_world(tracks, visible, depth, intrinsics, extrinsics)
+    if given_world:
+        world = raw.tracks_world.astype(np.float64)
+        world_valid = visible & np.isfinite(world).all(-1)
+    else:
+        world, world_valid = lift_to_world(tracks, visible, depth, intrinsics, extrinsics)
     world, world_valid = fill_world_tracks(world, world_valid)
     # Motion is judged in one fixed camera (the first frame's), so camera motion does not count as object motion.
     anchor_traces, anchor_valid = project_to_camera(world, world_valid, extrinsics[0], intrinsics)
@@ -269,6 +329,7 @@ def extract_episode(raw: RawEpisode, settings: ExtractionSettings) -> ExtractedE
         **raw.metadata,
         "backends": {k: getattr(settings, k) for k in ("depth", "camera", "keypoints", "tracker", "captions")},
         "intrinsics": intrinsics_origin,
+        "world_tracks": "given" if given_world else "lifted",
         "coverage": coverage,
         "num_tracks": int(tracks.shape[1]),
         "num_moving": int(moving.sum()),
@@ -345,6 +406,7 @@ __all__ = [
     "EpisodeRejected",
     "ExtractedEpisode",
     "ExtractionSettings",
+    "entity_coverage",
     "episode_samples",
     "extract_episode",
 ]

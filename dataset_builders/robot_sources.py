@@ -122,7 +122,8 @@ def load_egodex(
     target_fps: float | None = None,
     min_confidence: float = EGODEX_MIN_CONFIDENCE,
 ) -> RawEpisode:
-    """Video, camera and hand-joint tracks of one EgoDex episode; EgoDex has no depth, so depth stays None.
+    """Video, camera and hand-joint tracks of one EgoDex episode; EgoDex has no depth, so depth stays None, but the
+    metric world joint positions come along as `tracks_world`, so extraction needs no depth map (depth='given').
 
     Tracks are the world joint positions projected through each frame's camera with a pinhole model, as EgoDex's
     own 2D visualisation does (the camera frame is used as is: +z in front). A joint is visible when it is in front
@@ -181,6 +182,7 @@ def load_egodex(
         track_visible=visible,
         cluster_ids=cluster_ids,
         task=task,
+        tracks_world=points.astype(np.float32),
         metadata={"joint_names": list(joints), "task_source": task_source, "hdf5": hdf5_path, "video": video_path},
     )
 

@@ -37,6 +37,7 @@ class RawEpisode:
     track_visible: np.ndarray | None = None  # (T, N)
     cluster_ids: np.ndarray | None = None  # (N,)
     task: str | None = None
+    tracks_world: np.ndarray | None = None  # (T, N, 3) metres, world frame: the 3D of `tracks`, where the source has it
     metadata: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -56,6 +57,11 @@ class RawEpisode:
                 raise ValueError(f"Episode {self.episode_id}: depth is entirely NaN.")
         if self.tracks is not None and (self.tracks.shape[0] != num_frames or self.tracks.shape[-1] != 2):
             raise ValueError(f"Episode {self.episode_id}: tracks must be (T={num_frames}, N, 2), got {self.tracks.shape}.")
+        if self.tracks_world is not None and (self.tracks is None or self.tracks_world.shape != (*self.tracks.shape[:2], 3)):
+            raise ValueError(
+                f"Episode {self.episode_id}: tracks_world must be (T, N, 3) beside tracks (T, N, 2), got "
+                f"{self.tracks_world.shape} and {None if self.tracks is None else self.tracks.shape}."
+            )
 
     @property
     def image_size(self) -> tuple[int, int]:

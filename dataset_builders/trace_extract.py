@@ -29,6 +29,7 @@ import datasets
 import numpy as np
 from PIL import Image
 
+from .checkpoints import require_checkpoints
 from .extraction import EpisodeRejected, ExtractedEpisode, ExtractionSettings, episode_samples, extract_episode
 from .robot_sources import ROBOT_SOURCES, egodex_refs, lerobot_refs
 from .sources import SOURCES, mujoco_refs, procedural_refs, rgbd_refs, scenetracker_refs, video_folder_refs
@@ -130,7 +131,8 @@ class TraceExtractConfig(datasets.BuilderConfig):
     `source`: procedural | mujoco | video_folder | rgbd | scenetracker | egodex | lerobot; `source_path` for the
     folder sources (`camera_key` picks a LeRobot camera), `num_episodes`/`seed`/`num_frames`/`image_size`/
     `moving_camera` for the generated ones (procedural, mujoco). Stage backends and trace lengths are the fields of
-    `ExtractionSettings`. `shard_index`/`num_shards` split the episodes across machines.
+    `ExtractionSettings`. `shard_index`/`num_shards` split the episodes across machines. `episode_ids` keeps only
+    those episodes: an executor that filled the work folder (`executors.py`) builds the datasets from what it extracted.
     """
 
     source: str = "procedural"
@@ -145,6 +147,7 @@ class TraceExtractConfig(datasets.BuilderConfig):
     work_dir: str | None = None
     shard_index: int = 0
     num_shards: int = 1
+    episode_ids: list[str] | None = None
     settings: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -155,7 +158,7 @@ class TraceExtractConfig(datasets.BuilderConfig):
             raise ValueError(f"source={self.source!r} needs source_path (the folder to read).")
         if not 0 <= self.shard_index < self.num_shards:
             raise ValueError(f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}.")
-        self.extraction  # validates the stage backends
+        require_checkpoints(self.extraction)  # validates the stage backends, and fails early on missing checkpoints
 
     @property
     def extraction(self) -> ExtractionSettings:
@@ -196,6 +199,8 @@ class TraceExtract(datasets.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         refs = REF_LISTERS[self.config.source](self.config)
         refs = refs[self.config.shard_index :: self.config.num_shards]
+        if self.config.episode_ids is not None:
+            refs = [ref for ref in refs if ref.episode_id in set(self.config.episode_ids)]
         self._remove_orphaned_temp_files({ref.episode_id for ref in refs})
         self.info.splits = None  # the row count depends on which episodes succeed: a repaired file is no size mismatch
         # the builder's pid travels to the `num_proc` workers so they can stop when it is killed
@@ -233,17 +238,18 @@ class TraceExtract(datasets.GeneratorBasedBuilder):
             raw = self._load_raw(ref)
         except UNREADABLE_SOURCE_ERRORS as error:
             reason = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
-            return self._fail(ref.episode_id, "failed", reason)
+            return self._record_failure(ref.episode_id, "failed", reason)
         try:
             episode = extract_episode(raw, self.config.extraction)
         except (ValueError, EpisodeRejected) as error:
-            return self._fail(ref.episode_id, "rejected" if isinstance(error, EpisodeRejected) else "failed", str(error))
+            kind = "rejected" if isinstance(error, EpisodeRejected) else "failed"
+            return self._record_failure(ref.episode_id, kind, str(error))
         episode.save(path)
         self._save_partial_statistics(episode)
         self._update_failures(ref.episode_id, None)
         return episode
 
-    def _fail(self, episode_id: str, kind: str, reason: str) -> None:
+    def _record_failure(self, episode_id: str, kind: str, reason: str) -> None:
         logger.warning("Episode %s %s: %s", episode_id, kind, reason)
         self._update_failures(episode_id, {"episode_id": episode_id, "kind": kind, "reason": reason})
 
@@ -299,7 +305,7 @@ class TraceExtract(datasets.GeneratorBasedBuilder):
         return result
 
     def _generate_examples(self, refs, builder_pid: int):
-        from tqdm.auto import tqdm
+        from datasets.utils.tqdm import tqdm  # hidden by datasets.disable_progress_bars(), like datasets' own bars
 
         for ref in tqdm(refs, desc=f"TraceExtract {self.config.name}", unit="episode"):
             if os.getpid() != builder_pid and os.getppid() != builder_pid:

@@ -420,6 +420,12 @@ def _patch_embedding_owner(vision_tower: nn.Module) -> tuple[nn.Module, str]:
 class Mu0ForTracePrediction(Mu0PreTrainedModel):
     """Predicts the future 3D traces of query points from one image, an instruction and optional depth/history."""
 
+    # A bf16 checkpoint (the released dtypes, `set_backbone_dtype`) reloads with its depth LoRA and expert in fp32.
+    _keep_in_fp32_modules_strict = [
+        "lora_A", "lora_B", "expert_layers", "expert_norm", "history_proj", "future_proj", "group_embedding",
+        "point_fourier", "dino_fusion_in", "dino_fusion_out", "time_embedder", "trace_velocity_head", "trace_done_head",
+    ]
+
     def __init__(self, config: Mu0Config):
         super().__init__(config)
         text_config = config.vlm_config.get_text_config()
@@ -891,7 +897,10 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
             smoothness=self.config.spline_smoothness,
             clip=self.config.control_point_clip,
         )
-        return control_points, query_mask & fit_ok
+        trained = query_mask & fit_ok
+        # As released (the dataset zeroes them), a query without a fit has zero targets: the expert still sees its
+        # noisy tokens, so they must not carry an extrapolated fit into the other queries' attention.
+        return control_points * trained[..., None, None], trained
 
     @staticmethod
     def rigidity_loss(clean_control_points: torch.Tensor, cluster_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

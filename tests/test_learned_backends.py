@@ -278,3 +278,39 @@ def test_vlm_captions_run_inside_extraction_from_a_saved_checkpoint(tmp_path):
         ExtractionSettings(captions="vlm")
     with pytest.raises(OSError, match="no-such-vlm"):
         extract_episode(raw, ExtractionSettings(captions="vlm", caption_model=str(tmp_path / "no-such-vlm")))
+
+
+def test_missing_learned_checkpoints_fail_before_the_build_starts(tmp_path):
+    """A build whose depth checkpoint is neither a folder nor cached (offline) raises when the builder is made,
+    naming the setting and the fix, before any episode is touched; a saved local folder passes the check."""
+    from mu0.dataset_builders.checkpoints import require_checkpoints
+    from mu0.dataset_builders.extraction import ExtractionSettings
+    from mu0.dataset_builders.trace_extract import TraceExtract
+
+    settings = {"depth": "depth_anything", "camera": "static", "keypoints": "grid", "tracker": "lk",
+                "depth_model": "nobody/no-such-depth-model"}
+    with pytest.raises(OSError, match=r"depth_model='nobody/no-such-depth-model'.*hf download"):
+        TraceExtract(config_name="samples", cache_dir=str(tmp_path / "cache"), work_dir=str(tmp_path / "work"),
+                     source="procedural", num_episodes=1, settings=settings)
+    assert not (tmp_path / "work").exists()
+    with pytest.raises(OSError, match=r"dino_model=.*caption_model="):
+        require_checkpoints(ExtractionSettings(keypoints="dino", captions="vlm", tracker="lk",
+                                               dino_model=str(tmp_path / "no-dino"), caption_model=str(tmp_path / "no-vlm")))
+    model, processor = build_llava()
+    model.save_pretrained(tmp_path / "vlm")
+    processor.save_pretrained(tmp_path / "vlm")
+    require_checkpoints(ExtractionSettings(captions="vlm", caption_model=str(tmp_path / "vlm")))
+
+
+def test_missing_cotracker_files_fail_before_the_build_starts(tmp_path):
+    from mu0.dataset_builders.checkpoints import require_checkpoints
+    from mu0.dataset_builders.extraction import ExtractionSettings
+
+    (tmp_path / "co-tracker").mkdir()
+    (tmp_path / "co-tracker" / "hubconf.py").write_text("dependencies = []\n")
+    settings = dict(keypoints="grid", tracker="cotracker", cotracker_repo=str(tmp_path / "co-tracker"))
+    with pytest.raises(FileNotFoundError, match="scaled_offline.pth"):
+        require_checkpoints(ExtractionSettings(**settings, cotracker_checkpoint=str(tmp_path / "missing.pth")))
+    with pytest.raises(FileNotFoundError, match="git clone"):
+        require_checkpoints(ExtractionSettings(**{**settings, "cotracker_repo": str(tmp_path / "elsewhere")},
+                                               cotracker_checkpoint=str(tmp_path / "missing.pth")))

@@ -204,3 +204,21 @@ def test_trained_tiny_model_beats_zero_motion_on_its_training_episodes(tmp_path)
     assert results["mu0"]["uv/min_ade@32"] < 0.85 * results["zero"]["uv/min_ade@32"]
     assert results["mu0"]["uv/min_fde@32"] < 0.75 * results["zero"]["uv/min_fde@32"]
     assert results["mu0"]["uv/min_fde@32"] < results["constant_velocity"]["uv/min_fde@32"]
+
+
+def test_a_recipe_can_keep_the_backbone_in_bf16_beside_an_fp32_expert():
+    from mu0.training.pretrain import build_model_and_processor
+
+    recipe = load_recipe("tiny-cpu")
+    recipe["model"]["backbone_dtype"] = "bfloat16"
+    model, _ = build_model_and_processor(recipe, {"delta_scale": [0.1, 0.1, 0.05], "depth_log_range": [-1.0, 1.5]})
+    assert model.backbone_dtype == torch.bfloat16 and model.dino.dtype == torch.bfloat16
+    assert model.expert_dtype == torch.float32 and model._depth_lora_layers[0].lora_A.weight.dtype == torch.float32
+    assert load_recipe("mu0-smolvlm2-2.2b")["model"]["backbone_dtype"] == "bfloat16"
+    from conftest import inference_inputs, make_processor, random_batch
+
+    batch = random_batch(make_processor(model.config))
+    output = model.train()(**batch)
+    output.loss.backward()
+    assert torch.isfinite(output.loss) and model.trace_velocity_head.weight.grad is not None
+    assert torch.isfinite(model.eval().predict_traces(**inference_inputs(batch)).traces).all()

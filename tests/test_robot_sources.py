@@ -206,6 +206,105 @@ def test_egodex_rejects_mismatched_lengths_missing_video_and_non_hand_joints(tmp
         egodex_refs(str(tmp_path / "empty"))
 
 
+
+def write_full_egodex_episode(folder, scene):
+    """An EgoDex episode with every default joint (`EGODEX_JOINTS`), each on one of the scene's moving points, all
+    confident; returns the (T, J, 3) world points written."""
+    import h5py
+
+    from mu0.dataset_builders.robot_sources import EGODEX_JOINTS
+
+    os.makedirs(folder, exist_ok=True)
+    write_mp4(os.path.join(folder, "0.mp4"), scene.frames)
+    moving = np.flatnonzero(scene.moving)
+    points = scene.tracks_world[:, moving[: len(EGODEX_JOINTS)]]
+    assert points.shape[1] == len(EGODEX_JOINTS)
+    with h5py.File(os.path.join(folder, "0.hdf5"), "w") as handle:
+        handle.create_dataset("camera/intrinsic", data=scene.intrinsics)
+        handle.create_dataset("transforms/camera", data=np.linalg.inv(scene.extrinsics.astype(np.float64)))
+        for index, name in enumerate(EGODEX_JOINTS):
+            handle.create_dataset(f"transforms/{name}", data=pose(points[:, index]))
+        handle.attrs["llm_description"] = "Move the blocks."
+    return points
+
+
+GIVEN_3D = {"depth": "given", "camera": "given", "keypoints": "given", "tracker": "given", "history": 2, "horizon": 4}
+
+
+def test_egodex_samples_come_from_the_given_3d_joints_without_depth(tmp_path, scene):
+    from mu0.dataset_builders.extraction import ExtractionSettings, episode_samples, extract_episode
+
+    points = write_full_egodex_episode(tmp_path / "move_blocks", scene)
+    raw = load_egodex(egodex_refs(str(tmp_path))[0])
+    assert raw.depth is None
+    np.testing.assert_allclose(raw.tracks_world, points, atol=1e-5)
+    settings = ExtractionSettings(**GIVEN_3D)
+    episode = extract_episode(raw, settings)
+    assert episode.depth is None and episode.metadata["world_tracks"] == "given"
+    # The world tracks are the joints themselves (not lifted through a depth map), wherever they are seen.
+    seen = raw.track_visible
+    assert seen.mean() > 0.5
+    np.testing.assert_allclose(episode.world[seen], points[seen], atol=1e-5)
+    samples = list(episode_samples(episode, settings))
+    assert len(samples) > 0 and all(sample["depth"] is None for sample in samples)
+    # Each sample's query points are the joints seen at its frame, projected through that frame's camera.
+    sample = samples[0]
+    frame, ids = sample["frame_index"], sample["track_ids"]
+    expected_uv, _ = project_points(points[frame, ids], scene.extrinsics[frame], scene.intrinsics)
+    np.testing.assert_allclose(sample["query_uv"], expected_uv, atol=1e-3)
+
+
+def test_egodex_folder_builds_a_samples_dataset_end_to_end(tmp_path, scene):
+    from mu0.dataset_builders.trace_extract import TraceExtract, decode_sample
+
+    write_full_egodex_episode(tmp_path / "clips" / "move_blocks", scene)
+    builder = TraceExtract(config_name="samples", cache_dir=str(tmp_path / "cache"), work_dir=str(tmp_path / "work"),
+                           source="egodex", source_path=str(tmp_path / "clips"), settings=GIVEN_3D)
+    builder.download_and_prepare()
+    rows = builder.as_dataset(split="train")
+    assert len(rows) > 0
+    row = decode_sample(rows[0])
+    assert row["depth"] is None and row["task"] == "Move the blocks."
+    assert not os.path.exists(os.path.join(str(tmp_path / "work"), "failures.jsonl"))
+
+
+def test_given_3d_tracks_need_the_given_tracker_and_camera(tmp_path, scene):
+    from mu0.dataset_builders.extraction import ExtractionSettings, extract_episode
+
+    write_full_egodex_episode(tmp_path / "move_blocks", scene)
+    raw = load_egodex(egodex_refs(str(tmp_path))[0])
+    with pytest.raises(ValueError, match="tracker='given'"):
+        extract_episode(raw, ExtractionSettings(**{**GIVEN_3D, "keypoints": "grid", "tracker": "support_lk"}))
+    with pytest.raises(ValueError, match="camera='given'"):
+        extract_episode(raw, ExtractionSettings(**{**GIVEN_3D, "camera": "static"}))
+
+
+def test_entity_coverage_counts_entities_not_points():
+    from mu0.dataset_builders.extraction import entity_coverage
+    from mu0.dataset_builders.trace_ops import visible_coverage
+
+    # Two hands of 3 joints and a third entity never seen, over 4 frames. Left hand: one joint seen in every frame;
+    # right hand: seen in frames 0 and 1 only.
+    visible = np.zeros((4, 7), dtype=bool)
+    visible[:, 0] = True
+    visible[:2, 3:5] = True
+    clusters = np.array([0, 0, 0, 1, 1, 1, 2])
+    assert entity_coverage(visible, clusters) == pytest.approx((1 + 1 + 0.5 + 0.5) / 4)
+    assert visible_coverage(visible) == pytest.approx(8 / 28)  # the per-point fraction would reject it
+    assert entity_coverage(np.zeros((3, 2), bool), np.array([0, 1])) == 0.0
+
+
+def test_sparse_given_tracks_pass_the_coverage_filter_where_a_per_point_one_fails(tmp_path, scene):
+    """Per frame, 4 of 12 joints seen (fraction 0.33, under the 0.6 filter) while both hands are in view."""
+    from mu0.dataset_builders.extraction import ExtractionSettings, extract_episode
+
+    write_full_egodex_episode(tmp_path / "move_blocks", scene)
+    raw = load_egodex(egodex_refs(str(tmp_path))[0])
+    raw.track_visible = raw.track_visible & (np.arange(12) % 3 == 0)[None]  # 2 of each hand's 6 joints
+    assert raw.track_visible.mean() < 0.6
+    episode = extract_episode(raw, ExtractionSettings(**GIVEN_3D))
+    assert episode.metadata["coverage"] >= 0.9
+
 # --------------------------------------------------------------------------------------------------- LeRobot
 CAMERA = "observation.images.main"
 LENGTHS = (8, 6, 10)

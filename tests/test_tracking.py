@@ -1,10 +1,13 @@
 """Tests for the 2D tracking backends.
 
 Expected positions come from ground truth, never from the tracker: projections of the procedural episode's exact
-world tracks, or the known shift of a synthetic translated texture.
+world tracks, the known shift of a synthetic translated texture, or the SceneTracker clip's ground truth.
 """
 
 import re
+import sys
+import textwrap
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -12,16 +15,20 @@ import pytest
 
 from mu0.dataset_builders.procedural import generate_episode, project_points
 from mu0.dataset_builders.tracking import (
+    DEFAULT_TRACKER,
+    LK_BACKENDS,
     TrackResult,
+    load_hub_tracker,
+    track_points,
     track_points_given,
     track_points_lk,
     track_progressive,
     uncovered_cell_centres,
 )
 
-# The episode is 128 px wide; a 21 px window (the default, sized for 224-640 px video) then spans a block and
-# its background, so moving points get dragged by their surroundings. A window scaled to the image does better;
-# measured on seed 3 (window 11, query frame 0): median error 0.68 px, 90 % of reported points within 4 px.
+SCENETRACKER = Path(__file__).resolve().parents[2] / "shared" / "data" / "scenetracker_000005"
+# The episode is 128 px wide; a 21 px window spans a block and its background, so moving points get dragged by
+# their surroundings. An 11 px window (support_lk's default at 128 px) does better.
 WINDOW_128 = 11
 
 
@@ -38,86 +45,76 @@ def truth(episode):
     )
 
 
-def track_from(episode, truth, query_frame, **kwargs):
+def track_from(episode, truth, query_frame, backend=None, **kwargs):
     """Track the points visible at `query_frame` from their true positions there; returns result, GT, GT-visible."""
     points = np.flatnonzero(episode.visible[query_frame])
     queries = np.column_stack([np.full(points.size, query_frame), truth[query_frame, points]])
-    result = track_points_lk(episode.frames, queries, **kwargs)
+    result = track_points(episode.frames, queries, backend, **kwargs)
     return result, truth[:, points], episode.visible[:, points]
 
 
-def scores(result, truth, truth_visible, frames):
-    """Median error over GT-visible observations in `frames` (lost points count with their stale position), the
-    fraction of reported-visible ones within 4 px (precision) and the fraction of GT-visible ones reported (recall)."""
-    error = np.linalg.norm(result.tracks - truth, axis=-1)[frames]
-    seen, reported = truth_visible[frames], result.visible[frames]
-    return (
-        float(np.median(error[seen])),
-        float(np.mean(error[seen & reported] < 4.0)),
-        float(np.mean(reported[seen])),
-    )
+def delta_avg(tracks, truth, truth_visible, frames, scale=(1.0, 1.0)):
+    """TAP-Vid δ_avg: the fraction of GT-visible positions within 1, 2, 4, 8 and 16 px (after scaling x and y by
+    `scale`), averaged over the thresholds, over `frames`."""
+    error = np.linalg.norm((tracks - truth) * np.asarray(scale), axis=-1)[frames][truth_visible[frames]]
+    return float(np.mean([(error < threshold).mean() for threshold in (1, 2, 4, 8, 16)]))
 
 
-def test_lk_tracks_procedural_episode_close_to_ground_truth(episode, truth):
-    result, expected, expected_visible = track_from(episode, truth, 0, window=WINDOW_128)
-    assert isinstance(result, TrackResult) and result.backend == "lk"
+def test_track_points_default_backend_tracks_procedural_episode(episode, truth):
+    result, expected, expected_visible = track_from(episode, truth, 0)
+    assert DEFAULT_TRACKER == "support_lk"
+    assert isinstance(result, TrackResult) and result.backend == "support_lk"
     assert result.tracks.shape == expected.shape and result.tracks.dtype == np.float32
     assert result.visible.shape == expected_visible.shape and result.visible.dtype == bool
     np.testing.assert_array_equal(result.query_frames, 0)
     np.testing.assert_allclose(result.tracks[0], expected[0], atol=1e-4)  # the query frame is the query itself
     assert result.visible[0].all()
-
-    # Measured: median 0.68 px, precision 0.90, recall 0.75. The thresholds leave room for OpenCV build
-    # differences yet fail on a half-pixel convention slip, or without the forward-backward check or lost-stays-lost.
-    median, precision, recall = scores(result, expected, expected_visible, slice(1, None))
-    assert median < 1.0
-    assert precision >= 0.8
-    assert recall >= 0.6
-    # Occluded points (GT-invisible) are mostly reported lost: measured 18 % still reported visible.
-    assert np.mean(result.visible[~expected_visible]) < 0.35
+    later = slice(1, None)
+    # Measured: δ_avg 0.76, median error 0.68 px, 96 % of GT-visible positions reported visible.
+    assert delta_avg(result.tracks, expected, expected_visible, later) >= 0.7
+    assert np.median(np.linalg.norm(result.tracks - expected, axis=-1)[later][expected_visible[later]]) < 1.0
+    assert result.visible[later][expected_visible[later]].mean() >= 0.9
 
 
-def test_lk_default_window_is_accurate_on_textured_static_points(episode, truth):
-    """With the default 21 px window, static points (textured table and blocks) are tracked sub-pixel."""
-    result, expected, expected_visible = track_from(episode, truth, 0)
-    static = ~episode.moving[np.flatnonzero(episode.visible[0])]
-    static_result = TrackResult(result.tracks[:, static], result.visible[:, static], result.query_frames[static], "lk")
-    median, precision, recall = scores(static_result, expected[:, static], expected_visible[:, static], slice(1, None))
-    # Measured: median 0.27 px, precision 0.95, recall 0.88 (all points: median 0.72 px).
-    assert median < 0.5
-    assert precision >= 0.9
-    assert recall >= 0.75
+def test_support_lk_beats_plain_lk_on_procedural_episode(episode, truth):
+    """Same window for both; measured δ_avg 0.81 (support_lk) against 0.75 (lk), and 0.86 against 0.84 from the
+    middle frame."""
+    for query_frame, margin in ((0, 0.04), (12, 0.01)):
+        frames = np.arange(24) != query_frame
+        scores = {}
+        for backend in LK_BACKENDS:
+            result, expected, expected_visible = track_from(episode, truth, query_frame, backend, window=WINDOW_128)
+            scores[backend] = delta_avg(result.tracks, expected, expected_visible, frames)
+        assert scores["support_lk"] >= scores["lk"] + margin, scores
 
 
-def test_lk_is_bidirectional_from_the_query_frame(episode, truth):
+@pytest.mark.parametrize("backend", LK_BACKENDS)
+def test_tracking_is_bidirectional_from_the_query_frame(episode, truth, backend):
     middle = 12
-    result, expected, expected_visible = track_from(episode, truth, middle, window=WINDOW_128)
+    result, expected, expected_visible = track_from(episode, truth, middle, backend, window=WINDOW_128)
     np.testing.assert_array_equal(result.query_frames, middle)
     np.testing.assert_allclose(result.tracks[middle], expected[middle], atol=1e-4)
     for frames in (slice(0, middle), slice(middle + 1, None)):
-        median, precision, recall = scores(result, expected, expected_visible, frames)
-        assert median < 1.0
-        assert precision >= 0.8
-        assert recall >= 0.6
+        assert delta_avg(result.tracks, expected, expected_visible, frames) >= 0.75  # measured 0.80-0.88
     # The earliest and latest frames are reached too, not left at the query position.
     for frame in (0, 23):
-        seen = expected_visible[frame] & result.visible[frame]
-        assert seen.sum() >= 0.5 * expected_visible[frame].sum()
-        assert np.median(np.linalg.norm(result.tracks[frame, seen] - expected[frame, seen], axis=-1)) < 1.5
+        seen = expected_visible[frame]
+        assert np.median(np.linalg.norm(result.tracks[frame, seen] - expected[frame, seen], axis=-1)) < 2.5
 
 
-def test_lk_mixed_query_frames_match_separate_runs(episode, truth):
+@pytest.mark.parametrize("backend", LK_BACKENDS)
+def test_mixed_query_frames_match_separate_runs(episode, truth, backend):
     """Points of different query frames share the sweep but are tracked exactly as if tracked alone."""
     first = np.flatnonzero(episode.visible[0])[:20]
     late = np.flatnonzero(episode.visible[17])[:20]
     q_first = np.column_stack([np.zeros(first.size), truth[0, first]])
     q_late = np.column_stack([np.full(late.size, 17), truth[17, late]])
-    joint = track_points_lk(episode.frames, np.concatenate([q_first, q_late]), window=WINDOW_128)
-    alone_first = track_points_lk(episode.frames, q_first, window=WINDOW_128)
-    alone_late = track_points_lk(episode.frames, q_late, window=WINDOW_128)
+    joint = track_points(episode.frames, np.concatenate([q_first, q_late]), backend, window=WINDOW_128)
+    alone_first = track_points(episode.frames, q_first, backend, window=WINDOW_128)
+    alone_late = track_points(episode.frames, q_late, backend, window=WINDOW_128)
     np.testing.assert_array_equal(joint.query_frames, [0] * first.size + [17] * late.size)
-    np.testing.assert_allclose(joint.tracks[:, : first.size], alone_first.tracks, atol=1e-5)
-    np.testing.assert_allclose(joint.tracks[:, first.size :], alone_late.tracks, atol=1e-5)
+    np.testing.assert_allclose(joint.tracks[:, : first.size], alone_first.tracks, atol=1e-4)
+    np.testing.assert_allclose(joint.tracks[:, first.size :], alone_late.tracks, atol=1e-4)
     np.testing.assert_array_equal(joint.visible, np.concatenate([alone_first.visible, alone_late.visible], axis=1))
 
 
@@ -132,73 +129,126 @@ def texture(height: int, width: int, seed: int = 0) -> np.ndarray:
 HEIGHT, WIDTH, SPEED = 64, 96, 3  # frames are crops of one texture; content moves SPEED px left per frame, then back
 
 
-def translated_sequence(offsets: np.ndarray) -> np.ndarray:
+def translated_sequence(offsets: np.ndarray, canvas: np.ndarray | None = None) -> np.ndarray:
     """Crops of one large texture at horizontal `offsets`: content at canvas column c shows at x = c - offset."""
-    canvas = texture(HEIGHT, WIDTH + int(offsets.max()) + 1)
+    canvas = texture(HEIGHT, WIDTH + int(offsets.max()) + 1) if canvas is None else canvas
     return np.stack([canvas[:, offset : offset + WIDTH] for offset in offsets])
 
 
-def test_points_leaving_the_image_become_and_stay_invisible():
+def grid_points() -> np.ndarray:
+    ys, xs = np.meshgrid(np.arange(12, 53, 8.0), np.arange(4, WIDTH - 3, 4.0), indexing="ij")
+    return np.column_stack([xs.ravel() + 0.3, ys.ravel() + 0.6])  # sub-pixel positions
+
+
+def test_points_leaving_the_image_keep_moving_and_return_visible():
     offsets = np.concatenate([np.arange(13) * SPEED, np.arange(11, -1, -1) * SPEED])  # out 36 px, then back
     frames = translated_sequence(offsets)
-    ys, xs = np.meshgrid(np.arange(12, 53, 8.0), np.arange(4, WIDTH - 3, 4.0), indexing="ij")
-    points = np.column_stack([xs.ravel() + 0.3, ys.ravel() + 0.6])  # sub-pixel positions
-    result = track_points_lk(frames, np.column_stack([np.zeros(len(points)), points]))
+    points = grid_points()
+    result = track_points(frames, np.column_stack([np.zeros(len(points)), points]))
 
     expected_x = points[None, :, 0] - offsets[:, None]  # pure translation: exact ground truth
     inside = expected_x >= -0.5
     left = (~inside).any(axis=0)
     assert left.sum() >= 40
-    # Off-image points are never reported visible.
-    assert not result.visible[~inside].any()
-    # Points that leave are lost for good, even though they are back in view at the end.
-    first_lost = np.argmin(result.visible[:, left], axis=0)
-    assert (first_lost > 0).all()
-    assert not any(result.visible[frame:, column].any() for column, frame in zip(np.flatnonzero(left), first_lost))
-    assert inside[-1, left].all()
-    # A lost point keeps its last good position in every later frame.
-    for column, frame in zip(np.flatnonzero(left), first_lost):
-        stale = np.broadcast_to(result.tracks[frame - 1, column], (len(frames) - frame, 2))
-        np.testing.assert_array_equal(result.tracks[frame:, column], stale)
-    # Points at least a window away from the borders throughout are tracked in every frame, to a fraction of a
-    # pixel (integer shifts of a strongly textured image: measured max error 0.01 px).
+    # Off-image points are never reported visible, yet their position follows the motion out and back in (plain
+    # LK would freeze or lose them at the border): measured max error 2.1 px, while off the image.
+    assert not result.visible[expected_x < -1.5].any()  # (a point just past the border may look inside)
+    error = np.hypot(result.tracks[..., 0] - expected_x, result.tracks[..., 1] - points[None, :, 1])
+    assert np.median(error[:, left]) < 0.5 and error[:, left].max() < 3.0
+    # Back in the image at the end, they are seen again.
+    assert inside[-1, left].all() and result.visible[-1, left].mean() >= 0.9
+    # Points well inside the image throughout are seen in every frame, to a fraction of a pixel.
     kept = (expected_x.min(axis=0) > 11) & (expected_x.max(axis=0) < WIDTH - 12)
     assert kept.sum() >= 30
     assert result.visible[:, kept].all()
-    error_x = np.abs(result.tracks[:, kept, 0] - expected_x[:, kept])
-    error_y = np.abs(result.tracks[:, kept, 1] - points[kept, 1])
-    assert max(error_x.max(), error_y.max()) < 0.1
+    assert error[:, kept].max() < 0.1
 
 
-def test_points_covered_by_a_flat_occluder_become_invisible():
-    frames = translated_sequence(np.zeros(10, dtype=int)).copy()
-    panel_edge = WIDTH - 8 * np.arange(len(frames))  # first covered column: a flat grey panel slides in, 8 px/frame
-    for frame_index, edge in enumerate(panel_edge):
-        frames[frame_index, :, edge:] = 128
-    points = np.array([[10.0, 32.0], [30.0, 20.0], [50.0, 40.0], [70.0, 30.0], [84.0, 50.0]])
-    result = track_points_lk(frames, np.column_stack([np.zeros(len(points)), points]))
-    # While its window still holds texture next to the panel's edge, LK can follow the edge (a consistent wrong
-    # match the forward-backward check cannot see); once the point is covered by a whole window it must be lost.
-    deep = points[None, :, 0] >= panel_edge[:, None] + 21
-    assert deep.sum() >= 10
+def test_occluded_points_keep_moving_are_hidden_and_reappear():
+    """Texture moving 2 px/frame to the left behind a flat panel fixed in the image (columns 30-65) that is there
+    in frames 4-11 only: points under it must be reported hidden, keep the texture's motion while hidden, and be
+    seen again, in the right place, once it is gone."""
+    offsets = np.arange(16) * 2
+    frames = translated_sequence(offsets).copy()
+    frames[4:12, :, 30:66] = 128
+    points = grid_points()[::2]
+    queries = np.column_stack([np.zeros(len(points)), points])
+    expected_x = points[None, :, 0] - offsets[:, None]
+    covered = np.zeros(expected_x.shape, dtype=bool)
+    covered[4:12] = (expected_x[4:12] >= 30) & (expected_x[4:12] < 66)
+    deep = np.zeros_like(covered)  # 8 px inside the panel: twice the appearance patch radius at 64 rows
+    deep[4:12] = (expected_x[4:12] >= 38) & (expected_x[4:12] < 58)
+    in_view = (expected_x >= 0) & (expected_x <= WIDTH - 1)
+    hidden_once = deep.any(axis=0) & in_view[-1]
+    assert deep.sum() >= 20 and hidden_once.sum() >= 10
+
+    result = track_points(frames, queries)
+    error = np.hypot(result.tracks[..., 0] - expected_x, result.tracks[..., 1] - points[None, :, 1])
     assert not result.visible[deep].any()
-    # A point the panel never comes near stays visible and in place.
-    np.testing.assert_array_equal(result.visible[:, 0], True)
-    assert np.abs(result.tracks[:, 0] - points[0]).max() < 0.05
+    assert np.median(error[covered]) < 2.0  # positions carried along while hidden
+    assert error[-1, hidden_once].max() < 1.0 and result.visible[-1, hidden_once].all()
+    # Points never near the panel stay seen and accurate.
+    clear = ~((expected_x >= 24) & (expected_x < 72)).any(axis=0)
+    well_inside = (expected_x[:, clear] > 5) & (expected_x[:, clear] < WIDTH - 6)
+    assert clear.sum() >= 10 and well_inside.sum() >= 50
+    assert result.visible[:, clear][well_inside].all() and error[:, clear][well_inside].max() < 0.1
+    # Plain LK, on the same clip, loses most of the points that passed under the panel.
+    plain = track_points(frames, queries, "lk")
+    plain_error = np.hypot(plain.tracks[..., 0] - expected_x, plain.tracks[..., 1] - points[None, :, 1])
+    assert np.median(plain_error[-1, hidden_once]) > 2.0
 
 
-def test_points_on_untextured_surfaces_are_lost_not_frozen():
-    """LK cannot locate a point with no gradient in its window: it must report it lost, not keep it in place."""
-    frames = translated_sequence(np.zeros(3, dtype=int)).copy()
-    frames[:, :, WIDTH // 2 :] = 90
-    points = np.array([[20.0, 30.0], [75.0, 30.0]])  # textured half, flat half (over a window from the boundary)
-    result = track_points_lk(frames, np.column_stack([np.zeros(2), points]))
-    np.testing.assert_array_equal(result.visible, [[True, True], [True, False], [True, False]])
+def test_points_on_untextured_patches_move_with_their_surroundings():
+    """A flat square painted on moving texture: LK has no gradient inside it, so an unsure point there must move
+    with the texture around it (never stay frozen), and count as seen (a flat query patch has nothing to compare)."""
+    offsets = np.arange(10) * 2
+    canvas = texture(HEIGHT, WIDTH + 20).copy()
+    canvas[14:50, 32:68] = 90  # 36 x 36 flat square, moving with the texture: wider than plain LK's window
+    frames = translated_sequence(offsets, canvas)
+    point = np.array([[0, 50.0, 32.0]])
+    # Full resolution only (levels=0), so that no coarser pyramid level lets the window reach the texture.
+    result = track_points(frames, point, window=11, levels=0)
+    expected_x = 50.0 - offsets
+    np.testing.assert_allclose(result.tracks[:, 0, 0], expected_x, atol=1.0)
+    np.testing.assert_allclose(result.tracks[:, 0, 1], 32.0, atol=1.0)
+    assert result.visible.all()
+    plain = track_points(frames, point, "lk", window=11, levels=0)
+    assert abs(plain.tracks[-1, 0, 0] - expected_x[-1]) > 5.0  # plain LK stays put on the flat square
+
+
+@pytest.mark.skipif(not SCENETRACKER.exists(), reason="SceneTracker clip not available")
+def test_support_lk_beats_plain_lk_on_the_scenetracker_clip():
+    """960x540 rendered clip, 256 points queried at frame 0, TAP-style δ_avg at 256-px scale over GT-visible
+    frames after the query. Plain chained LK (OpenCV, window 21, 3 levels) scores 0.544; support_lk 0.660."""
+    from mu0.dataset_builders.sources import load_scenetracker, scenetracker_refs
+
+    raw = load_scenetracker(scenetracker_refs(str(SCENETRACKER))[0])
+    queries = np.column_stack([np.zeros(raw.tracks.shape[1]), raw.tracks[0]])
+    height, width = raw.frames.shape[1:3]
+    scale, later = (256 / width, 256 / height), slice(1, None)
+
+    gray = [cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) for frame in raw.frames]
+    plain = [raw.tracks[0].astype(np.float32).reshape(-1, 1, 2)]
+    for source in range(len(gray) - 1):
+        plain.append(cv2.calcOpticalFlowPyrLK(gray[source], gray[source + 1], plain[-1], None, winSize=(21, 21), maxLevel=3)[0])
+    plain = np.stack(plain)[:, :, 0]
+    plain_delta = delta_avg(plain, raw.tracks, raw.track_visible, later, scale)
+    assert abs(plain_delta - 0.544) < 0.01
+
+    lk = track_points(raw.frames, queries, "lk")
+    np.testing.assert_allclose(lk.tracks, plain, atol=1e-3)  # the `lk` backend is plain chained LK
+    result = track_points(raw.frames, queries)
+    supported = delta_avg(result.tracks, raw.tracks, raw.track_visible, later, scale)
+    assert supported >= 0.65 and supported >= plain_delta + 0.1
+    assert np.isfinite(result.tracks).all()
+    # Visibility is informative: far more GT-visible than GT-hidden observations are reported seen.
+    truth = raw.track_visible[later]
+    assert result.visible[later][truth].mean() >= 0.85 and result.visible[later][~truth].mean() <= 0.75
 
 
 def test_single_frame_video_returns_the_queries():
     frames = translated_sequence(np.zeros(1, dtype=int))
-    result = track_points_lk(frames, np.array([[0, 10.5, 20.0], [0, 40.0, 3.0]]))
+    result = track_points(frames, np.array([[0, 10.5, 20.0], [0, 40.0, 3.0]]))
     np.testing.assert_allclose(result.tracks, [[[10.5, 20.0], [40.0, 3.0]]])
     assert result.visible.all()
 
@@ -237,13 +287,14 @@ def test_progressive_adds_points_where_tracks_no_longer_cover():
     assert np.abs(result.tracks[..., 1] - query_y[None])[margin].max() < 0.1
 
 
-def test_progressive_tracks_added_points_exactly_like_lk(episode, truth):
+def test_progressive_tracks_added_points_exactly_like_the_backend(episode, truth):
     points = np.flatnonzero(episode.visible[0])[:30]
     initial = np.column_stack([np.zeros(points.size), truth[0, points]])
     added = {8: truth[8, np.flatnonzero(episode.visible[8])[:10]], 16: np.empty((0, 2))}
     result = track_progressive(episode.frames, initial, lambda index, frame, tracked: added[index], chunk=8)
     queries = np.concatenate([initial, np.column_stack([np.full(10, 8), added[8]])])
-    alone = track_points_lk(episode.frames, queries)
+    alone = track_points(episode.frames, queries)
+    assert result.backend == alone.backend == DEFAULT_TRACKER
     np.testing.assert_array_equal(result.query_frames, alone.query_frames)
     np.testing.assert_array_equal(result.visible, alone.visible)
     np.testing.assert_allclose(result.tracks, alone.tracks, atol=1e-5)
@@ -251,7 +302,8 @@ def test_progressive_tracks_added_points_exactly_like_lk(episode, truth):
 
 def test_progressive_default_fills_uncovered_cells():
     frames, offsets = scrolling_video()
-    result = track_progressive(frames, np.array([[0, 40.0, 30.0]]), chunk=8)
+    result = track_progressive(frames, np.array([[0, 40.0, 30.0]]), chunk=8, backend="lk", window=21)
+    assert result.backend == "lk"
     # A window-sized (21 px) grid over 64 x 96 has 4 x 5 cells; at frame 8 the initial point is at (16, 30), in
     # column 0, row 1, so the other 19 cells get one new point each.
     added = result.query_frames == 8
@@ -332,20 +384,45 @@ GOOD_QUERY = np.array([[0, 5.0, 5.0]])
         (GOOD_FRAMES, np.array([[np.nan, 5.0, 5.0]]), "NaN"),
     ],
 )
-def test_lk_rejects_bad_input(frames, queries, message):
+@pytest.mark.parametrize("backend", LK_BACKENDS)
+def test_trackers_reject_bad_input(frames, queries, message, backend):
     with pytest.raises(ValueError, match=message):
-        track_points_lk(frames, queries)
+        track_points(frames, queries, backend)
 
 
-@pytest.mark.parametrize("kwargs", [{"window": 10}, {"window": 1}, {"levels": -1}, {"fb_threshold": 0.0}])
-def test_lk_rejects_bad_settings(kwargs):
-    with pytest.raises(ValueError):
-        track_points_lk(GOOD_FRAMES, GOOD_QUERY, **kwargs)
+@pytest.mark.parametrize(
+    "backend, kwargs, message",
+    [
+        ("lk", {"window": 10}, "window"),
+        ("support_lk", {"window": 1}, "window"),
+        ("lk", {"levels": -1}, "levels"),
+        ("support_lk", {"fb_threshold": 0.0}, "fb_threshold"),
+        ("support_lk", {"num_support": 0}, "num_support"),
+        ("support_lk", {"support_spacing": -2.0}, "support_spacing"),
+        ("lk", {"fb_threshold": 1.0}, "Unknown option"),
+        ("optical_flow", {}, "Unknown tracker backend"),
+    ],
+)
+def test_trackers_reject_bad_settings(backend, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        track_points(GOOD_FRAMES, GOOD_QUERY, backend, **kwargs)
+    if backend in LK_BACKENDS:
+        with pytest.raises(ValueError, match=message):
+            track_progressive(GOOD_FRAMES, GOOD_QUERY, backend=backend, **kwargs)
 
 
-def test_lk_accepts_points_on_the_image_border():
+def test_track_points_lk_is_the_lk_backend():
+    frames = translated_sequence(np.arange(4) * SPEED)
+    queries = np.column_stack([np.zeros(10), grid_points()[:10]])
+    result = track_points_lk(frames, queries, window=15)
+    np.testing.assert_array_equal(result.tracks, track_points(frames, queries, "lk", window=15).tracks)
+    assert result.backend == "lk"
+
+
+@pytest.mark.parametrize("backend", LK_BACKENDS)
+def test_trackers_accept_points_on_the_image_border(backend):
     frames = translated_sequence(np.arange(3))
-    result = track_points_lk(frames, np.array([[0, -0.5, -0.5], [2, WIDTH - 0.6, HEIGHT - 0.6]]))
+    result = track_points(frames, np.array([[0, -0.5, -0.5], [2, WIDTH - 0.6, HEIGHT - 0.6]]), backend)
     assert result.visible[0, 0] and result.visible[2, 1]
 
 
@@ -364,15 +441,13 @@ class ScriptedTracker:
 def test_cotracker_adapter_converts_layout_and_visibility():
     import torch
 
-    from mu0.dataset_builders.tracking import track_points_cotracker
-
     frames = np.zeros((3, 8, 10, 3), np.uint8)
     frames[1, 2, 3] = (10, 20, 30)
     queries = np.array([[0, 1.0, 2.0], [1, 5.0, 4.0]])
     tracks = torch.tensor([[[1.0, 2.0], [5.0, 4.0]], [[1.5, 2.0], [5.0, 4.0]], [[12.0, 2.0], [5.0, 4.5]]])[None]
     visibility = torch.tensor([[0.9, 0.2], [0.8, 0.9], [0.9, 0.7]])[None, ..., None]
     tracker = ScriptedTracker(tracks, visibility)
-    result = track_points_cotracker(frames, queries, model=tracker)
+    result = track_points(frames, queries, "cotracker", model=tracker)
     assert tracker.video.shape == (1, 3, 3, 8, 10) and tracker.video[0, 1, :, 2, 3].tolist() == [10.0, 20.0, 30.0]
     assert tracker.queries.shape == (1, 2, 3)
     assert result.backend == "cotracker" and result.tracks.shape == (3, 2, 2)
@@ -381,44 +456,109 @@ def test_cotracker_adapter_converts_layout_and_visibility():
     assert result.query_frames.tolist() == [0, 1]
 
 
-def test_cotracker_adapter_rejects_wrong_outputs_and_reports_load_failures(monkeypatch):
+def test_cotracker_adapter_rejects_wrong_outputs():
     import torch
-
-    from mu0.dataset_builders import tracking
 
     frames, queries = np.zeros((2, 4, 4, 3), np.uint8), np.array([[0, 1.0, 1.0]])
     wrong = ScriptedTracker(torch.zeros(1, 2, 3, 2), torch.ones(1, 2, 3))
     with pytest.raises(ValueError, match="expected \\(2, 1\\)"):
-        tracking.track_points_cotracker(frames, queries, model=wrong)
-    with pytest.raises(ValueError, match="non-empty"):
-        tracking.track_points_cotracker(frames, np.zeros((0, 3)), model=wrong)
-
-    def offline(*args, **kwargs):
-        raise OSError("no network")
-
-    monkeypatch.setattr(torch.hub, "load", offline)
-    with pytest.raises(RuntimeError, match="tracker='lk'"):
-        tracking.load_cotracker()
+        track_points(frames, queries, "cotracker", model=wrong)
+    with pytest.raises(ValueError, match="empty"):
+        track_points(frames, np.zeros((0, 3)), "cotracker", model=wrong)
+    with pytest.raises(ValueError, match="load_hub_tracker"):
+        track_points(frames, queries, "cotracker")
 
 
-def test_extraction_uses_the_cotracker_backend_when_asked(monkeypatch):
+HUBCONF = """
+import torch
+
+dependencies = ["torch"]
+
+
+class ShiftNetwork(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.shift = torch.nn.Parameter(torch.zeros(2))
+
+
+class ShiftPredictor(torch.nn.Module):
+    \"\"\"CoTracker's predictor interface: every point moves by `shift` pixels per frame; all visible.\"\"\"
+
+    def __init__(self):
+        super().__init__()
+        self.model = ShiftNetwork()
+
+    def forward(self, video, queries):
+        steps = torch.arange(video.shape[1], dtype=torch.float32)[None, :, None, None]
+        tracks = queries[:, None, :, 1:] + (steps - queries[:, None, :, :1]) * self.model.shift
+        return tracks, torch.ones(tracks.shape[:3])
+
+
+def shift_tracker(*, pretrained=True, **kwargs):
+    if pretrained:
+        raise RuntimeError("would download weights")
+    return ShiftPredictor(**kwargs)
+"""
+
+
+@pytest.fixture
+def hub_folder(tmp_path, monkeypatch):
+    """A local torch.hub repository (hubconf.py) and a checkpoint of its network, with downloads made to fail."""
     import torch
 
+    def no_network(*args, **kwargs):
+        raise AssertionError("a local tracker must not touch the network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    repo = tmp_path / "shift-tracker"
+    repo.mkdir()
+    (repo / "hubconf.py").write_text(textwrap.dedent(HUBCONF))
+    checkpoint = tmp_path / "shift.pth"
+    torch.save({"shift": torch.tensor([1.5, -0.5])}, checkpoint)
+    yield str(repo), str(checkpoint)
+    sys.modules.pop("hubconf", None)
+
+
+def test_hub_tracker_loads_from_a_local_folder_and_checkpoint(hub_folder):
+    repo, checkpoint = hub_folder
+    model = load_hub_tracker(repo, checkpoint, entry="shift_tracker")
+    assert not model.training
+    frames = np.zeros((4, 16, 20, 3), np.uint8)
+    result = track_points(frames, np.array([[0, 2.0, 10.0], [1, 4.0, 8.0]]), "cotracker", model=model)
+    # The checkpoint's shift (1.5, -0.5) px per frame, from each query frame.
+    np.testing.assert_allclose(result.tracks[3], [[6.5, 8.5], [7.0, 7.0]], atol=1e-5)
+    np.testing.assert_allclose(result.tracks[0, 1], [2.5, 8.5], atol=1e-5)
+
+
+def test_hub_tracker_missing_files_say_how_to_get_them(hub_folder, tmp_path):
+    import torch
+
+    repo, checkpoint = hub_folder
+    with pytest.raises(FileNotFoundError, match="git clone https://github.com/facebookresearch/co-tracker"):
+        load_hub_tracker(str(tmp_path / "nowhere"), checkpoint, entry="shift_tracker")
+    with pytest.raises(FileNotFoundError, match="huggingface.co/facebook/cotracker3"):
+        load_hub_tracker(repo, str(tmp_path / "missing.pth"), entry="shift_tracker")
+    with pytest.raises(RuntimeError, match="no_such_entry"):
+        load_hub_tracker(repo, checkpoint, entry="no_such_entry")
+    torch.save({"offset": torch.zeros(2)}, tmp_path / "other.pth")
+    with pytest.raises(RuntimeError, match="shift"):  # strict loading: a checkpoint of another model fails
+        load_hub_tracker(repo, str(tmp_path / "other.pth"), entry="shift_tracker")
+
+
+def test_extraction_runs_the_cotracker_backend_from_local_files(hub_folder):
     from mu0.dataset_builders import extraction
     from mu0.dataset_builders.sources import load_procedural, procedural_refs
 
-    class StillTracker:
-        """Every point stays at its query pixel and stays visible."""
-
-        def __call__(self, video, queries):
-            num_frames = video.shape[1]
-            return queries[:, None, :, 1:].expand(-1, num_frames, -1, -1), torch.ones(1, num_frames, queries.shape[1])
-
-    monkeypatch.setattr(extraction, "load_cotracker", lambda entry: StillTracker())
+    repo, checkpoint = hub_folder
+    with pytest.raises(ValueError, match="cotracker_repo"):
+        extraction.ExtractionSettings(keypoints="grid", tracker="cotracker")
     raw = load_procedural(procedural_refs(1)[0], num_frames=12, image_size=64)
-    settings = extraction.ExtractionSettings(keypoints="grid", tracker="cotracker", num_keypoints=16, history=2, horizon=4)
+    settings = extraction.ExtractionSettings(
+        keypoints="grid", tracker="cotracker", num_keypoints=16, history=2, horizon=4,
+        cotracker_repo=repo, cotracker_checkpoint=checkpoint, cotracker_model="shift_tracker",
+    )
     episode = extraction.extract_episode(raw, settings)
     assert episode.metadata["backends"]["tracker"] == "cotracker"
     grid, _ = extraction.grid_keypoints(raw.image_size, 16)
-    np.testing.assert_allclose(episode.tracks[5], grid, atol=1e-5)
-    assert episode.visible.all()
+    np.testing.assert_allclose(episode.tracks[5], grid + 5 * np.array([1.5, -0.5]), atol=1e-5)

@@ -16,9 +16,13 @@ EXAMPLES = """examples:
   mu0 demo --quick --output-dir /tmp/mu0-demo
   mu0 predict --model outputs/demo/model --image frame.png --prompt "push the red block" --grid 8
   mu0 view data/episodes --episode 3
+  mu0 extract --source video_folder --source-path my_videos --depth depth_anything --camera estimated \
+      --keypoints grid --tracker lk --field-of-view 60 --output-dir data/my-traces
+  mu0 extract --config extract.yaml --executor ray --ray-address auto --push-to-hub me/my-traces
   mu0 train --recipe tiny-cpu --dataset data/samples --output-dir outputs/tiny
   mu0 train --recipe mu0-smolvlm2-2.2b --dataset me/my-traces --push-to-hub me/mu0-run1
   mu0 evaluate --model outputs/tiny --dataset data/test-samples --output-dir outputs/eval
+  mu0 convert mu0_rollout/final_ckpt outputs/mu0-released --push-to-hub me/mu0-released
   mu0 adapt --base outputs/demo/model --dataset data/robot-lerobot --lora-rank 8 --output-dir outputs/adapter
 """
 
@@ -179,6 +183,7 @@ def train(args: argparse.Namespace) -> None:
 def evaluate(args: argparse.Namespace) -> None:
     """The authors' protocol on a samples dataset: a table of metrics, metrics.json and worst/best overlays."""
     from .. import Mu0Processor
+    from ..dataset_builders.released_test_set import is_trace_extract_tree, released_test_samples
     from .baselines import load_trace_model
     from .evaluation import EvaluationProtocol, evaluate_models, format_metrics_table, model_label
     from .pretrain import load_samples
@@ -190,7 +195,10 @@ def evaluate(args: argparse.Namespace) -> None:
     require_path_or_repo_id(args.dataset, "--dataset")
     require_path_or_repo_id(args.model, "--model")
     require_writable_folder(args.output_dir, "--output-dir")
-    samples, _ = load_samples(args.dataset, split=args.split)
+    if is_trace_extract_tree(args.dataset):  # TraceExtract output, e.g. the authors' released test_set/
+        samples = released_test_samples(args.dataset)
+    else:
+        samples, _ = load_samples(args.dataset, split=args.split)
     model = load_trace_model(args.model)
     processor = Mu0Processor.from_pretrained(args.model)
     summary = evaluate_models({model_label(model): model}, processor, samples, protocol,
@@ -376,6 +384,98 @@ def view(args: argparse.Namespace) -> None:
     print(f"wrote {write_video(frames, path, fps=row['fps'] or 10.0)} ({len(frames)} frames, {int(shown.sum())} tracks)")
 
 
+# the flags of `mu0 extract`: TraceExtractConfig fields, then ExtractionSettings fields (a test keeps both complete)
+EXTRACT_SOURCE_OPTIONS = ("source", "source_path", "num_episodes", "seed", "num_frames", "image_size", "moving_camera",
+                          "target_fps", "camera_key", "shard_index", "num_shards")
+EXTRACT_SETTING_OPTIONS = {"depth": str, "camera": str, "keypoints": str, "tracker": str, "captions": str,
+                           "num_keypoints": int, "lk_window": int, "depth_model": str, "field_of_view": float,
+                           "dino_model": str, "cotracker_model": str, "cotracker_repo": str,
+                           "cotracker_checkpoint": str, "caption_model": str, "min_coverage": float,
+                           "history": int, "horizon": int, "retarget_steps": int, "retarget_step": float,
+                           "frame_stride": int, "static_queries": bool}
+
+
+def extract(args: argparse.Namespace) -> None:
+    """TraceExtract from the command line: a settings file and/or flags (flags win) -> datasets in a folder."""
+    from ..dataset_builders.executors import LocalExecutor, RayExecutor, extract_to_folder, read_options
+
+    config, settings = read_options(args.config) if args.config else ({}, {})
+    config.update({name: getattr(args, name) for name in EXTRACT_SOURCE_OPTIONS if getattr(args, name) is not None})
+    settings.update({name: getattr(args, name) for name in EXTRACT_SETTING_OPTIONS if getattr(args, name) is not None})
+    if args.extraction_seed is not None:
+        settings["seed"] = args.extraction_seed
+    ray_options = {name: getattr(args, f"ray_{name}") for name in ("address", "num_workers", "cpus_per_worker",
+                                                                   "num_actors", "gpus_per_actor")}
+    ray_options = {name: value for name, value in ray_options.items() if value is not None}
+    if args.executor == "ray":
+        executor = RayExecutor(**ray_options)
+    elif ray_options:
+        raise ValueError(f"--ray-* options ({', '.join(sorted(ray_options))}) need --executor ray.")
+    else:
+        executor = LocalExecutor()
+    summary = extract_to_folder(config, settings, args.output_dir, executor=executor, work_dir=args.work_dir,
+                                push_to_hub=args.push_to_hub, progress=not args.no_progress)
+    print(f"{summary['episodes']} episodes ({summary['frames']} frames), {summary['samples']} samples, "
+          f"{summary['failures']} failures; wrote {args.output_dir}/episodes, {args.output_dir}/samples, "
+          f"trace_statistics.json and failures.jsonl")
+    if args.push_to_hub:
+        print(f"pushed to {args.push_to_hub}")
+
+
+def add_extract_parser(commands) -> None:
+    """Every TraceExtract option as a flag; defaults stay None so a settings file (or the builder's default) applies."""
+    parser = commands.add_parser("extract", help="run TraceExtract on videos: episodes and samples datasets in a folder")
+    parser.add_argument("--config", default=None, help="YAML/JSON of TraceExtract keywords (stage backends under 'settings')")
+    parser.add_argument("--output-dir", default="outputs/extract")
+    parser.add_argument("--work-dir", default=None, help="per-episode cache (default: OUTPUT_DIR/work); rerun to resume")
+    parser.add_argument("--source", choices=["procedural", "mujoco", "video_folder", "rgbd", "scenetracker", "egodex", "lerobot"])
+    parser.add_argument("--source-path", help="the folder the source reads")
+    parser.add_argument("--num-episodes", type=int, help="generated sources: how many episodes")
+    parser.add_argument("--seed", type=int, help="generated sources: the first episode's seed")
+    parser.add_argument("--num-frames", type=int, help="generated sources: frames per episode")
+    parser.add_argument("--image-size", type=int, help="generated sources: frame side in pixels")
+    parser.add_argument("--moving-camera", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--target-fps", type=float, help="video_folder/egodex: subsample the decoded video")
+    parser.add_argument("--camera-key", help="lerobot: which camera")
+    parser.add_argument("--shard-index", type=int, help="this machine's shard of --num-shards")
+    parser.add_argument("--num-shards", type=int)
+    for name, kind in EXTRACT_SETTING_OPTIONS.items():
+        typed = {"action": argparse.BooleanOptionalAction, "default": None} if kind is bool else {"type": kind}
+        parser.add_argument(f"--{name.replace('_', '-')}", help=f"ExtractionSettings.{name}", **typed)
+    parser.add_argument("--extraction-seed", type=int, help="ExtractionSettings.seed (random keypoint choice)")
+    parser.add_argument("--executor", choices=["local", "ray"], default="local")
+    parser.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
+    parser.add_argument("--ray-num-workers", type=int, help="episodes extracted at once by Ray tasks (default: all CPUs)")
+    parser.add_argument("--ray-cpus-per-worker", type=float, help="CPUs each task or actor holds (default 1)")
+    parser.add_argument("--ray-num-actors", type=int, help="actors in the learned-stage pool (default 1)")
+    parser.add_argument("--ray-gpus-per-actor", type=float, help="GPUs each learned-stage actor holds (default 0)")
+    parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="also push both configurations")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
+    parser.set_defaults(handler=extract)
+
+
+def convert(args: argparse.Namespace) -> None:
+    from ..convert import ConversionReport, convert_released_checkpoint
+    from .publishing import push_mu0_to_hub, render_model_card
+
+    if os.path.exists(args.output_dir):
+        raise FileExistsError(f"{args.output_dir} already exists; choose another output folder.")
+    report = ConversionReport()
+    model, processor = convert_released_checkpoint(args.source, normalizer_stats=args.normalizer_stats, report=report)
+    print(report.summary())
+    recipe = f"the authors' released μ0, converted from `{os.path.abspath(args.source)}` with `mu0 convert`"
+    staging = args.output_dir.rstrip("/") + ".tmp"  # renamed into place once complete
+    model.save_pretrained(staging)
+    processor.save_pretrained(staging)
+    with open(os.path.join(staging, "README.md"), "w") as handle:
+        handle.write(render_model_card(model, processor, args.push_to_hub or os.path.basename(args.output_dir), recipe=recipe))
+    os.replace(staging, args.output_dir)
+    print(f"wrote {args.output_dir}")
+    if args.push_to_hub:
+        push_mu0_to_hub(model, processor, args.push_to_hub, recipe=recipe)
+        print(f"pushed to {args.push_to_hub}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mu0", description="μ0: predict future 3D traces of query points.", epilog=EXAMPLES,
@@ -403,7 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.set_defaults(handler=train)
     evaluate_parser = commands.add_parser("evaluate", help="the authors' evaluation protocol on a samples dataset")
     evaluate_parser.add_argument("--model", required=True, help="a saved μ0 or baseline folder (with its processor)")
-    evaluate_parser.add_argument("--dataset", required=True, help="a folder from save_samples() or a Hub dataset repo")
+    evaluate_parser.add_argument("--dataset", required=True,
+                                 help="a folder from save_samples(), a Hub dataset repo, or a TraceExtract output tree "
+                                      "(<group>/<episode>/samples/, e.g. the released test_set)")
     evaluate_parser.add_argument("--split", default="train", help="split of a Hub dataset (default: train)")
     evaluate_parser.add_argument("--output-dir", default="outputs/evaluate")
     evaluate_parser.add_argument("--use-depth", action="store_true", help="feed the depth image (default: RGB only)")
@@ -418,6 +520,13 @@ def build_parser() -> argparse.ArgumentParser:
                                  choices=["zero_motion", "constant_velocity"], help="heuristic baselines scored alongside")
     evaluate_parser.add_argument("--overlays", type=non_negative_int, default=3, help="worst and best samples drawn (each)")
     evaluate_parser.set_defaults(handler=evaluate)
+    convert_parser = commands.add_parser("convert", help="convert the authors' released checkpoint to a μ0 folder")
+    convert_parser.add_argument("source", help="the released step folder (final_ckpt/: model.safetensors, config.json)")
+    convert_parser.add_argument("output_dir", help="the folder to write (from_pretrained / trust_remote_code loadable)")
+    convert_parser.add_argument("--normalizer-stats", default=None,
+                                help="normalizer_stats.json (default: in or beside the source folder)")
+    convert_parser.add_argument("--push-to-hub", default=None, metavar="REPO")
+    convert_parser.set_defaults(handler=convert)
     adapt_parser = commands.add_parser("adapt", help="train an action expert on a frozen μ0 from robot demonstrations")
     adapt_parser.add_argument("--base", required=True, help="the μ0 to build on: a saved folder or Hub repo")
     adapt_parser.add_argument("--dataset", required=True, help="a local LeRobotDataset v3 folder")
@@ -454,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     view_parser.add_argument("--scale", type=positive_int, default=2)
     view_parser.add_argument("--output-dir", default="outputs/view")
     view_parser.set_defaults(handler=view)
+    add_extract_parser(commands)
     return parser
 
 

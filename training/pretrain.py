@@ -8,6 +8,8 @@ import json
 import os
 from importlib import resources
 
+import torch
+
 from transformers import TrainingArguments, set_seed
 
 from .. import Mu0Config, Mu0ForTracePrediction, Mu0ImageProcessor, Mu0Processor, build_character_tokenizer
@@ -100,6 +102,8 @@ def build_model_and_processor(recipe: dict, statistics: dict) -> tuple[Mu0ForTra
         config = Mu0Config(**model_recipe.get("overrides", {}))
         model = Mu0ForTracePrediction.from_backbones(config) if model_recipe.get("from_backbones") else Mu0ForTracePrediction(config)
         tokenizer = AutoTokenizer.from_pretrained(config.backbone_checkpoint)
+    if model_recipe.get("backbone_dtype"):  # e.g. the released bf16 frozen backbone beside an fp32 expert
+        model.set_backbone_dtype(getattr(torch, model_recipe["backbone_dtype"]))
     processor = Mu0Processor(
         Mu0ImageProcessor(image_size=config.image_size, dino_image_size=config.dino_image_size),
         tokenizer,

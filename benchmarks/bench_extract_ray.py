@@ -1,0 +1,104 @@
+"""TraceExtract throughput on Ray next to the local executor, and what starting Ray costs.
+
+Procedural episodes (moving camera) go through the classical pipeline (grid keypoints, LK, given depth and cameras)
+with the local executor, then on a local Ray instance with 1 and 2 workers, each run into a fresh work folder (the
+best of two runs each).
+Only the extraction is timed (the datasets are written from the cache the same way after either executor).
+"Start-up" is `ray.init` of a local instance plus the first tiny Ray Data job (worker processes starting and
+importing mu0). Prints a table and writes JSON. Needs `pip install "mu0[scale]"`.
+
+    python benchmarks/bench_extract.py --executor ray [--episodes 8] [--output benchmarks/results/bench_extract_ray.json]
+    python benchmarks/bench_extract_ray.py --episodes 8
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+
+import ray
+
+from mu0.dataset_builders.executors import LocalExecutor, RayExecutor
+from mu0.dataset_builders.sources import procedural_refs
+
+CONFIG = {"source": "procedural", "num_frames": 48, "image_size": 128, "moving_camera": True}
+SETTINGS = {"keypoints": "grid", "tracker": "lk", "num_keypoints": 256, "lk_window": 11}
+
+
+def best_of_two(executor, num_episodes: int) -> dict:
+    """The faster of two runs: the machine is shared, and the second Ray run finds its workers started."""
+    return max((timed_extraction(executor, num_episodes) for _ in range(2)), key=lambda row: row["episodes_per_s"])
+
+
+def timed_extraction(executor, num_episodes: int) -> dict:
+    """Episodes per second of one executor on a fresh work folder (and seconds until the first episode is done);
+    rejected episodes (too little track coverage) count, they cost a full extraction."""
+    work_dir = tempfile.mkdtemp(prefix="bench_extract_ray_")
+    refs = procedural_refs(num_episodes)
+    try:
+        start = time.perf_counter()
+        first = None
+        outcomes = []
+        for outcome in executor.run(work_dir, {**CONFIG, "num_episodes": num_episodes}, SETTINGS, refs):
+            first = first or time.perf_counter() - start
+            outcomes.append(outcome)
+        seconds = time.perf_counter() - start
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return {"episodes": len(outcomes), "rejected": sum(outcome.failed for outcome in outcomes), "seconds": seconds, "episodes_per_s": len(outcomes) / seconds,
+            "first_episode_s": first, "workers": len({outcome.worker for outcome in outcomes})}
+
+
+def ray_start_up(num_cpus: int) -> dict:
+    start = time.perf_counter()
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    init_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    ray.data.from_items([{"x": i} for i in range(num_cpus)], override_num_blocks=num_cpus).map_batches(
+        lambda batch: {"x": [__import__("mu0").__version__ for _ in batch["x"]]}, batch_size=1).take_all()
+    return {"ray_init_s": init_seconds, "first_job_s": time.perf_counter() - start}
+
+
+def run(num_episodes: int, output: str) -> dict:
+    load = os.getloadavg()
+    results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "ray": ray.__version__,
+                           "load_average_1_5_15_at_start": load},
+               "config": {**CONFIG, "num_episodes": num_episodes}, "settings": SETTINGS,
+               "local": best_of_two(LocalExecutor(), num_episodes)}
+    results["start_up"] = ray_start_up(num_cpus=2)
+    try:
+        for workers in (1, 2):
+            results[f"ray_{workers}_workers"] = best_of_two(RayExecutor(num_workers=workers), num_episodes)
+    finally:
+        ray.shutdown()
+    results["machine"]["load_average_1_5_15_at_end"] = os.getloadavg()
+    print(f"{num_episodes} procedural episodes, {CONFIG['num_frames']} frames at {CONFIG['image_size']} px, grid + LK; "
+          f"load average at start {load[0]:.1f} on {os.cpu_count()} CPUs")
+    print("| executor | episodes/s | seconds | first episode (s) | worker processes | rejected |\n|---|---|---|---|---|---|")
+    for name in ("local", "ray_1_workers", "ray_2_workers"):
+        row = results[name]
+        print(f"| {name} | {row['episodes_per_s']:.2f} | {row['seconds']:.1f} | {row['first_episode_s']:.1f} | "
+              f"{row['workers']} | {row['rejected']} |")
+    start_up = results["start_up"]
+    print(f"\nRay start-up: ray.init {start_up['ray_init_s']:.1f} s, first job (workers start, import mu0) "
+          f"{start_up['first_job_s']:.1f} s")
+    os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
+    with open(output, "w") as handle:
+        json.dump(results, handle, indent=2)
+    print(f"\nwrote {output}")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--episodes", type=int, default=8)
+    parser.add_argument("--output", default="benchmarks/results/bench_extract_ray.json")
+    args = parser.parse_args()
+    run(args.episodes, args.output)
+
+
+if __name__ == "__main__":
+    main()

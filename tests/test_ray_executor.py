@@ -1,0 +1,121 @@
+"""The Ray executor on a local 2-CPU Ray instance (one per module): the same rows, statistics and failures as the
+local executor, a killed run that resumes (and survives a killed worker), and a learned stage in an actor pool."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from mu0.dataset_builders.executors import LocalExecutor, RayExecutor, extract_to_folder  # noqa: E402
+from test_extract_cli import write_rgbd_folder  # noqa: E402
+
+TRACKED = {"keypoints": "grid", "tracker": "lk", "num_keypoints": 64, "lk_window": 11, "frame_stride": 6}
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def read_outputs(folder):
+    from datasets import load_from_disk
+
+    tables = {name: load_from_disk(str(folder / name)).data.table for name in ("episodes", "samples")}
+    return tables, json.loads((folder / "trace_statistics.json").read_text()), (folder / "failures.jsonl").read_text()
+
+
+def assert_same_outputs(first, second):
+    (first_tables, first_statistics, first_failures), (second_tables, second_statistics, second_failures) = (
+        read_outputs(first), read_outputs(second))
+    for name in ("episodes", "samples"):
+        assert first_tables[name].num_rows > 0 and first_tables[name].equals(second_tables[name]), name
+    assert first_statistics == second_statistics and first_failures == second_failures
+
+
+def test_ray_gives_the_local_rows_statistics_and_failures(ray_address, tmp_path):
+    write_rgbd_folder(tmp_path / "videos")
+    config = {"source": "rgbd", "source_path": str(tmp_path / "videos")}
+    local = extract_to_folder(config, TRACKED, str(tmp_path / "local"), LocalExecutor(), progress=False)
+    on_ray = extract_to_folder(config, TRACKED, str(tmp_path / "ray"), RayExecutor(num_workers=2), progress=False)
+    assert_same_outputs(tmp_path / "local", tmp_path / "ray")
+    assert (on_ray["episodes"], on_ray["failures"]) == (local["episodes"], local["failures"]) == (2, 2)
+    assert f":{os.getpid()}" not in " ".join(on_ray["workers"])  # extracted in Ray workers, not here
+    failures = [json.loads(line) for line in (tmp_path / "ray" / "failures.jsonl").read_text().splitlines()]
+    assert {f["episode_id"]: f["kind"] for f in failures} == {"episode_5": "rejected", "episode_9": "failed"}
+
+
+def kill_a_worker_running(function: str, deadline: float) -> bool:
+    """SIGKILL the first Ray worker process whose title says it runs `function` (Ray names busy workers after it)."""
+    import psutil
+
+    while time.monotonic() < deadline:
+        for process in psutil.process_iter(["cmdline"]):
+            if any(function in part for part in process.info["cmdline"] or []) and process.info["cmdline"][0].startswith("ray::"):
+                process.send_signal(signal.SIGKILL)
+                return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_killed_ray_run_resumes_where_it_stopped(ray_address, tmp_path):
+    generated = {"source": "procedural", "num_episodes": 6, "num_frames": 40, "image_size": 96}
+    arguments = [f"--{key.replace('_', '-')}={value}" for key, value in {**generated, **TRACKED}.items()]
+    run = subprocess.Popen(
+        [sys.executable, "-m", "mu0.training.cli", "extract", *arguments, "--output-dir", str(tmp_path / "ray"),
+         "--executor", "ray", "--ray-address", ray_address, "--ray-num-workers", "1", "--no-progress"],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    cache = tmp_path / "ray" / "work" / "episodes"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and run.poll() is None and len(list(cache.glob("*.npz"))) < 2:
+        time.sleep(0.2)
+    assert run.poll() is None, run.stdout.read().decode()[-3000:]
+    run.send_signal(signal.SIGKILL)  # the driver and, with it, its Ray workers
+    run.wait()
+    finished = {path.name: path.stat().st_mtime_ns for path in cache.glob("*.npz")}
+    assert 2 <= len(finished) < 6
+    # resume, and kill a Ray worker while it extracts an episode: Ray retries that episode in a new worker
+    resumed = {}
+    resume = threading.Thread(target=lambda: resumed.update(extract_to_folder(
+        generated, TRACKED, str(tmp_path / "ray"), RayExecutor(num_workers=2), progress=False)))
+    resume.start()
+    assert kill_a_worker_running("_extract_batch", deadline=time.monotonic() + 240)
+    resume.join(timeout=300)
+    assert resumed["episodes"] == 6 and resumed["failures"] == 0
+    assert finished == {name: (cache / name).stat().st_mtime_ns for name in finished}  # not extracted again
+    extract_to_folder(generated, TRACKED, str(tmp_path / "local"), LocalExecutor(), progress=False)
+    assert_same_outputs(tmp_path / "local", tmp_path / "ray")
+
+
+def test_a_learned_stage_runs_in_an_actor_pool(ray_address, tmp_path):
+    from test_depth_backends import tiny_depth_anything, tiny_processor
+
+    tiny_depth_anything().save_pretrained(tmp_path / "depth_model")
+    tiny_processor().save_pretrained(tmp_path / "depth_model")
+    generated = {"source": "procedural", "num_episodes": 3, "num_frames": 24, "image_size": 64}
+    settings = {"depth": "depth_anything", "depth_model": str(tmp_path / "depth_model"), "frame_stride": 6}
+    on_ray = extract_to_folder(generated, settings, str(tmp_path / "ray"), RayExecutor(num_actors=1), progress=False)
+    assert on_ray["episodes"] == 3 and len(on_ray["workers"]) == 1  # one actor, its model loaded once, did all three
+    assert f":{os.getpid()}" not in on_ray["workers"][0]
+    extract_to_folder(generated, settings, str(tmp_path / "local"), LocalExecutor(), progress=False)
+    assert_same_outputs(tmp_path / "local", tmp_path / "ray")
+    tables, _, _ = read_outputs(tmp_path / "ray")
+    assert json.loads(tables["episodes"].column("metadata")[0].as_py())["backends"]["depth"] == "depth_anything"
+
+
+def test_a_missing_model_stops_the_run_before_any_episode(ray_address, tmp_path):
+    settings = {"depth": "depth_anything", "depth_model": str(tmp_path / "no_such_model")}
+    with pytest.raises(Exception, match="no_such_model"):
+        extract_to_folder({"source": "procedural", "num_episodes": 2}, settings, str(tmp_path / "out"),
+                          RayExecutor(), progress=False)
+    assert not (tmp_path / "out" / "work" / "episodes").exists()
