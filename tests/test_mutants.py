@@ -235,3 +235,39 @@ def test_forward_backward_check_uses_its_threshold(monkeypatch, round_trip_error
     result = track_points_support(frames, np.array([[0, 10.0, 10.0]]))
     expected = [[10, 10], [12, 11], [14, 12]] if trusted else [[10, 10]] * 3
     np.testing.assert_allclose(result.tracks[:, 0], expected, atol=1e-5)
+
+
+def test_policy_learns_a_state_to_action_map(tiny_config, action_processor):
+    """Kills: a flipped action flow target, a state token the expert cannot see, a sampler that ignores the
+    learned field. Actions are a fixed linear function of the robot state (same image and prompt for every row),
+    so a policy that trains correctly predicts held-out states' actions far better than their mean does."""
+    rng = np.random.default_rng(0)
+    weights = rng.normal(0, 1.0, (5, ACTION_DIM)) / np.sqrt(5)
+
+    def rows(count: int, seed: int) -> dict:
+        states = np.random.default_rng(seed).normal(-1.0, 0.5, (count, 5))
+        normalised = (states + 1.0) / 0.5  # the processor's state statistics: mean -1, std 0.5
+        actions = 1.0 + 2.0 * np.repeat((normalised @ weights)[:, None], action_processor.chunk_size, axis=1)
+        image = np.full((48, 64, 3), 90, np.uint8)
+        batch = action_processor(images=[image] * count, text=["reach"] * count, state=states, actions=actions)
+        batch.pop("image_sizes")
+        return dict(batch)
+
+    torch.manual_seed(0)
+    policy = make_policy(tiny_config, use_trace=False, num_sampling_steps=4).train()
+    train, held_out = rows(64, 1), rows(16, 2)
+    optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=2e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        chosen = torch.randint(0, 64, (16,), generator=generator)
+        loss = policy(**{key: value[chosen] for key, value in train.items()}).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    policy.eval()
+    targets = held_out.pop("actions").float()
+    held_out.pop("actions_mask", None)
+    predicted = policy.predict_actions(**held_out, generator=torch.Generator().manual_seed(0))
+    error = ((predicted - targets) ** 2).mean().item()
+    baseline = ((targets - targets.mean(0)) ** 2).mean().item()
+    assert error < 0.25 * baseline, (error, baseline)
