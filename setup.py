@@ -29,7 +29,7 @@ EXTRAS = {
     "app": APP,
     "scale": SCALE,
     # the browser test drives Debian's chromium through chromium-driver (.ci/run installs both)
-    "dev": ["pytest>=8", "matplotlib>=3.7", *EXTRACT, *SIM, *RERUN, *SCALE, *APP, "selenium>=4.20"],
+    "dev": ["pytest>=8", "hypothesis>=6.100", "matplotlib>=3.7", *EXTRACT, *SIM, *RERUN, *SCALE, *APP, "selenium>=4.20"],
 }
 
 setup(

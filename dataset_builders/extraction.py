@@ -127,7 +127,8 @@ class ExtractedEpisode:
         arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
         folder = os.path.dirname(path) or "."
         os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp.npz", delete=False) as handle:
+        # named after the target so a builder can tell its own orphans (from a kill) from another machine's in-flight writes
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp", delete=False) as handle:
             np.savez(handle, **arrays)
         os.replace(handle.name, path)
 

@@ -196,12 +196,38 @@ def read_video(path: str, target_fps: float | None = None, start: float = -math.
     return VideoClip(np.stack(frames), fps / keep_every, keep_every, count)
 
 
-def load_video_folder(ref: EpisodeRef, target_fps: float | None = None) -> RawEpisode:
+def read_frame(path: str) -> np.ndarray:
+    """One frame file as (H, W, 3) uint8 RGB; an unreadable file is a ValueError naming it."""
     from PIL import Image
 
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except OSError as error:  # PIL's UnidentifiedImageError and truncated-file errors are OSErrors
+        raise ValueError(f"Frame {path!r} is unreadable: {error}") from error
+
+
+def read_npz(path: str, keys: tuple[str, ...], allow_pickle: bool = False) -> dict[str, np.ndarray]:
+    """The arrays `keys` of an `.npz` file (missing optional ones are left out by the caller's choice of `keys`);
+    a truncated or corrupt file is a ValueError naming it, not a zipfile error from deep inside numpy."""
+    import zipfile
+    import zlib
+
+    try:
+        with np.load(path, allow_pickle=allow_pickle) as data:
+            return {key: data[key] for key in keys if key in data.files}
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise ValueError(f"{path!r} is not a readable .npz file ({type(error).__name__}: {error}).") from error
+
+
+def load_video_folder(ref: EpisodeRef, target_fps: float | None = None) -> RawEpisode:
     if os.path.isdir(ref.location):
         files = sorted(f for f in os.listdir(ref.location) if f.lower().endswith(FRAME_EXTENSIONS))
-        frames = np.stack([np.asarray(Image.open(os.path.join(ref.location, f)).convert("RGB")) for f in files])
+        frames = [read_frame(os.path.join(ref.location, f)) for f in files]
+        sizes = sorted({frame.shape for frame in frames})
+        if len(sizes) > 1:
+            raise ValueError(f"Frame folder {ref.location!r} mixes frame sizes {sizes}.")
+        frames = np.stack(frames)
         fps = float(target_fps or 10.0)
     else:
         video = read_video(ref.location, target_fps)
@@ -219,19 +245,19 @@ def rgbd_refs(path: str) -> list[EpisodeRef]:
 
 
 def load_rgbd(ref: EpisodeRef) -> RawEpisode:
-    with np.load(ref.location, allow_pickle=False) as data:
-        missing = {"frames", "depth", "intrinsics", "extrinsics"} - set(data.files)
-        if missing:
-            raise ValueError(f"RGB-D episode {ref.location!r} lacks {sorted(missing)}.")
-        return RawEpisode(
-            ref.episode_id,
-            data["frames"],
-            float(data["fps"]) if "fps" in data.files else 10.0,
-            depth=data["depth"].astype(np.float32),
-            intrinsics=data["intrinsics"].astype(np.float64),
-            extrinsics=data["extrinsics"].astype(np.float64),
-            task=str(data["task"]) if "task" in data.files else None,
-        )
+    data = read_npz(ref.location, ("frames", "depth", "intrinsics", "extrinsics", "fps", "task"))
+    missing = {"frames", "depth", "intrinsics", "extrinsics"} - set(data)
+    if missing:
+        raise ValueError(f"RGB-D episode {ref.location!r} lacks {sorted(missing)}.")
+    return RawEpisode(
+        ref.episode_id,
+        data["frames"],
+        float(data["fps"]) if "fps" in data else 10.0,
+        depth=data["depth"].astype(np.float32),
+        intrinsics=data["intrinsics"].astype(np.float64),
+        extrinsics=data["extrinsics"].astype(np.float64),
+        task=str(data["task"]) if "task" in data else None,
+    )
 
 
 # ----------------------------------------------------------------------------------- SceneTracker / LSFOdyssey
@@ -248,9 +274,15 @@ def scenetracker_refs(path: str) -> list[EpisodeRef]:
 def load_scenetracker(ref: EpisodeRef) -> RawEpisode:
     video = read_video(os.path.join(ref.location, "rgb.mp4"))
     frames, fps = video.frames, video.fps
-    depth = np.load(os.path.join(ref.location, "deps.npz"))["deps"][:, 0].astype(np.float32)
-    cameras = np.load(os.path.join(ref.location, "intris.npz"))
-    track = np.load(os.path.join(ref.location, "track.npz"))["track_g"]
+    arrays = {}
+    for name, keys in (("deps.npz", ("deps",)), ("intris.npz", ("intris", "extris")), ("track.npz", ("track_g",))):
+        path = os.path.join(ref.location, name)
+        loaded = read_npz(path, keys)
+        if len(loaded) < len(keys):
+            raise ValueError(f"{path!r} lacks {sorted(set(keys) - set(loaded))}.")
+        arrays.update(loaded)
+    depth, track = arrays["deps"][:, 0].astype(np.float32), arrays["track_g"]
+    cameras = {key: arrays[key] for key in ("intris", "extris")}
     return RawEpisode(
         ref.episode_id,
         frames,

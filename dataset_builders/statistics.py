@@ -66,6 +66,28 @@ class TraceStatistics:
         return statistics
 
 
+def save_reservoirs(statistics: TraceStatistics, path: str) -> None:
+    """One episode's reservoirs as `<episode_id>.npz`, atomically: the temp file is `<name>.<random>.tmp` beside it,
+    so a kill leaves no file that `load_reservoirs` would read and the builder can find its orphans by name."""
+    deltas = np.concatenate(statistics.deltas) if statistics.deltas else np.zeros((0, 3))
+    log_depths = np.concatenate(statistics.log_depths) if statistics.log_depths else np.zeros(0)
+    images = np.concatenate(statistics.images) if statistics.images else np.zeros((0, 3))
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp", delete=False) as handle:
+        np.savez(handle, deltas=deltas, log_depths=log_depths, images=images)
+    os.replace(handle.name, path)
+
+
+def load_reservoirs(statistics: TraceStatistics, path: str) -> None:
+    """Add an episode's saved reservoirs to `statistics`."""
+    with np.load(path) as data:
+        statistics.deltas.append(data["deltas"])
+        statistics.log_depths.append(data["log_depths"])
+        if "images" in data and len(data["images"]):  # absent from reservoirs saved before frame ranges
+            statistics.images.append(data["images"])
+
+
 def save_statistics(statistics: dict, directory: str) -> str:
     """Write `trace_statistics.json` atomically (temp file + rename)."""
     os.makedirs(directory, exist_ok=True)
@@ -90,4 +112,4 @@ def load_statistics(directory: str) -> dict:
         return json.load(handle)
 
 
-__all__ = ["TraceStatistics", "save_statistics", "load_statistics", "STATISTICS_FILE"]
+__all__ = ["TraceStatistics", "save_statistics", "load_statistics", "save_reservoirs", "load_reservoirs", "STATISTICS_FILE"]

@@ -17,9 +17,12 @@ extracted once into `work_dir/episodes/<id>.npz` (atomic write); a re-run skips 
 rejected episodes are logged in `work_dir/failures.jsonl` and counted, never half-written.
 """
 
+import fcntl
 import json
 import logging
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 
 import datasets
@@ -30,7 +33,7 @@ from .checkpoints import require_checkpoints
 from .extraction import EpisodeRejected, ExtractedEpisode, ExtractionSettings, episode_samples, extract_episode
 from .robot_sources import ROBOT_SOURCES, egodex_refs, lerobot_refs
 from .sources import SOURCES, mujoco_refs, procedural_refs, rgbd_refs, scenetracker_refs, video_folder_refs
-from .statistics import TraceStatistics, save_statistics
+from .statistics import TraceStatistics, load_reservoirs, save_reservoirs, save_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +117,11 @@ REF_LISTERS = {
 }
 LOADERS = {**SOURCES, **ROBOT_SOURCES}
 GENERATED_SOURCES = ("procedural", "mujoco")  # rendered from seeds: no source_path, generation options instead
+# what reading one bad source file raises (PIL's UnidentifiedImageError is an OSError, a truncated npz a BadZipFile,
+# EOFError or zlib.error): that episode fails and is logged, the build goes on. Extraction itself is not covered:
+# an OSError there (a backend checkpoint that cannot be loaded) concerns every episode and stops the build.
+UNREADABLE_SOURCE_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
+FAILURES_FILE = "failures.jsonl"
 
 
 @dataclass
@@ -193,7 +201,20 @@ class TraceExtract(datasets.GeneratorBasedBuilder):
         refs = refs[self.config.shard_index :: self.config.num_shards]
         if self.config.episode_ids is not None:
             refs = [ref for ref in refs if ref.episode_id in set(self.config.episode_ids)]
-        return [datasets.SplitGenerator(name=datasets.Split.TRAIN, gen_kwargs={"refs": refs})]
+        self._remove_orphaned_temp_files({ref.episode_id for ref in refs})
+        self.info.splits = None  # the row count depends on which episodes succeed: a repaired file is no size mismatch
+        # the builder's pid travels to the `num_proc` workers so they can stop when it is killed
+        gen_kwargs = {"refs": refs, "builder_pid": os.getpid()}
+        return [datasets.SplitGenerator(name=datasets.Split.TRAIN, gen_kwargs=gen_kwargs)]
+
+    def _remove_orphaned_temp_files(self, episode_ids: set[str]) -> None:
+        """Temp files a killed run left behind, of this shard's episodes only: other machines sharing the work
+        folder may be writing theirs right now. Every temp name starts with `<episode_id>.npz.`."""
+        for folder in (os.path.join(self.work_dir, "episodes"), os.path.join(self.work_dir, "statistics")):
+            for name in os.listdir(folder) if os.path.isdir(folder) else []:
+                episode_id, _, rest = name.partition(".npz.")
+                if rest.endswith(".tmp") and episode_id in episode_ids:
+                    os.remove(os.path.join(folder, name))
 
     def _load_raw(self, ref):
         if ref.source in GENERATED_SOURCES:
@@ -203,67 +224,93 @@ class TraceExtract(datasets.GeneratorBasedBuilder):
         return LOADERS[ref.source](ref)
 
     def extracted_episode(self, ref) -> ExtractedEpisode | None:
-        """The cached extraction of `ref`, computing and saving it first if needed; None if it failed."""
+        """The cached extraction of `ref`, computing and saving it first if needed; None if it failed.
+
+        An episode is committed by two atomic writes, its cache then its statistics; a kill between them is
+        repaired here (the statistics are recomputed from the cache), so no re-run silently drops an episode."""
         path = os.path.join(self.work_dir, "episodes", f"{ref.episode_id}.npz")
         if os.path.exists(path):
-            return ExtractedEpisode.load(path)
+            episode = ExtractedEpisode.load(path)
+            if not os.path.exists(self._statistics_path(ref.episode_id)):
+                self._save_partial_statistics(episode)
+            return episode
         try:
-            episode = extract_episode(self._load_raw(ref), self.config.extraction)
+            raw = self._load_raw(ref)
+        except UNREADABLE_SOURCE_ERRORS as error:
+            reason = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+            return self._record_failure(ref.episode_id, "failed", reason)
+        try:
+            episode = extract_episode(raw, self.config.extraction)
         except (ValueError, EpisodeRejected) as error:
             kind = "rejected" if isinstance(error, EpisodeRejected) else "failed"
-            logger.warning("Episode %s %s: %s", ref.episode_id, kind, error)
-            self._record_failure(ref.episode_id, kind, str(error))
-            return None
+            return self._record_failure(ref.episode_id, kind, str(error))
         episode.save(path)
         self._save_partial_statistics(episode)
+        self._update_failures(ref.episode_id, None)
         return episode
 
     def _record_failure(self, episode_id: str, kind: str, reason: str) -> None:
+        logger.warning("Episode %s %s: %s", episode_id, kind, reason)
+        self._update_failures(episode_id, {"episode_id": episode_id, "kind": kind, "reason": reason})
+
+    def _update_failures(self, episode_id: str, record: dict | None) -> None:
+        """Replace `episode_id`'s line in failures.jsonl by `record` (None: drop it, the episode now succeeds), so
+        the file lists each failing episode once however often the build re-runs. Rewritten atomically under a
+        lock on the work folder: `num_proc` workers and shards on other machines update it concurrently."""
+        path = os.path.join(self.work_dir, FAILURES_FILE)
+        if record is None and not os.path.exists(path):
+            return
         os.makedirs(self.work_dir, exist_ok=True)
-        with open(os.path.join(self.work_dir, "failures.jsonl"), "a") as handle:
-            handle.write(json.dumps({"episode_id": episode_id, "kind": kind, "reason": reason}) + "\n")
+        lock = os.open(self.work_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            lines = []
+            if os.path.exists(path):
+                with open(path) as handle:
+                    lines = [line for line in handle if line.strip() and json.loads(line)["episode_id"] != episode_id]
+            if record is not None:
+                lines.append(json.dumps(record) + "\n")
+            with open(path + ".tmp", "w") as handle:
+                handle.writelines(lines)
+            os.replace(path + ".tmp", path)
+        finally:
+            os.close(lock)  # releases the lock
+
+    def _statistics_path(self, episode_id: str) -> str:
+        return os.path.join(self.work_dir, "statistics", f"{episode_id}.npz")
 
     def _save_partial_statistics(self, episode: ExtractedEpisode) -> None:
         """Per-episode statistic reservoirs, computed while the frames are in memory (no second decode)."""
         statistics = TraceStatistics(reservoir_size=20_000)
+        horizon = self.config.extraction.horizon
         for sample in episode_samples(episode, self.config.extraction):
-            horizon = self.config.extraction.horizon
             statistics.add(sample["query_uv"], sample["query_z"], sample["future"][:, :horizon],
                            sample["future_valid"][:, :horizon], episode.image_size, sample["depth"], sample["image"])
-        folder = os.path.join(self.work_dir, "statistics")
-        os.makedirs(folder, exist_ok=True)
-        deltas = np.concatenate(statistics.deltas) if statistics.deltas else np.zeros((0, 3))
-        log_depths = np.concatenate(statistics.log_depths) if statistics.log_depths else np.zeros(0)
-        images = np.concatenate(statistics.images) if statistics.images else np.zeros((0, 3))
-        path = os.path.join(folder, f"{episode.episode_id}.npz")
-        with open(path + ".tmp", "wb") as handle:
-            np.savez(handle, deltas=deltas, log_depths=log_depths, images=images)
-        os.replace(path + ".tmp", path)
+        save_reservoirs(statistics, self._statistics_path(episode.episode_id))
 
     def compute_statistics(self, episode_ids: list[str] | None = None) -> dict:
         """Aggregate the per-episode reservoirs (of `episode_ids`, default all: pass the training episodes to keep
         held-out ones out) into processor statistics and save them beside the dataset."""
         folder = os.path.join(self.work_dir, "statistics")
-        files = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        files = sorted(name for name in os.listdir(folder) if name.endswith(".npz")) if os.path.isdir(folder) else []
         if episode_ids is not None:
             files = [name for name in files if name.removesuffix(".npz") in set(episode_ids)]
         if not files:
             raise FileNotFoundError(f"No per-episode statistics in {folder}: run download_and_prepare() first.")
         statistics = TraceStatistics()
         for name in files:
-            with np.load(os.path.join(folder, name)) as data:
-                statistics.deltas.append(data["deltas"])
-                statistics.log_depths.append(data["log_depths"])
-                if "images" in data and len(data["images"]):  # absent from reservoirs saved before frame ranges
-                    statistics.images.append(data["images"])
+            load_reservoirs(statistics, os.path.join(folder, name))
         result = statistics.compute()
         save_statistics(result, self.work_dir)
         return result
 
-    def _generate_examples(self, refs):
+    def _generate_examples(self, refs, builder_pid: int):
         from datasets.utils.tqdm import tqdm  # hidden by datasets.disable_progress_bars(), like datasets' own bars
 
         for ref in tqdm(refs, desc=f"TraceExtract {self.config.name}", unit="episode"):
+            if os.getpid() != builder_pid and os.getppid() != builder_pid:
+                logger.error("The TraceExtract build (pid %d) was killed: this worker stops too.", builder_pid)
+                os._exit(1)
             episode = self.extracted_episode(ref)
             if episode is None:
                 continue

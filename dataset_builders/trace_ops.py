@@ -166,7 +166,7 @@ def interpolate_at(traces: np.ndarray, valid: np.ndarray, times: np.ndarray) -> 
     upper = np.minimum(lower + 1, num_frames - 1)
     weight = (safe - lower)[:, None, None]
     values = (1 - weight) * traces[lower] + weight * traces[upper]
-    ok = finite[:, None] & valid[lower] & valid[upper]
+    ok = finite[:, None] & valid[lower] & (valid[upper] | (weight[..., 0] == 0))  # an exact frame needs no neighbour
     return np.where(ok[..., None], values, 0.0).transpose(1, 0, 2).astype(np.float32), ok.T
 
 

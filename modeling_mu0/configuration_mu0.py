@@ -177,6 +177,18 @@ class Mu0Config(PreTrainedConfig):
         text_config.num_hidden_layers = self.num_vlm_layers
         self.validate_mu0()
 
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict, dict]:
+        """The saved config, refused with a ValueError naming the file when it is not a JSON object (a `[]`
+        config.json otherwise surfaces as a TypeError from deep inside the config constructor)."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if not isinstance(config_dict, dict):
+            raise ValueError(
+                f"The config.json of {pretrained_model_name_or_path!r} holds a JSON {type(config_dict).__name__}, not an "
+                "object of settings: the folder is not a saved model (re-save it with save_pretrained)."
+            )
+        return config_dict, kwargs
+
     @property
     def expert_hidden_size(self) -> int:
         return int(self.vlm_config.get_text_config().hidden_size * self.expert_width_factor)

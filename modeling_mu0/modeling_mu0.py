@@ -9,6 +9,7 @@ through adaLN-Zero, so the frozen backbone stream is never modulated.
 
 import copy
 import math
+import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -138,6 +139,16 @@ def validate_queries(
     if (real.abs() > 1).any():
         raise ValueError("query_points must be normalised (u, v) inside [-1, 1]; some points lie outside the image.")
     return query_mask
+
+
+def sampling_steps(num_steps: int | None, default: int, **counts: int) -> int:
+    """`num_steps` (None: the config's `default`), after checking it and every other count (e.g. `num_samples`)
+    is a positive integer: 0 once silently meant the default and -1 returned the input noise as the prediction."""
+    num_steps = default if num_steps is None else num_steps
+    for name, value in {"num_steps": num_steps, **counts}.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return num_steps
 
 
 def sample_flow_time(
@@ -951,7 +962,7 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
         Regression models make one deterministic pass and repeat it `num_samples` times.
         """
         query_mask = self._validate_queries(pixel_values, query_points, query_mask, input_ids=input_ids)
-        num_steps = num_steps or self.config.num_inference_steps
+        num_steps = sampling_steps(num_steps, self.config.num_inference_steps, num_samples=num_samples)
         batch_size, num_queries = query_points.shape[:2]
         shape = (batch_size, num_samples, num_queries, self.config.trace_length, 3)
         if self.config.trace_objective == "regression":

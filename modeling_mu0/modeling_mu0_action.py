@@ -24,6 +24,7 @@ from .modeling_mu0 import (
     Mu0FrozenPartsMixin,
     Mu0Prefix,
     sample_flow_time,
+    sampling_steps,
     sinusoidal_time_embedding,
     zero_initialised,
 )
@@ -370,11 +371,11 @@ class Mu0ForActionPrediction(Mu0ActionPreTrainedModel):
         The prefix and motion tokens are computed once per call; `generator` seeds both μ0's grid noise and the
         action noise, so the same seed gives the same actions.
         """
+        num_steps = sampling_steps(num_steps, self.config.num_sampling_steps)
         prefix, motion, context = self.encode_context(
             pixel_values, input_ids, attention_mask, dino_pixel_values, depth_pixel_values, depth_mask, state,
             wrist_dino_pixel_values, generator,
         )
-        num_steps = num_steps or self.config.num_sampling_steps
         shape = (pixel_values.shape[0], self.config.chunk_size, self.config.action_dim)
         if noise is None:
             noise = torch.randn(shape, generator=generator, device=pixel_values.device)

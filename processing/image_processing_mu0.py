@@ -38,18 +38,45 @@ def render_depth(depth: np.ndarray, log_min: float, log_max: float) -> np.ndarra
     return turbo_colormap(np.floor(np.clip(nearness, 0.0, 1.0) * 255) / 255).astype(np.float32)
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")  # how PIL opens 16-bit PNGs; convert("RGB") saturates them
+
+
+def _pil_to_array(image) -> np.ndarray:
+    """A PIL image as (H, W, 3): 16-bit greyscale keeps its uint16 range instead of being clipped to white."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        grey = np.asarray(image).astype(np.int64)
+        if grey.size and (grey.min() < 0 or grey.max() > 65535):
+            raise ValueError(f"images: a mode {image.mode!r} image must hold 16-bit values, got [{grey.min()}, {grey.max()}].")
+        return np.repeat(grey.astype(np.uint16)[..., None], 3, axis=-1)
+    return np.asarray(image.convert("RGB"))
+
+
 def to_float_image(image) -> np.ndarray:
-    """PIL image, uint8/float array (H, W, 3) or torch tensor (3, H, W) to float32 (H, W, 3) in [0, 1]."""
+    """PIL image (8- or 16-bit), integer (uint8, uint16, or other integers in [0, 255]) or float array (H, W, 3),
+    or torch tensor (3, H, W), to float32 (H, W, 3) in [0, 1]."""
     if isinstance(image, torch.Tensor):
         array = image.detach().cpu().numpy()
         if array.ndim == 3 and array.shape[0] == 3 and array.shape[-1] != 3:
             array = array.transpose(1, 2, 0)
     else:
-        array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+        array = _pil_to_array(image) if hasattr(image, "convert") else np.asarray(image)
     if array.ndim != 3 or array.shape[-1] != 3:
         raise ValueError(f"Expected an RGB image of shape (H, W, 3), got {array.shape}.")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"images: an image is empty ({array.shape[1]}x{array.shape[0]} pixels).")
     if array.dtype == np.uint8:
         return array.astype(np.float32) / 255.0
+    if array.dtype == np.uint16:
+        return array.astype(np.float32) / 65535.0
+    if np.issubdtype(array.dtype, np.integer):
+        if array.min() < 0 or array.max() > 255:
+            raise ValueError(
+                f"images: an {array.dtype} image must hold 8-bit values in [0, 255], got [{array.min()}, {array.max()}]; "
+                "pass 16-bit images as uint16."
+            )
+        return array.astype(np.float32) / 255.0
+    if not (np.issubdtype(array.dtype, np.floating) or array.dtype == bool):
+        raise ValueError(f"images: unsupported image dtype {array.dtype}; use uint8, uint16 or float in [0, 1].")
     array = array.astype(np.float32)
     if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
         raise ValueError("Float images must be finite and lie in [0, 1].")

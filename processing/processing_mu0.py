@@ -153,7 +153,10 @@ class Mu0Processor(ProcessorMixin):
             raise ValueError("Mu0Processor needs `images` and `query_points`.")
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         batch_size = len(images)
-        texts = [text] * batch_size if text is None or isinstance(text, str) else list(text)
+        texts = [text] * batch_size if text is None or isinstance(text, str) else text
+        if not isinstance(texts, (list, tuple)) or not all(task is None or isinstance(task, str) for task in texts):
+            raise ValueError(f"text must be a string, None, or a list of them (one per image), got {text!r}.")
+        texts = list(texts)
         per_image = {"text": texts, "query_points": query_points, "depth": depth, "history": history,
                      "history_mask": history_mask, "future": future, "future_mask": future_mask,
                      "cluster_ids": cluster_ids}
@@ -229,6 +232,11 @@ class Mu0Processor(ProcessorMixin):
                 raise ValueError(
                     f"Query point {first} of sample {index} ({p[first, :2].tolist()}) lies outside the "
                     f"{size[1]}x{size[0]} image."
+                )
+            if has_depth and not (p[:, 2] > 0).all():
+                first = int(np.argwhere(p[:, 2] <= 0)[0, 0])
+                raise ValueError(
+                    f"query_points of sample {index}: depth z must be positive metres; point {first} has z={p[first, 2]}."
                 )
             query_mask[index, : len(p)] = True
             uv[index, : len(p)] = torch.from_numpy(normalized_points[:, :2]).float()

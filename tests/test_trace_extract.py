@@ -16,10 +16,10 @@ from mu0.dataset_builders.trace_extract import TraceExtract, decode_sample
 SMALL = dict(source="procedural", num_episodes=2, num_frames=30, image_size=64, settings={"frame_stride": 6})
 
 
-def build(tmp_path, config_name="samples", **overrides):
+def build(tmp_path, config_name="samples", download_mode=None, **overrides):
     options = {**SMALL, **overrides}
     builder = TraceExtract(config_name=config_name, cache_dir=str(tmp_path / "cache"), work_dir=str(tmp_path / "work"), **options)
-    builder.download_and_prepare()
+    builder.download_and_prepare(download_mode=download_mode)
     return builder, builder.as_dataset(split="train")
 
 
@@ -64,7 +64,7 @@ def test_statistics_load_into_the_processor(tmp_path, tiny_processor):
 def test_episodes_config_and_resumability(tmp_path):
     build(tmp_path)
     cached = sorted(os.listdir(tmp_path / "work" / "episodes"))
-    assert len(cached) == 2 and not any(name.endswith(".tmp.npz") for name in cached)
+    assert len(cached) == 2 and not any(name.endswith(".tmp") for name in cached)
     stamps = [os.path.getmtime(tmp_path / "work" / "episodes" / name) for name in cached]
     _, episodes = build(tmp_path, config_name="episodes")  # reuses the extracted episodes
     assert stamps == [os.path.getmtime(tmp_path / "work" / "episodes" / name) for name in cached]
@@ -229,3 +229,74 @@ def test_parallel_build_gives_the_same_rows(tmp_path):
     for key, row in serial_rows.items():
         for column in ("query_uv", "query_z", "future", "future_valid", "history", "track_ids", "task"):
             np.testing.assert_array_equal(parallel_rows[key][column], row[column], err_msg=f"{key} {column}")
+
+
+def failures(work) -> list[dict]:
+    return [json.loads(line) for line in (work / "failures.jsonl").read_text().splitlines()]
+
+
+def test_unreadable_frame_fails_its_episode_not_the_build(tmp_path):
+    """A corrupt PNG (PIL's UnidentifiedImageError) used to escape the per-episode handler and stop every build."""
+    from PIL import Image
+
+    episode = generate_episode(3, num_frames=12, image_size=32)
+    for name in ("good", "corrupt"):
+        (tmp_path / "videos" / name).mkdir(parents=True)
+        for t, frame in enumerate(episode.frames):
+            Image.fromarray(frame).save(tmp_path / "videos" / name / f"{t:03d}.png")
+    (tmp_path / "videos" / "corrupt" / "005.png").write_bytes(b"\x89PNG not really")
+    builder = TraceExtract(config_name="samples", source="video_folder", source_path=str(tmp_path / "videos"),
+                           cache_dir=str(tmp_path / "cache"), work_dir=str(tmp_path / "work"))
+    builder.download_and_prepare()
+    by_id = {f["episode_id"]: f for f in failures(tmp_path / "work")}
+    assert "005.png" in by_id["corrupt"]["reason"] and "unreadable" in by_id["corrupt"]["reason"]
+    assert "depth='given'" in by_id["good"]["reason"]  # the readable folder got as far as extraction
+
+
+RGBD_SETTINGS = {"keypoints": "grid", "tracker": "lk", "num_keypoints": 64, "frame_stride": 6}
+
+
+def write_rgbd(folder, seeds=(2, 3)):
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        episode = generate_episode(seed, num_frames=20, image_size=48)
+        np.savez(folder / f"ep{seed}.npz", frames=episode.frames, depth=episode.depth, intrinsics=episode.intrinsics,
+                 extrinsics=episode.extrinsics, task=episode.task)
+
+
+def test_truncated_npz_fails_its_episode_and_failures_are_listed_once(tmp_path):
+    """A truncated RGB-D `.npz` (BadZipFile) used to stop the build; failures.jsonl used to grow on every re-run."""
+    write_rgbd(tmp_path / "rgbd")
+    data = (tmp_path / "rgbd" / "ep3.npz").read_bytes()
+    (tmp_path / "rgbd" / "ep3.npz").write_bytes(data[: len(data) // 2])
+
+    def episode_ids():
+        builder = TraceExtract(config_name="samples", source="rgbd", source_path=str(tmp_path / "rgbd"),
+                               settings=RGBD_SETTINGS, cache_dir=str(tmp_path / "cache"), work_dir=str(tmp_path / "work"))
+        builder.download_and_prepare(download_mode="force_redownload")
+        return set(builder.as_dataset(split="train")["episode_id"])
+
+    for _ in range(2):
+        assert episode_ids() == {"ep2"}
+        (failure,) = failures(tmp_path / "work")
+        assert failure["episode_id"] == "ep3" and "ep3.npz" in failure["reason"] and failure["kind"] == "failed"
+    write_rgbd(tmp_path / "rgbd", seeds=(3,))  # repaired: the episode builds and its failure line goes
+    assert episode_ids() == {"ep2", "ep3"}
+    assert failures(tmp_path / "work") == []
+
+
+def test_statistics_survive_a_kill_between_cache_and_statistics(tmp_path):
+    """A kill after an episode's cache write but before its statistics write used to drop that episode from the
+    statistics for good (the re-run skipped the cached episode); a leftover temp file broke compute_statistics."""
+    builder, _ = build(tmp_path, num_episodes=3)
+    complete = builder.compute_statistics()
+    statistics = tmp_path / "work" / "statistics"
+    lost = sorted(os.listdir(statistics))[1]
+    os.remove(statistics / lost)  # what the kill left: the cache is there, the statistics are not
+    (statistics / f"{lost}.ab12cd.tmp").write_bytes(b"half a file")  # and a temp file of the interrupted write
+    (tmp_path / "work" / "episodes" / "other-episode.npz.x1.tmp").write_bytes(b"")  # not this shard's: kept
+    assert builder.compute_statistics()["delta_scale"] != complete["delta_scale"]  # two of three episodes
+    rebuilt, _ = build(tmp_path, num_episodes=3, download_mode="force_redownload")
+    assert rebuilt.compute_statistics() == complete
+    assert len(os.listdir(statistics)) == 3 and not any(name.endswith(".tmp") for name in os.listdir(statistics))
+    assert "other-episode.npz.x1.tmp" in os.listdir(tmp_path / "work" / "episodes")

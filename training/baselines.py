@@ -331,9 +331,7 @@ MODEL_CLASSES = {"mu0": Mu0ForTracePrediction, "mu0_tokenized_trace": Mu0Tokeniz
 
 def load_trace_model(path: str, **loading_kwargs) -> PreTrainedModel:
     """A saved μ0 (any objective or parameterisation) or tokenized baseline, by the `model_type` of its config."""
-    from transformers import PreTrainedConfig
-
-    model_type = PreTrainedConfig.get_config_dict(path, **loading_kwargs)[0].get("model_type")
+    model_type = Mu0Config.get_config_dict(path, **loading_kwargs)[0].get("model_type")
     if model_type not in MODEL_CLASSES:
         raise ValueError(f"{path} holds a {model_type!r} model; expected one of {sorted(MODEL_CLASSES)}.")
     return MODEL_CLASSES[model_type].from_pretrained(path, **loading_kwargs)

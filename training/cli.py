@@ -3,8 +3,10 @@
 import argparse
 import copy
 import functools
+import json
 import logging
 import os
+import re
 import sys
 
 import numpy as np
@@ -29,6 +31,97 @@ EXAMPLES = """examples:
 """
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts (steps, samples, batch sizes): 0 or a negative value is refused by name."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def require_writable_folder(path: str, flag: str) -> None:
+    """Create `path` and write a probe file now, so a read-only or full output folder fails before any work
+    (it used to fail only at the first checkpoint)."""
+    import tempfile
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise OSError(f"{flag} {path!r} is not a writable folder: {error.strerror or error}.") from error
+
+
+def require_path_or_repo_id(value: str, flag: str) -> None:
+    """A local path that does not exist is reported as such, not as a malformed Hub repo id. Hub ids are `name` or
+    `namespace/name`, so anything absolute, relative to `.`/`~`, or with more than one `/` is meant as a path."""
+    if os.path.exists(os.path.expanduser(value)):
+        return
+    if value.startswith((".", "/", "~")) or value.count("/") > 1 or (os.sep != "/" and os.sep in value):
+        raise FileNotFoundError(f"{flag} {value!r}: no such file or folder.")
+
+
+NO_ROWS = ("--dataset {!r} has no rows: every episode failed or was rejected at extraction (see failures.jsonl in "
+           "its work folder).")
+
+
+def require_rows(dataset: str) -> None:
+    """A dataset saved without rows has no data files, on which `load_from_disk` fails with a raw IndexError."""
+    state = os.path.join(dataset, "state.json")
+    if os.path.isfile(state):
+        with open(state) as handle:
+            if json.load(handle).get("_data_files") == []:
+                raise ValueError(NO_ROWS.format(dataset))
+
+
+def require_readable_checkpoint(folder: str) -> None:
+    """A `--resume` folder cut short by a kill (truncated weights, no trainer state: the Trainer writes that last)
+    is named here, not by a raw SafetensorError after the model is built."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--resume {folder!r}: no such checkpoint folder.")
+    weights = [name for name in os.listdir(folder) if name.endswith(".safetensors")]
+    if not weights:
+        raise FileNotFoundError(f"--resume {folder!r} holds no .safetensors weights: not a checkpoint folder.")
+    for name in weights:
+        try:
+            with safe_open(os.path.join(folder, name), framework="pt"):  # checks the header covers the file
+                pass
+        except (SafetensorError, OSError) as error:
+            raise ValueError(
+                f"--resume {folder!r}: {name} is truncated or corrupt ({error}); resume from an earlier checkpoint."
+            ) from error
+    try:
+        with open(os.path.join(folder, "trainer_state.json")) as handle:
+            json.load(handle)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--resume {folder!r} has no readable trainer_state.json: the save was interrupted; "
+                         "resume from an earlier checkpoint.") from error
+
+
+def last_complete_checkpoint(output_dir: str) -> str:
+    """`--resume last`: the newest `checkpoint-N` in the output folder that a kill did not cut short."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    steps = sorted((int(name.split("-")[1]) for name in names if re.fullmatch(r"checkpoint-\d+", name)), reverse=True)
+    for step in steps:
+        folder = os.path.join(output_dir, f"checkpoint-{step}")
+        try:
+            require_readable_checkpoint(folder)
+        except (ValueError, FileNotFoundError) as error:
+            logging.getLogger(__name__).warning("Skipping an incomplete checkpoint: %s", error)
+            continue
+        return folder
+    raise FileNotFoundError(f"--resume last: no complete checkpoint in {output_dir!r}.")
+
+
 def demo(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
@@ -38,6 +131,7 @@ def demo(args: argparse.Namespace) -> None:
     if args.steps is not None:
         settings = replace(settings, steps=args.steps)
     settings = replace(settings, seed=args.seed)
+    require_writable_folder(args.output_dir, "--output-dir")
     summary = run_demo(args.output_dir, settings)
     print(f"\nHeld-out metrics ({summary['eval_samples']} samples; u, v in [-1, 1], z in metres; min = best of "
           f"{settings.num_samples}):")
@@ -56,10 +150,19 @@ def train(args: argparse.Namespace) -> None:
 
     from .pretrain import hold_out_episodes, load_recipe, load_samples, make_trainer
 
+    require_path_or_repo_id(args.dataset, "--dataset")
+    if args.resume == "last":
+        args.resume = last_complete_checkpoint(args.output_dir)
+    elif args.resume is not None:
+        require_readable_checkpoint(args.resume)
+    require_writable_folder(args.output_dir, "--output-dir")
     recipe = load_recipe(args.recipe)
+    require_rows(args.dataset)
     samples, statistics = load_samples(args.dataset)
     evaluation = None
     streamed = not hasattr(samples, "select")
+    if not streamed and len(samples) == 0:
+        raise ValueError(NO_ROWS.format(args.dataset))
     eval_samples = (0 if streamed else 32) if args.eval_samples is None else args.eval_samples
     if eval_samples:
         if streamed:
@@ -111,6 +214,9 @@ def evaluate(args: argparse.Namespace) -> None:
         frame_offsets=tuple(args.frame_offsets), num_queries=args.num_queries, num_samples=args.samples,
         seed=args.seed, use_depth=args.use_depth, use_history=args.use_history, batch_size=args.batch_size,
     )
+    require_path_or_repo_id(args.dataset, "--dataset")
+    require_path_or_repo_id(args.model, "--model")
+    require_writable_folder(args.output_dir, "--output-dir")
     if is_trace_extract_tree(args.dataset):  # TraceExtract output, e.g. the authors' released test_set/
         samples = released_test_samples(args.dataset)
     else:
@@ -145,6 +251,8 @@ def adapt(args: argparse.Namespace) -> None:
         train_policy,
     )
 
+    require_path_or_repo_id(args.base, "--base")
+    require_writable_folder(args.output_dir, "--output-dir")
     episodes = lerobot_robot_episodes(args.dataset, args.camera_key)
     actions = np.concatenate([episode.actions for episode in episodes])
     states = np.concatenate([episode.states for episode in episodes])
@@ -185,39 +293,67 @@ def grid_points(size: int, height: int, width: int) -> list[tuple[float, float]]
     return [(float(x), float(y)) for y in ys for x in xs]
 
 
+def load_depth_map(path: str, height: int, width: int) -> np.ndarray:
+    """`--depth`: an (H, W) metric map aligned with the image; 0 or NaN mark missing depth, negatives are refused."""
+    depth = np.load(path)
+    if depth.shape != (height, width) or not np.issubdtype(depth.dtype, np.number):
+        raise ValueError(f"--depth {path!r} is a {depth.dtype} map of shape {depth.shape}; it must be a numeric "
+                         f"(H, W) = ({height}, {width}) map aligned with --image.")
+    depth = depth.astype(np.float32)
+    if (depth < 0).any():
+        raise ValueError(f"--depth {path!r} has negative values (min {np.nanmin(depth):.3g}): depth is metres in front of the camera.")
+    return depth
+
+
+def depth_at(depth: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Each query pixel's depth (nearest pixel); a query on missing depth is refused rather than given z <= 0."""
+    height, width = depth.shape
+    rows = np.clip(np.round(query[:, 1]).astype(int), 0, height - 1)
+    columns = np.clip(np.round(query[:, 0]).astype(int), 0, width - 1)
+    values = depth[rows, columns]
+    missing = ~(np.isfinite(values) & (values > 0))
+    if missing.any():
+        first = int(np.argmax(missing))
+        raise ValueError(f"--depth has no depth at query point {query[first].tolist()}: move the point or fill the map.")
+    return values
+
+
 def predict(args: argparse.Namespace) -> None:
-    import json
     import math
 
     import torch
     from PIL import Image
 
     from .. import Mu0ForTracePrediction, Mu0Processor
+    from ..processing.image_processing_mu0 import to_float_image
     from ..processing.visualization import draw_traces, plot_traces_3d
 
     if not os.path.isfile(args.image):
         raise FileNotFoundError(f"No image at {args.image!r}.")
-    image = np.asarray(Image.open(args.image).convert("RGB"))
+    require_path_or_repo_id(args.model, "--model")
+    require_writable_folder(args.output_dir, "--output-dir")
+    with Image.open(args.image) as opened:
+        # 16-bit PNGs keep their range (convert("RGB") would saturate them to white)
+        image = (to_float_image(opened) * 255).round().astype(np.uint8)
     height, width = image.shape[:2]
     if args.points:
-        points = [tuple(float(v) for v in point.split(",")) for point in args.points]
-        if any(len(point) != 2 for point in points):
+        try:
+            points = [tuple(float(v) for v in point.split(",")) for point in args.points]
+        except ValueError:
+            points = []
+        if not points or any(len(point) != 2 for point in points):
             raise ValueError("--points takes x,y pairs in pixels, e.g. --points 120,80 200,150")
     else:
-        if args.grid < 1:
-            raise ValueError(f"--grid must be at least 1, got {args.grid}.")
         points = grid_points(args.grid, height, width)
     depth = intrinsics = None
     if (args.depth is None) != (args.intrinsics is None):
         raise ValueError("--depth and --intrinsics go together (metric traces need both).")
     query = np.array(points, dtype=np.float64)
     if args.depth is not None:
-        depth = np.load(args.depth).astype(np.float32)
+        depth = load_depth_map(args.depth, height, width)
         with open(args.intrinsics) as handle:
             intrinsics = torch.tensor(json.load(handle), dtype=torch.float32)[None]
-        rows = np.clip(np.round(query[:, 1]).astype(int), 0, height - 1)
-        columns = np.clip(np.round(query[:, 0]).astype(int), 0, width - 1)
-        query = np.column_stack([query, depth[rows, columns]])
+        query = np.column_stack([query, depth_at(depth, query)])
     processor = Mu0Processor.from_pretrained(args.model)
     if len(points) > processor.max_queries:
         largest_grid = math.isqrt(processor.max_queries)
@@ -263,6 +399,8 @@ def view(args: argparse.Namespace) -> None:
     from ..processing.visualization import draw_traces, write_video
     from .pretrain import load_episodes
 
+    require_path_or_repo_id(args.dataset, "dataset")
+    require_writable_folder(args.output_dir, "--output-dir")
     episodes = load_episodes(args.dataset)
     if "tracks_world" not in episodes.column_names:
         raise ValueError(f"{args.dataset} is not an `episodes` dataset (it has no tracks_world column; a `samples` "
@@ -414,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--quick", action="store_true",
                              help=f"a smaller version ({QUICK.train_episodes + QUICK.eval_episodes} episodes, "
                                   f"{QUICK.steps} steps; under a minute, used by the tests)")
-    demo_parser.add_argument("--steps", type=int, default=None,
+    demo_parser.add_argument("--steps", type=positive_int, default=None,
                              help=f"training steps (default: {DemoSettings.steps}, about 5 minutes on 2 quiet CPU cores; "
                                   f"with --quick: {QUICK.steps})")
     demo_parser.add_argument("--seed", type=int, default=0, help="data, model and sampling seed")
@@ -423,10 +561,11 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--recipe", default="tiny-cpu", help="a named recipe or a recipe JSON path")
     train_parser.add_argument("--dataset", required=True, help="a folder from save_samples() or a Hub dataset repo")
     train_parser.add_argument("--output-dir", default="outputs/train")
-    train_parser.add_argument("--max-steps", type=int, default=None, help="override the recipe's max_steps")
-    train_parser.add_argument("--eval-samples", type=int, default=None,
+    train_parser.add_argument("--max-steps", type=positive_int, default=None, help="override the recipe's max_steps")
+    train_parser.add_argument("--eval-samples", type=non_negative_int, default=None,
                               help="rows evaluated after training (default: 32 for a local dataset, 0 when streamed)")
-    train_parser.add_argument("--resume", default=None, help="a checkpoint folder to resume from")
+    train_parser.add_argument("--resume", default=None,
+                              help="a checkpoint folder to resume from, or `last`: the newest complete one in --output-dir")
     train_parser.add_argument("--push-to-hub", default=None, metavar="REPO")
     train_parser.set_defaults(handler=train)
     evaluate_parser = commands.add_parser("evaluate", help="the authors' evaluation protocol on a samples dataset")
@@ -440,13 +579,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_parser.add_argument("--use-history", action="store_true", help="feed past steps (default: none)")
     evaluate_parser.add_argument("--frame-offsets", type=int, nargs="+", default=[4, 8, 12],
                                  help="sample positions in each episode (default: 4 8 12)")
-    evaluate_parser.add_argument("--num-queries", type=int, default=16)
-    evaluate_parser.add_argument("--samples", type=int, default=5, help="samples per query for best-of-N")
+    evaluate_parser.add_argument("--num-queries", type=positive_int, default=16)
+    evaluate_parser.add_argument("--samples", type=positive_int, default=5, help="samples per query for best-of-N")
     evaluate_parser.add_argument("--seed", type=int, default=0)
-    evaluate_parser.add_argument("--batch-size", type=int, default=8)
+    evaluate_parser.add_argument("--batch-size", type=positive_int, default=8)
     evaluate_parser.add_argument("--heuristics", nargs="*", default=["zero_motion", "constant_velocity"],
                                  choices=["zero_motion", "constant_velocity"], help="heuristic baselines scored alongside")
-    evaluate_parser.add_argument("--overlays", type=int, default=3, help="worst and best samples drawn (each)")
+    evaluate_parser.add_argument("--overlays", type=non_negative_int, default=3, help="worst and best samples drawn (each)")
     evaluate_parser.set_defaults(handler=evaluate)
     convert_parser = commands.add_parser("convert", help="convert the authors' released checkpoint to a μ0 folder")
     convert_parser.add_argument("source", help="the released step folder (final_ckpt/: model.safetensors, config.json)")
@@ -459,11 +598,11 @@ def build_parser() -> argparse.ArgumentParser:
     adapt_parser.add_argument("--base", required=True, help="the μ0 to build on: a saved folder or Hub repo")
     adapt_parser.add_argument("--dataset", required=True, help="a local LeRobotDataset v3 folder")
     adapt_parser.add_argument("--camera-key", default=None, help="which camera (default: the first video feature)")
-    adapt_parser.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on μ0's trace expert (0: μ0 frozen)")
+    adapt_parser.add_argument("--lora-rank", type=non_negative_int, default=0, help="LoRA rank on μ0's trace expert (0: μ0 frozen)")
     adapt_parser.add_argument("--no-trace", action="store_true", help="the ablation without μ0 motion tokens")
-    adapt_parser.add_argument("--grid-size", type=int, default=20, help="μ0 query grid side (motion tokens: side²/4)")
-    adapt_parser.add_argument("--steps", type=int, default=2000)
-    adapt_parser.add_argument("--batch-size", type=int, default=16)
+    adapt_parser.add_argument("--grid-size", type=positive_int, default=20, help="μ0 query grid side (motion tokens: side²/4)")
+    adapt_parser.add_argument("--steps", type=positive_int, default=2000)
+    adapt_parser.add_argument("--batch-size", type=positive_int, default=16)
     adapt_parser.add_argument("--learning-rate", type=float, default=3e-4)
     adapt_parser.add_argument("--seed", type=int, default=0)
     adapt_parser.add_argument("--output-dir", default="outputs/adapter")
@@ -474,10 +613,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict_parser.add_argument("--image", required=True)
     predict_parser.add_argument("--prompt", default="", help="the instruction (default: predict future trajectory)")
     predict_parser.add_argument("--points", nargs="+", default=None, metavar="X,Y", help="query pixels")
-    predict_parser.add_argument("--grid", type=int, default=8, help="an N x N query grid when --points is not given (N² at most the model's max_queries)")
+    # "-10,20" is a point, not an option: let argparse read such values as it reads negative numbers
+    predict_parser._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^-?[\d.]+,-?[\d.]+$")
+    predict_parser.add_argument("--grid", type=positive_int, default=8,
+                                help="an N x N query grid when --points is not given (N² at most the model's max_queries)")
     predict_parser.add_argument("--depth", default=None, help="metric depth map (.npy, H x W) for metric traces")
     predict_parser.add_argument("--intrinsics", default=None, help="3x3 pixel intrinsics as JSON")
-    predict_parser.add_argument("--samples", type=int, default=1)
+    predict_parser.add_argument("--samples", type=positive_int, default=1)
     predict_parser.add_argument("--seed", type=int, default=0)
     predict_parser.add_argument("--rerun", action="store_true", help="also write scene.rrd for the rerun viewer")
     predict_parser.add_argument("--output-dir", default="outputs/predict")
@@ -485,8 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
     view_parser = commands.add_parser("view", help="render an extracted episode's tracks over its frames to MP4")
     view_parser.add_argument("dataset", help="an episodes folder from save_to_disk or a Hub dataset repo")
     view_parser.add_argument("--episode", type=int, default=0)
-    view_parser.add_argument("--trail", type=int, default=8, help="frames of track history drawn behind each point")
-    view_parser.add_argument("--scale", type=int, default=None,
+    view_parser.add_argument("--trail", type=non_negative_int, default=8, help="frames of track history drawn behind each point")
+    view_parser.add_argument("--scale", type=positive_int, default=None,
                              help="frame upscale (default: enough for 480 px on the longer side, 1 for larger frames)")
     view_parser.add_argument("--output-dir", default="outputs/view")
     view_parser.set_defaults(handler=view)

@@ -1,0 +1,209 @@
+"""Property-based tests: arbitrary shapes, dtypes, NaN/inf and sizes 0, 1 or huge give a correct result or a
+ValueError naming the argument; never a raw library error, a hang or a silently wrong result.
+
+`max_examples` stays small and `deadline=None` (2 shared CPU cores): these run in the default suite.
+"""
+
+import numpy as np
+import pytest
+import torch
+from conftest import inference_inputs, make_model, make_processor, random_batch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from mu0.bspline import bspline_basis, fit_control_points, render_traces
+from mu0.dataset_builders.trace_ops import interpolate_at, normalize_pixels, project_to_camera, retarget_times, sample_depth
+from mu0.presets import preset_config
+
+FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SLOW = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+any_float = st.floats(allow_nan=True, allow_infinity=True, width=32)
+finite_float = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+
+
+def raises_value_error_naming(call, *names: str):
+    """Run `call`; if it raises, it must be a ValueError whose message names one of `names`. Returns the result or
+    None."""
+    try:
+        return call()
+    except ValueError as error:
+        assert any(name in str(error) for name in names), f"{error!r} names none of {names}"
+        return None
+
+
+# ----------------------------------------------------------------------------------------------- B-spline codec
+@FAST
+@given(num_control_points=st.sampled_from([4, 7, 10]), num_steps=st.integers(1, 64), channels=st.integers(1, 3),
+       seed=st.integers(0, 2**16))
+def test_spline_traces_are_recovered_exactly(num_control_points, num_steps, channels, seed):
+    """A trace that is a spline through the anchor comes back from fit -> render when every step is valid and
+    every piece has more steps than unknowns (smoothness 0: the exact least-squares fit)."""
+    pieces = (num_control_points - 1) // 3
+    if num_steps < 4 * pieces:
+        return
+    generator = torch.Generator().manual_seed(seed)
+    control = torch.rand(2, num_control_points, channels, generator=generator, dtype=torch.float64) - 0.5
+    control[:, 0] = 0  # the curve starts at the anchor
+    basis = bspline_basis(num_steps, num_control_points, dtype=torch.float64)
+    traces = render_traces(control, basis)
+    fitted, fit_ok = fit_control_points(traces, torch.ones(traces.shape[:-1], dtype=torch.bool),
+                                        num_control_points, smoothness=0.0, clip=None)
+    torch.testing.assert_close(render_traces(fitted, basis), traces, atol=1e-8, rtol=0)
+    assert fit_ok.all() == (num_steps >= num_control_points)
+
+
+@FAST
+@given(num_control_points=st.sampled_from([4, 7, 10]),
+       traces=hnp.arrays(np.float32, st.tuples(st.integers(1, 3), st.integers(1, 40), st.just(3)), elements=any_float),
+       data=st.data())
+def test_fit_ignores_invalid_steps_and_never_returns_nan(num_control_points, traces, data):
+    """Deltas are normalised (|delta| ~ 1): valid steps up to 1e6 are fitted, invalid ones may hold any junk."""
+    valid = data.draw(hnp.arrays(bool, traces.shape[:-1]))
+    traces = np.where(valid[..., None] & ~(np.abs(traces) <= 1e6), 0.0, traces)
+    control, fit_ok = fit_control_points(torch.from_numpy(traces), torch.from_numpy(valid), num_control_points)
+    assert torch.isfinite(control).all() and control.abs().max() <= 1.5
+    assert torch.equal(fit_ok, torch.from_numpy(valid.sum(-1) >= num_control_points))
+    # the same traces with different junk in the invalid steps give the same control points
+    junk = np.where(valid[..., None], traces, np.float32(7.0))
+    again, _ = fit_control_points(torch.from_numpy(junk), torch.from_numpy(valid), num_control_points)
+    torch.testing.assert_close(again, control)
+
+
+@FAST
+@given(num_control_points=st.integers(-3, 20), num_steps=st.integers(-3, 5))
+def test_spline_sizes_are_checked(num_control_points, num_steps):
+    basis = raises_value_error_naming(lambda: bspline_basis(num_steps, num_control_points), "num_control_points", "num_steps")
+    if basis is not None:
+        assert basis.shape == (num_steps, num_control_points) and torch.allclose(basis.sum(-1), torch.ones(num_steps))
+
+
+# --------------------------------------------------------------------------------------------------- trace ops
+@FAST
+@given(traces=hnp.arrays(np.float64, st.tuples(st.integers(1, 12), st.integers(0, 4), st.just(3)), elements=finite_float),
+       times=hnp.arrays(np.float64, st.integers(0, 10), elements=any_float), data=st.data())
+def test_interpolation_is_valid_only_inside_the_clip(traces, times, data):
+    valid = data.draw(hnp.arrays(bool, traces.shape[:2]))
+    values, ok = interpolate_at(traces, valid, times)
+    num_frames, num_tracks = traces.shape[:2]
+    assert values.shape == (num_tracks, len(times), 3) and ok.shape == (num_tracks, len(times))
+    assert np.isfinite(values).all() and not values[~ok].any()
+    for step, time in enumerate(times):
+        if np.isfinite(time) and 0 <= time <= num_frames - 1 and float(time).is_integer():
+            frame = int(time)
+            np.testing.assert_allclose(values[ok[:, step], step], traces[frame, ok[:, step]], rtol=1e-5, atol=1e-3)
+            assert (ok[:, step] == valid[frame]).all()
+
+
+@FAST
+@given(speed=hnp.arrays(np.float64, st.integers(1, 30), elements=st.floats(0, 0.2)), num_steps=st.integers(0, 40),
+       data=st.data())
+def test_retargeted_times_stay_in_the_clip_and_move_forward(speed, num_steps, data):
+    anchor = data.draw(st.integers(0, len(speed)))
+    for direction in (1, -1):
+        times = retarget_times(speed, anchor, num_steps, direction)
+        assert times.shape == (num_steps,)
+        reached = times[np.isfinite(times)]
+        assert ((reached >= 0) & (reached <= len(speed))).all()
+        assert (np.diff(reached) * direction >= -1e-9).all()
+        assert not np.isfinite(times[len(reached):]).any()  # once out of motion, the rest stays invalid
+
+
+@FAST
+@given(world=hnp.arrays(np.float64, st.tuples(st.integers(0, 6), st.just(3)), elements=any_float))
+def test_projection_is_valid_only_in_front_of_the_camera(world):
+    intrinsics = np.array([[50.0, 0, 32], [0, 50.0, 24], [0, 0, 1]])
+    valid = np.isfinite(world).all(-1)
+    with np.errstate(all="ignore"):
+        traces, in_front = project_to_camera(np.where(valid[:, None], world, 0.0), valid, np.eye(4), intrinsics)
+    assert traces.shape == (len(world), 3) and (in_front <= valid).all()
+    assert np.isfinite(traces[in_front]).all() and not traces[~in_front].any()
+    assert (traces[in_front, 2] > 1e-3).all()
+
+
+@FAST
+@given(size=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+       pixels=hnp.arrays(np.float64, st.tuples(st.just(1), st.integers(0, 6), st.just(2)), elements=any_float))
+def test_depth_samples_are_positive_or_nan(size, pixels):
+    depth = np.random.default_rng(0).uniform(0.5, 2.0, (1, *size))
+    values = sample_depth(depth, pixels)
+    assert values.shape == pixels.shape[:2]
+    good = np.isfinite(values)
+    assert (values[good] >= 0.5 - 1e-9).all() and (values[good] <= 2.0 + 1e-9).all()
+    height, width = size
+    inside = np.isfinite(pixels).all(-1) & (pixels[..., 0] > -0.5) & (pixels[..., 1] > -0.5) & (
+        pixels[..., 0] < width - 0.5) & (pixels[..., 1] < height - 0.5)
+    assert (good == inside).all()
+    if inside.any():
+        uv = normalize_pixels(pixels[inside], size)
+        assert (np.abs(uv) <= 1).all()
+
+
+# --------------------------------------------------------------------------------------------------- processor
+@pytest.fixture(scope="module")
+def processor():
+    return make_processor(preset_config("tiny"))
+
+
+@SLOW
+@given(height=st.integers(0, 70), width=st.integers(0, 70), channels=st.sampled_from([1, 3, 4]),
+       dtype=st.sampled_from([np.uint8, np.uint16, np.int32, np.float32, np.float64, np.bool_]),
+       points=hnp.arrays(np.float64, st.tuples(st.integers(0, 5), st.sampled_from([2, 3])), elements=any_float),
+       data=st.data())
+def test_processor_gives_tensors_or_names_the_argument(processor, height, width, channels, dtype, points, data):
+    image = data.draw(hnp.arrays(dtype, (height, width, channels)))
+    result = raises_value_error_naming(
+        lambda: processor(images=image, text="push", query_points=points),
+        "image", "query", "Query", "RGB", "Float images",
+    )
+    if result is None:
+        return
+    assert torch.isfinite(result["pixel_values"]).all() and result["pixel_values"].shape[-1] == processor.image_processor.image_size
+    uv = result["query_points"][result["query_mask"]]
+    assert (uv.abs() <= 1).all() and len(uv) == len(points)
+    expected = np.column_stack([2 * (points[:, 0] + 0.5) / width - 1, 2 * (points[:, 1] + 0.5) / height - 1])
+    np.testing.assert_allclose(uv.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+@SLOW
+@given(depth=hnp.arrays(np.float64, st.tuples(st.integers(1, 30), st.integers(1, 30)), elements=any_float))
+def test_processor_depth_of_any_content(processor, depth):
+    image = np.zeros((*depth.shape, 3), np.uint8)
+    result = raises_value_error_naming(
+        lambda: processor(images=image, text="x", query_points=np.array([[0.0, 0.0, 1.0]]), depth=depth), "Depth", "depth"
+    )
+    if result is not None:
+        assert torch.isfinite(result["depth_pixel_values"]).all()
+
+
+# ----------------------------------------------------------------------------------------------- predict_traces
+@pytest.fixture(scope="module")
+def model_and_batch(processor):
+    config = preset_config("tiny")
+    return make_model(config), inference_inputs(random_batch(processor, num_queries=(2,)))
+
+
+@SLOW
+@given(num_steps=st.one_of(st.none(), st.integers(-3, 3), st.floats(-2, 2)), num_samples=st.integers(-2, 3))
+def test_predict_traces_counts(model_and_batch, num_steps, num_samples):
+    model, batch = model_and_batch
+    prediction = raises_value_error_naming(
+        lambda: model.predict_traces(**batch, num_steps=num_steps, num_samples=num_samples), "num_steps", "num_samples"
+    )
+    if prediction is not None:
+        assert prediction.traces.shape == (1, num_samples, 2, model.config.horizon, 3)
+        assert torch.isfinite(prediction.traces).all()
+
+
+@SLOW
+@given(points=hnp.arrays(np.float32, st.tuples(st.just(1), st.integers(0, 4), st.integers(1, 3)), elements=any_float))
+def test_predict_traces_query_points(model_and_batch, points):
+    model, batch = model_and_batch
+    batch = {**batch, "query_points": torch.from_numpy(points)}
+    for name in ("query_mask", "query_depth", "history", "history_mask"):  # per-query inputs of the old count
+        batch.pop(name, None)
+    prediction = raises_value_error_naming(lambda: model.predict_traces(**batch, num_steps=2), "query_points")
+    if prediction is not None:
+        assert torch.isfinite(prediction.traces).all()
+        assert prediction.traces.shape[2] == points.shape[1]
