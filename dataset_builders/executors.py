@@ -141,7 +141,12 @@ def _extract_batch(batch: dict, work_dir: str, config: dict, settings: dict) -> 
 class _LearnedStageWorker:
     """A Ray actor of the learned-stage pool: loads the models once, then extracts episode after episode."""
 
-    def __init__(self, work_dir: str, config: dict, settings: dict):
+    def __init__(self, work_dir: str, config: dict, settings: dict, torch_threads: int):
+        import torch
+
+        # Ray starts workers with one thread; the driver's count keeps the models' floating-point sums, and so the
+        # rows, identical to a local run on the same machine.
+        torch.set_num_threads(torch_threads)
         self.builder = make_builder(work_dir, config, settings)
         load_learned_models(self.builder.config.extraction)
 
@@ -204,8 +209,11 @@ class RayExecutor:
         with warnings.catch_warnings():  # Ray has no named parameter for retries yet, only the deprecated kwargs
             warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
             if learned_stages(ExtractionSettings(**settings)):
+                import torch
+
                 outcomes = references.map_batches(
-                    _LearnedStageWorker, fn_constructor_kwargs=arguments, batch_size=1,
+                    _LearnedStageWorker, fn_constructor_kwargs=dict(arguments, torch_threads=torch.get_num_threads()),
+                    batch_size=1,
                     compute=ray.data.ActorPoolStrategy(size=self.num_actors), num_gpus=self.gpus_per_actor,
                     num_cpus=self.cpus_per_worker, max_task_retries=MAX_ATTEMPTS - 1,
                 )
