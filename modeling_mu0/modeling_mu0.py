@@ -405,12 +405,19 @@ def zero_initialised(linear: nn.Linear, bias: float = 0.0) -> nn.Linear:
     return linear
 
 
+def _owner_and_attribute(root: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The submodule of `root` that holds the module called `name`, and the attribute to set to swap it."""
+    if "." not in name:
+        return root, name
+    parent, attribute = name.rsplit(".", 1)
+    return root.get_submodule(parent), attribute
+
+
 def _patch_embedding_owner(vision_tower: nn.Module) -> tuple[nn.Module, str]:
     """The module holding the vision tower's patch convolution and its attribute name (swapped for depth)."""
     for name, module in vision_tower.named_modules():
         if name.endswith("patch_embedding") and isinstance(module, nn.Conv2d):
-            parent = vision_tower.get_submodule(name.rsplit(".", 1)[0]) if "." in name else vision_tower
-            return parent, name.rsplit(".", 1)[-1]
+            return _owner_and_attribute(vision_tower, name)
     raise ValueError(
         f"depth_clone_stem=True but the vision tower {type(vision_tower).__name__} has no Conv2d named "
         "'patch_embedding'; set depth_clone_stem=False for this backbone."
@@ -489,9 +496,9 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
         """Swap the vision tower's attention/MLP projections for depth-gated LoRA projections."""
         layers = []
         for name, module in list(self.vision_tower.named_modules()):
-            if not (isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in DEPTH_LORA_TARGETS):
+            parent, attribute = _owner_and_attribute(self.vision_tower, name)
+            if not (isinstance(module, nn.Linear) and attribute in DEPTH_LORA_TARGETS):
                 continue
-            parent = self.vision_tower.get_submodule(name.rsplit(".", 1)[0]) if "." in name else self.vision_tower
             lora = Mu0DepthLoRALinear(
                 module.in_features,
                 module.out_features,
@@ -502,7 +509,7 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
                 dtype=module.weight.dtype,
             )
             lora.weight, lora.bias = module.weight, module.bias
-            setattr(parent, name.rsplit(".", 1)[-1], lora)
+            setattr(parent, attribute, lora)
             layers.append(lora)
         if not layers:
             raise ValueError(
@@ -732,10 +739,9 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
         """
         future_states = self.future_token_states(
             prefix, noisy_control_points, time, query_mask, fourier, dino_features, history, history_mask
-        ).float()
-        velocity = self.trace_velocity_head(future_states.to(self.expert_dtype)).float()
-        velocity = velocity.view(*future_states.shape[:2], -1, 3)
-        done_logits = None if self.trace_done_head is None else self.trace_done_head(future_states.to(self.expert_dtype)).float()
+        )
+        velocity = self.trace_velocity_head(future_states).float().view(*future_states.shape[:2], -1, 3)
+        done_logits = None if self.trace_done_head is None else self.trace_done_head(future_states).float()
         return velocity, done_logits
 
     def future_token_states(
