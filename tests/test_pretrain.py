@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -114,8 +115,12 @@ def test_ranks_agree_to_skip_a_step_that_is_non_finite_on_one_rank(samples_folde
     """DDP (gloo, 2 CPU processes): rank 1 alone sees a NaN loss; both ranks must skip that step and finish."""
     script = Path(__file__).parent / "scripts" / "ddp_nonfinite.py"
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    with socket.socket() as probe:  # a free port: a fixed one may be held by another test's service
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(script),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(port), str(script),
          samples_folder, str(tmp_path)],
         capture_output=True, text=True, timeout=300, env=environment,
     )
