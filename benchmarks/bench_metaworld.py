@@ -5,9 +5,13 @@
    tracks on a keypoint grid) from more episodes than any policy sees.
 3. Train one multi-task policy per (demos per task N, variant): (a) action expert + frozen μ0 motion tokens,
    (b) the same with `use_trace=False`, (c) (a) with LoRA on μ0's trace expert.
-4. Roll each out from held-out MT1 start states (seeded) and report success rates, wall time and parameters.
+4. Roll each out from held-out MT1 start states (seeded) and report success rates, wall time and parameters,
+   beside two reference rows from the same rollout code that bound the measurement: the scripted expert (must
+   succeed) and a do-nothing policy (must fail).
 
-Prints a table and writes JSON to benchmarks/results/bench_metaworld.json. `--quick` is the CI smoke version.
+Prints a table and writes JSON to benchmarks/results/bench_metaworld.json. `--quick` is the CI smoke version: one
+demonstration from one fixed start state, rolled out from that same state, so a policy trained for a minute on 2
+CPU cores solves it and the smoke test can demand a minimum success rate.
 """
 
 import argparse
@@ -16,6 +20,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -23,9 +28,12 @@ import torch
 
 from mu0 import Mu0ActionProcessor, Mu0ForActionPrediction
 from mu0.dataset_builders.metaworld_recorder import (
+    ACTION_SIZE,
+    MetaWorldScene,
     metaworld_scene,
     record_metaworld,
     rollout,
+    scripted_actor,
     task_instruction,
     write_metaworld_rgbd,
 )
@@ -45,10 +53,12 @@ class BenchSettings:
     pretrain_episodes: int = 30  # per task, for μ0's action-free pretraining (start states 0..P-1)
     rollouts: int = 20  # per task, from held-out start states 30..49
     first_rollout_state: int = 30
+    rollout_start_states: int = 20  # the rollouts cycle through start states first..first+this-1
     image_size: int = 96
     max_steps: int = 150
     trace_steps: int = 1500
     policy_steps: int = 600
+    policy_learning_rate: float = 3e-4
     # μ0 is queried on a uniform grid, mostly static background: pretraining on static queries too keeps those in
     # its training distribution (the released samples hold moving points only).
     static_queries: bool = False
@@ -58,8 +68,10 @@ class BenchSettings:
     seed: int = 0
 
 
-QUICK = BenchSettings(tasks=["button-press-topdown-v3"], demos=[2], pretrain_episodes=2, rollouts=2, image_size=64,
-                      max_steps=16, trace_steps=3, policy_steps=3, batch_size=4)
+QUICK = BenchSettings(tasks=["button-press-topdown-v3"], demos=[1], pretrain_episodes=2, rollouts=6,
+                      first_rollout_state=0, rollout_start_states=1, image_size=64, max_steps=100, trace_steps=3,
+                      policy_steps=400, policy_learning_rate=3e-3, batch_size=8)
+Actor = Callable[[np.ndarray, np.ndarray, str], np.ndarray]
 
 
 def pretrain_mu0(episodes, settings: BenchSettings, workdir: str):
@@ -85,7 +97,7 @@ def pretrain_mu0(episodes, settings: BenchSettings, workdir: str):
     return trainer.model.eval(), trainer.processing_class, len(samples)
 
 
-def make_actor(policy, processor: Mu0ActionProcessor, seed: int):
+def make_actor(policy, processor: Mu0ActionProcessor, seed: int) -> Actor:
     generator = torch.Generator().manual_seed(seed)
 
     def act(frame: np.ndarray, state: np.ndarray, instruction: str) -> np.ndarray:
@@ -96,17 +108,42 @@ def make_actor(policy, processor: Mu0ActionProcessor, seed: int):
     return act
 
 
-def success_rates(policy, processor, settings: BenchSettings, num_execute_steps: int) -> dict[str, float]:
+IDLE_CHUNK = 16  # do-nothing actions per query: rendering a frame per step would only slow the rollout down
+
+
+def do_nothing(frame: np.ndarray, state: np.ndarray, instruction: str) -> np.ndarray:
+    return np.zeros((IDLE_CHUNK, ACTION_SIZE))
+
+
+def success_rates(actor_for: Callable[[MetaWorldScene, int], Actor], settings: BenchSettings,
+                  num_execute_steps: int) -> dict[str, float]:
+    """Success rate per task; `actor_for(scene, seed)` makes a fresh actor per rollout, so each one is reproducible
+    on its own whatever the number or order of the others."""
     rates = {}
-    for task_index, task_name in enumerate(settings.tasks):
-        act = make_actor(policy, processor, settings.seed + task_index)
+    for task_name in settings.tasks:
         with metaworld_scene(task_name, settings.image_size, seed=settings.seed) as scene:
             successes = [
-                rollout(act, scene, settings.first_rollout_state + index, settings.max_steps, num_execute_steps)
+                rollout(actor_for(scene, settings.seed + index), scene,
+                        settings.first_rollout_state + index % settings.rollout_start_states, settings.max_steps,
+                        num_execute_steps)
                 for index in range(settings.rollouts)
             ]
         rates[task_name] = float(np.mean(successes))
     return rates
+
+
+def reference_rows(settings: BenchSettings) -> list[dict]:
+    """The scripted expert and a do-nothing policy through the same rollouts: the bounds of the measurement."""
+    rows = []
+    for variant, actor_for, num_execute_steps in (
+        ("scripted_expert", lambda scene, seed: scripted_actor(scene), 1),
+        ("do_nothing", lambda scene, seed: do_nothing, IDLE_CHUNK),
+    ):
+        start = time.perf_counter()
+        rates = success_rates(actor_for, settings, num_execute_steps)
+        rows.append({"variant": variant, "success_rate": float(np.mean(list(rates.values()))), "per_task": rates,
+                     "rollout_time_s": time.perf_counter() - start})
+    return rows
 
 
 def run(settings: BenchSettings, workdir: str) -> dict:
@@ -122,6 +159,7 @@ def run(settings: BenchSettings, workdir: str) -> dict:
     trace_model, trace_processor, num_trace_samples = pretrain_mu0(pretrain, settings, workdir)
     pretrain_time = time.perf_counter() - start
 
+    references = reference_rows(settings)
     rows = []
     for num_demos in settings.demos:
         demos = [e for e in episodes if e.start_index < num_demos]
@@ -140,12 +178,13 @@ def run(settings: BenchSettings, workdir: str) -> dict:
             samples = action_samples(robot, policy.config.chunk_size)
             start = time.perf_counter()
             train_policy(model, processor, samples, os.path.join(workdir, f"policy-{variant}-{num_demos}"),
-                         steps=settings.policy_steps, batch_size=settings.batch_size, seed=settings.seed,
-                         disable_tqdm=True)
+                         steps=settings.policy_steps, batch_size=settings.batch_size,
+                         learning_rate=settings.policy_learning_rate, seed=settings.seed, disable_tqdm=True)
             train_time = time.perf_counter() - start
             model.eval()
             start = time.perf_counter()
-            rates = success_rates(model, processor, settings, policy.config.num_execute_steps)
+            rates = success_rates(lambda scene, seed: make_actor(model, processor, seed), settings,
+                                  policy.config.num_execute_steps)
             rows.append({
                 "variant": variant,
                 "demos_per_task": num_demos,
@@ -164,20 +203,27 @@ def run(settings: BenchSettings, workdir: str) -> dict:
         "mu0_pretrain_time_s": pretrain_time,
         "mu0_trace_samples": num_trace_samples,
         "rows": rows,
+        "reference_rows": references,
         "load_average": os.getloadavg()[0],
         "torch_threads": torch.get_num_threads(),
     }
 
 
 def format_row(row: dict) -> str:
-    return (f"| {row['variant']} | {row['demos_per_task']} | {row['success_rate']:.2f} | "
+    """Reference rows have no demonstrations, training or parameters: those cells read "–"."""
+
+    def cell(key: str, template: str) -> str:
+        return template.format(row[key]) if key in row else "–"
+
+    return (f"| {row['variant']} | {cell('demos_per_task', '{}')} | {row['success_rate']:.2f} | "
             + " ".join(f"{rate:.2f}" for rate in row["per_task"].values())
-            + f" | {row['train_time_s']:.0f} s | {row['rollout_time_s']:.0f} s | {row['trainable_parameters']:,} |")
+            + f" | {cell('train_time_s', '{:.0f} s')} | {row['rollout_time_s']:.0f} s | "
+            f"{cell('trainable_parameters', '{:,}')} |")
 
 
 def format_table(result: dict) -> str:
     header = "| variant | demos/task | success | per task | train | rollouts | trainable params |\n|---|---|---|---|---|---|---|"
-    return "\n".join([header, *(format_row(row) for row in result["rows"])])
+    return "\n".join([header, *(format_row(row) for row in result["rows"] + result["reference_rows"])])
 
 
 def parse_flag(text: str) -> bool:
@@ -187,7 +233,7 @@ def parse_flag(text: str) -> bool:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the CI smoke version: 1 task, a few steps, 2 rollouts")
+    parser.add_argument("--quick", action="store_true", help="the CI smoke version: 1 task, 1 fixed start state, 6 rollouts")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "bench_metaworld.json"))
     for name, value in asdict(BenchSettings()).items():
         kind = type(value[0]) if isinstance(value, list) else type(value)

@@ -53,6 +53,19 @@ def scripted_policy(task_name: str):
     return getattr(metaworld.policies, class_name)()
 
 
+def scripted_actor(scene: "MetaWorldScene") -> Callable[[np.ndarray, np.ndarray, str], np.ndarray]:
+    """The bundled expert as a `rollout` policy: a reference for the success-rate harness itself.
+
+    It reads the scene's full last observation (object poses), which `rollout` does not pass to learned policies.
+    """
+    expert = scripted_policy(scene.task_name)
+
+    def act(frame: np.ndarray, state: np.ndarray, instruction: str) -> np.ndarray:
+        return np.clip(expert.get_action(scene.observation), -1.0, 1.0)[None]
+
+    return act
+
+
 @dataclass
 class MetaWorldEpisode:
     task_name: str
@@ -96,6 +109,7 @@ class MetaWorldScene:
         self.renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = False
         self.renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = False
         self._flip = camera in UPSIDE_DOWN_CAMERAS
+        self.observation: np.ndarray | None = None  # the last one `reset` or `step` returned
 
     @property
     def num_start_states(self) -> int:
@@ -103,12 +117,12 @@ class MetaWorldScene:
 
     def reset(self, start_index: int) -> np.ndarray:
         self.env.set_task(self.benchmark.train_tasks[start_index % self.num_start_states])
-        observation, _ = self.env.reset()
-        return observation
+        self.observation, _ = self.env.reset()
+        return self.observation
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, bool]:
-        observation, _, _, _, info = self.env.step(np.clip(action, -1.0, 1.0))
-        return observation, bool(info["success"])
+        self.observation, _, _, _, info = self.env.step(np.clip(action, -1.0, 1.0))
+        return self.observation, bool(info["success"])
 
     def render(self, with_depth: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         self.renderer.update_scene(self.env.data, camera=self.camera)
@@ -288,6 +302,7 @@ __all__ = [
     "record_episode",
     "record_metaworld",
     "rollout",
+    "scripted_actor",
     "scripted_policy",
     "task_instruction",
     "write_metaworld_lerobot",

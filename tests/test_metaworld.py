@@ -11,7 +11,7 @@ from mu0.dataset_builders.metaworld_recorder import (
     metaworld_scene,
     record_episode,
     rollout,
-    scripted_policy,
+    scripted_actor,
     task_instruction,
     write_metaworld_lerobot,
     write_metaworld_rgbd,
@@ -76,12 +76,13 @@ def test_lerobot_and_rgbd_outputs_read_back(tmp_path, episode):
 
 
 def test_rollout_scores_the_expert_and_a_frozen_arm():
-    expert = scripted_policy(TASK)
     with metaworld_scene(TASK, image_size=32) as scene:
+        expert = scripted_actor(scene)
 
         def act_expert(frame, state, instruction):
             assert frame.shape == (32, 32, 3) and state.shape == (4,) and instruction == "button press topdown"
-            return np.asarray([expert.get_action(scene.env._get_obs())])
+            np.testing.assert_array_equal(state, scene.observation[:4])  # the expert sees the same, current step
+            return expert(frame, state, instruction)
 
         assert rollout(act_expert, scene, start_index=3, max_steps=150, num_execute_steps=1)
         assert not rollout(lambda *_: np.zeros((8, 4)), scene, start_index=3, max_steps=40)
@@ -97,7 +98,13 @@ def test_unknown_task_and_camera_are_named():
 
 
 def test_downstream_benchmark_smoke(tmp_path):
-    """The reduced MetaWorld benchmark: record, pretrain μ0, train the three policy variants, roll them out."""
+    """The reduced MetaWorld benchmark: record, pretrain μ0, train the three policy variants, roll them out.
+
+    The quick task (one demonstration, rolled out from its own start state) is one a policy trained in the quick
+    run solves: measured 19/20 rollouts for `no_trace` and 13–14/20 for the two μ0 variants, whose motion tokens
+    come from a μ0 pretrained for 3 steps (noise the policy has not yet learned to ignore). The scripted expert and
+    a do-nothing policy through the same rollouts bound the measurement itself.
+    """
     import importlib.util
 
     path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "bench_metaworld.py")
@@ -109,7 +116,12 @@ def test_downstream_benchmark_smoke(tmp_path):
     assert json.loads(output.read_text())["rows"] == result["rows"]
     rows = {row["variant"]: row for row in result["rows"]}
     assert set(rows) == {"mu0", "no_trace", "mu0_lora"}
-    assert all(0.0 <= row["success_rate"] <= 1.0 for row in rows.values())
+    references = {row["variant"]: row["success_rate"] for row in result["reference_rows"]}
+    assert references["scripted_expert"] >= 0.9
+    assert references["do_nothing"] == 0.0
+    assert rows["no_trace"]["success_rate"] >= 0.5
+    # An untrained or broken policy never presses the button; every variant must at least sometimes.
+    assert min(row["success_rate"] for row in rows.values()) > 0.0
     # The ablation drops the motion path; LoRA adds trainable weights on top of the action expert.
     assert rows["no_trace"]["trainable_parameters"] < rows["mu0"]["trainable_parameters"]
     assert rows["mu0_lora"]["trainable_parameters"] > rows["mu0"]["trainable_parameters"]
