@@ -70,7 +70,7 @@ class BenchSettings:
 
 QUICK = BenchSettings(tasks=["button-press-topdown-v3"], demos=[1], pretrain_episodes=2, rollouts=6,
                       first_rollout_state=0, rollout_start_states=1, image_size=64, max_steps=100, trace_steps=3,
-                      policy_steps=400, policy_learning_rate=3e-3, batch_size=8)
+                      policy_learning_rate=3e-3, batch_size=8)
 Actor = Callable[[np.ndarray, np.ndarray, str], np.ndarray]
 
 

@@ -101,9 +101,9 @@ def test_downstream_benchmark_smoke(tmp_path):
     """The reduced MetaWorld benchmark: record, pretrain μ0, train the three policy variants, roll them out.
 
     The quick task (one demonstration, rolled out from its own start state) is one a policy trained in the quick
-    run solves: measured 19/20 rollouts for `no_trace` and 13–14/20 for the two μ0 variants, whose motion tokens
-    come from a μ0 pretrained for 3 steps (noise the policy has not yet learned to ignore). The scripted expert and
-    a do-nothing policy through the same rollouts bound the measurement itself.
+    run solves: each variant succeeded in 20 of 20 rollouts (13–14 of 20 for the μ0 variants after 400 steps instead
+    of 600; none in 6 after 3 steps or with the flow target's sign flipped). The scripted expert and a do-nothing
+    policy through the same rollouts bound the measurement itself.
     """
     import importlib.util
 
@@ -119,9 +119,8 @@ def test_downstream_benchmark_smoke(tmp_path):
     references = {row["variant"]: row["success_rate"] for row in result["reference_rows"]}
     assert references["scripted_expert"] >= 0.9
     assert references["do_nothing"] == 0.0
-    assert rows["no_trace"]["success_rate"] >= 0.5
-    # An untrained or broken policy never presses the button; every variant must at least sometimes.
-    assert min(row["success_rate"] for row in rows.values()) > 0.0
+    below_minimum = {variant: row["success_rate"] for variant, row in rows.items() if row["success_rate"] < 0.5}
+    assert not below_minimum
     # The ablation drops the motion path; LoRA adds trainable weights on top of the action expert.
     assert rows["no_trace"]["trainable_parameters"] < rows["mu0"]["trainable_parameters"]
     assert rows["mu0_lora"]["trainable_parameters"] > rows["mu0"]["trainable_parameters"]
