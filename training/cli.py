@@ -455,6 +455,20 @@ EXTRACT_SETTING_OPTIONS = {"depth": str, "camera": str, "keypoints": str, "track
                            "frame_stride": int, "static_queries": bool}
 
 
+def stage_values(pairs: list[str] | None, kind: type, flag: str) -> dict | None:
+    """`STAGE=VALUE` flags (repeatable) as a mapping, e.g. `--ray-stage-gpus depth=1 --ray-stage-gpus captions=0.5`."""
+    if pairs is None:
+        return None
+    values = {}
+    for pair in pairs:
+        stage, _, value = pair.partition("=")
+        try:
+            values[stage] = kind(value)
+        except ValueError:
+            raise ValueError(f"{flag} {pair!r}: expected STAGE={kind.__name__.upper()}, e.g. depth=1.") from None
+    return values
+
+
 def extract(args: argparse.Namespace) -> None:
     """TraceExtract from the command line: a settings file and/or flags (flags win) -> datasets in a folder."""
     from ..dataset_builders.executors import LocalExecutor, RayExecutor, extract_to_folder, read_options
@@ -466,6 +480,8 @@ def extract(args: argparse.Namespace) -> None:
         settings["seed"] = args.extraction_seed
     ray_options = {name: getattr(args, f"ray_{name}") for name in ("address", "num_workers", "cpus_per_worker",
                                                                    "num_actors", "gpus_per_actor")}
+    ray_options.update(stage_concurrency=stage_values(args.ray_stage_concurrency, int, "--ray-stage-concurrency"),
+                       stage_gpus=stage_values(args.ray_stage_gpus, float, "--ray-stage-gpus"))
     ray_options = {name: value for name, value in ray_options.items() if value is not None}
     if args.executor == "ray":
         executor = RayExecutor(**ray_options)
@@ -507,8 +523,12 @@ def add_extract_parser(commands) -> None:
     parser.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
     parser.add_argument("--ray-num-workers", type=int, help="episodes extracted at once by Ray tasks (default: all CPUs)")
     parser.add_argument("--ray-cpus-per-worker", type=float, help="CPUs each task or actor holds (default 1)")
-    parser.add_argument("--ray-num-actors", type=int, help="actors in the learned-stage pool (default 1)")
+    parser.add_argument("--ray-num-actors", type=int, help="actors in each learned stage's pool (default 1)")
     parser.add_argument("--ray-gpus-per-actor", type=float, help="GPUs each learned-stage actor holds (default 0)")
+    parser.add_argument("--ray-stage-concurrency", action="append", metavar="STAGE=N",
+                        help="actors in one learned stage's pool (depth, keypoints, tracker, captions); repeatable")
+    parser.add_argument("--ray-stage-gpus", action="append", metavar="STAGE=GPUS",
+                        help="GPUs each actor of one learned stage holds, e.g. depth=0.5; repeatable")
     parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="also push both configurations")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
     parser.set_defaults(handler=extract)
