@@ -244,6 +244,29 @@ class RayExecutor:
             raise ValueError(f"Actor pool settings for {unused}, but under these settings those stages run classical "
                              f"backends (no model, so no actor pool); the learned stages are {learned_stages(settings)}.")
 
+    def pool_size(self, stage: str) -> int:
+        return self.stage_concurrency.get(stage, self.num_actors)
+
+    def pool_gpus(self, stage: str) -> float:
+        """GPUs each actor of `stage`'s pool holds."""
+        return self.stage_gpus.get(stage, self.gpus_per_actor)
+
+    def _check_resources(self, ray, stages: list[str]) -> None:
+        """Actor pools hold their CPUs and GPUs for the whole run. Asking more than the cluster has, or all of its
+        CPUs (leaving none to the tasks that decode the episodes for them), would make Ray Data wait forever."""
+        cluster = ray.cluster_resources()
+        cpus = sum(self.pool_size(stage) for stage in stages) * self.cpus_per_worker
+        gpus = sum(self.pool_size(stage) * self.pool_gpus(stage) for stage in stages)
+        pools = ", ".join(f"{stage}: {self.pool_size(stage)} x {self.pool_gpus(stage)} GPUs" for stage in stages)
+        if cpus + self.cpus_per_worker > cluster.get("CPU", 0):
+            raise ValueError(
+                f"The actor pools ({pools}) hold {cpus:g} CPUs at {self.cpus_per_worker:g} each, and the tasks need "
+                f"{self.cpus_per_worker:g} more, but the Ray cluster has {cluster.get('CPU', 0):g}: lower "
+                "--ray-cpus-per-worker or --ray-stage-concurrency, or add nodes.")
+        if gpus > cluster.get("GPU", 0):
+            raise ValueError(f"The actor pools ({pools}) hold {gpus:g} GPUs but the Ray cluster has "
+                             f"{cluster.get('GPU', 0):g}: lower --ray-stage-gpus or --ray-stage-concurrency.")
+
     def run(self, work_dir: str, config: dict, settings: dict, refs: list[EpisodeRef]) -> Iterator[EpisodeOutcome]:
         self._check_stages(ExtractionSettings(**settings))
         try:
@@ -275,17 +298,17 @@ class RayExecutor:
         episodes = ray.data.from_items([dataclasses.asdict(ref) for ref in refs], override_num_blocks=len(refs))
         arguments = dict(work_dir=work_dir, config=config, settings=settings)
         extraction = ExtractionSettings(**settings)
+        self._check_resources(ray, learned_stages(extraction))
         with warnings.catch_warnings():  # Ray has no named parameter for retries yet, only the deprecated kwargs
             warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
             for step in pipeline_steps(extraction):
                 if step[0] in learned_stages(extraction):
-                    stage, num_gpus = step[0], self.stage_gpus.get(step[0], self.gpus_per_actor)
+                    stage = step[0]
                     episodes = episodes.map(
-                        LearnedStageActor, num_cpus=self.cpus_per_worker, num_gpus=num_gpus,
-                        fn_constructor_kwargs=dict(arguments, stage=stage, num_gpus=num_gpus,
+                        LearnedStageActor, num_cpus=self.cpus_per_worker, num_gpus=self.pool_gpus(stage),
+                        fn_constructor_kwargs=dict(arguments, stage=stage, num_gpus=self.pool_gpus(stage),
                                                    torch_threads=torch.get_num_threads()),
-                        compute=ray.data.ActorPoolStrategy(size=self.stage_concurrency.get(stage, self.num_actors)),
-                        max_task_retries=MAX_ATTEMPTS - 1,
+                        compute=ray.data.ActorPoolStrategy(size=self.pool_size(stage)), max_task_retries=MAX_ATTEMPTS - 1,
                     )
                 else:
                     episodes = episodes.map(

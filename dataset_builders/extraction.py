@@ -1,7 +1,9 @@
 """TraceExtract per episode: raw video (+ what the source knows) -> world tracks, motion, events, captions, samples.
 
 Every stage runs through an explicit backend recorded in the episode's metadata; a backend that lacks its input
-raises an error naming the missing input and the alternatives, never a silent fallback.
+raises an error naming the missing input and the alternatives, never a silent fallback. The stages (`STAGES`) are
+functions that read and fill one `EpisodeState`; `extract_episode` runs them in order in this process, and the Ray
+executor runs the same functions as steps of a pipeline, each learned stage in an actor pool of its own.
 """
 
 import functools

@@ -102,7 +102,7 @@ def test_a_killed_ray_run_resumes_where_it_stopped(ray_address, tmp_path):
 
 
 # The tracker of test_tracking, loaded through the hubconf entry below: each load appends its process id to a log,
-# and it fails on 20-frame videos (as a model running out of memory on one long episode would).
+# and it fails on 20-frame videos (as a model may fail on one episode, running out of memory on it).
 COUNTED_HUBCONF = HUBCONF + """
 
 import os
@@ -136,9 +136,9 @@ def test_learned_stages_run_in_actor_pools_that_load_their_model_once(ray_addres
     torch.save({"shift": torch.tensor([0.4, -0.2])}, tmp_path / "shift.pth")
     videos = tmp_path / "videos"
     write_rgbd_folder(videos, seeds=(3, 4, 6))  # episode_5 too short, episode_9 unreadable
-    long = generate_episode(7, num_frames=20, image_size=64)  # the tracker fails on it
-    np.savez(videos / "episode_7.npz", frames=long.frames, depth=long.depth, intrinsics=long.intrinsics,
-             extrinsics=long.extrinsics, task=long.task)
+    failing = generate_episode(7, num_frames=20, image_size=64)  # the tracker fails on it
+    np.savez(videos / "episode_7.npz", frames=failing.frames, depth=failing.depth, intrinsics=failing.intrinsics,
+             extrinsics=failing.extrinsics, task=failing.task)
     config = {"source": "rgbd", "source_path": str(videos)}
     settings = {"depth": "depth_anything", "depth_model": str(tmp_path / "depth_model"), "keypoints": "grid",
                 "num_keypoints": 64, "tracker": "cotracker", "cotracker_repo": str(tmp_path / "tracker"),
@@ -175,6 +175,18 @@ def test_actor_pool_settings_name_learned_stages(tmp_path, capsys):
     # depth='given' has no model: a pool setting for it would be silently unused
     assert main([*command, "--ray-stage-gpus", "depth=1", "--ray-stage-concurrency", "depth=2"]) == 1
     assert "Actor pool settings for ['depth']" in capsys.readouterr().err
+
+
+def test_actor_pools_that_would_starve_the_tasks_are_refused(ray_address, tmp_path):
+    from mu0.dataset_builders.sources import procedural_refs
+
+    settings = {"depth": "depth_anything", "depth_model": "unused", "frame_stride": 6}
+    arguments = (str(tmp_path / "work"), {"source": "procedural", "num_episodes": 1}, settings, procedural_refs(1))
+    # two 1-CPU depth actors hold both CPUs of the instance: no task could decode an episode for them
+    with pytest.raises(ValueError, match="hold 2 CPUs at 1 each, and the tasks need 1 more, but the Ray cluster has 2"):
+        list(RayExecutor(stage_concurrency={"depth": 2}).run(*arguments))
+    with pytest.raises(ValueError, match="hold 1 GPUs but the Ray cluster has 0"):
+        list(RayExecutor(cpus_per_worker=0.5, stage_gpus={"depth": 1}).run(*arguments))
 
 
 def test_a_missing_model_stops_the_run_before_any_episode(ray_address, tmp_path):
