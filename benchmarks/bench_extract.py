@@ -35,8 +35,6 @@ from mu0.dataset_builders.tracking import LK_BACKENDS, TrackResult, load_hub_tra
 SCENETRACKER = Path(__file__).resolve().parents[2] / "shared" / "data" / "scenetracker_000005"
 TAP_THRESHOLDS = (1, 2, 4, 8, 16)
 PLAIN_LK = "plain LK (cv2)"
-# Rows besides each backend at its defaults: support_lk set for throughput (smaller window, fewer support corners).
-VARIANTS = {"support_lk fast (window 13, 200 supports)": ("support_lk", {"window": 13, "num_support": 200})}
 
 
 def plain_lk(frames: np.ndarray, queries: np.ndarray) -> TrackResult:
@@ -85,7 +83,6 @@ def tracker_runs(frames: np.ndarray, queries: np.ndarray, cotracker) -> dict[str
     """Every backend, the variants and plain LK on the same clip: result, wall seconds and process CPU seconds
     (all threads; on a shared machine frames per CPU-second shows what the code needs, whatever the load)."""
     trackers = {name: (name, {}) for name in LK_BACKENDS}
-    trackers.update(VARIANTS)
     if cotracker is not None:
         trackers["cotracker"] = ("cotracker", {"model": cotracker})
     runs = {}
