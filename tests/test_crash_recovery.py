@@ -252,3 +252,36 @@ def test_killed_training_resumes_to_the_same_weights(training_run, resumed_train
     assert resumed.keys() == expected.keys()
     for name, tensor in expected.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_training_killed_in_its_final_save_leaves_no_half_file_and_resumes(training_run, tmp_path):
+    """A kill while `mu0 train` moves its final model into the output folder: no `model.safetensors` there yet (not a
+    truncated one), and `--resume last` writes the same weights as an uninterrupted run."""
+    import torch
+
+    from mu0.training.cli import main
+
+    arguments, expected = training_run
+    output = tmp_path / "run"
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        _replace = os.replace
+        def replace(source, target):
+            if os.path.abspath(target) == {str(output / "model.safetensors")!r}:
+                os.kill(os.getpid(), signal.SIGKILL)
+            _replace(source, target)
+        os.replace = replace
+        from mu0.training.cli import main
+        sys.exit(main({[*arguments, "--output-dir", str(output)]!r}))
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (output / "model.safetensors").exists()
+    assert (output / ".model.incomplete" / "model.safetensors").exists()
+    assert main([*arguments, "--output-dir", str(output), "--resume", "last"]) == 0
+    resumed = load_weights(output)
+    assert resumed.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
+    assert temp_files(tmp_path) == []
