@@ -126,10 +126,11 @@ def track_points_support(
     Args:
         frames, queries: as for `track_points_lk`.
         window, levels: LK window side (odd, >= 3) of the query points, and pyramid levels. None: the side in
-            `FAST_WINDOWS` closest to 11 % of the shorter image side (17 at 128 rows, 25 at 224, 33 from 273), and
-            the fewest levels that follow a step of a fifth of that side (2 at 128 and 224 rows, 3 at 540, 4 at
-            1080). On the SceneTracker clip, more levels measured no better (δ_avg within 0.001 at 224 and 540 rows)
-            at 10-20 % more cost.
+            `FAST_WINDOWS` closest to 10 % of the shorter image side (9 up to 130 rows, 25 at 224, 33 above 290),
+            measured best of `FAST_WINDOWS` on procedural and MuJoCo 128 px episodes and on the SceneTracker clip
+            at 224 rows (and within 0.003 δ_avg of it at 540); and the fewest levels that follow a step of a fifth
+            of that side (3 at 128 rows, 2 at 224, 3 at 540, 4 at 1080). On the SceneTracker clip, more levels
+            measured no better (δ_avg within 0.001 at 224 and 540 rows) at 10-20 % more cost.
         support_window: LK window side (odd, >= 3) of the support corners. They are picked for their texture, so a
             smaller window suffices. None: the side in `FAST_WINDOWS` closest to 3 % of the shorter image side
             (9 below 433 rows, 17 at 540). On the SceneTracker clip at 224 and 540 rows, these two defaults measured
@@ -230,7 +231,7 @@ def _track(
     short_side = min(frames.shape[1:3])
     window, levels = settings.pop("window"), settings.pop("levels")
     if window is None:
-        window = _fast_window(0.11 * short_side)
+        window = _fast_window(0.1 * short_side)
     _check_window(window, "window")
     if levels is None:
         levels = _levels_reaching(window, short_side / 5)

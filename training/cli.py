@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 
 import numpy as np
@@ -180,9 +181,12 @@ def train(args: argparse.Namespace) -> None:
         samples, evaluation = hold_out_episodes(samples, held_out)
         evaluation = evaluation.select(range(min(eval_samples, len(evaluation))))
     trainer = make_trainer(recipe, samples, statistics, args.output_dir, eval_dataset=evaluation, max_steps=args.max_steps)
-    trainer.train(resume_from_checkpoint=args.resume)
-    trainer.save_model(args.output_dir)
-    trainer.processing_class.save_pretrained(args.output_dir)
+    if args.resume is not None and resumes_a_finished_run(args.resume, trainer.args.max_steps):
+        # the Trainer would run one step past the end from the final checkpoint; its weights are the result
+        trainer._load_from_checkpoint(args.resume)
+    else:
+        trainer.train(resume_from_checkpoint=args.resume)
+    save_final_model(trainer, args.output_dir)
     metrics = None
     if evaluation is not None:
         metrics = trainer.evaluate()
@@ -532,6 +536,31 @@ def add_extract_parser(commands) -> None:
     parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="also push both configurations")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
     parser.set_defaults(handler=extract)
+
+
+def resumes_a_finished_run(checkpoint: str, max_steps: int) -> bool:
+    """Whether `checkpoint` already holds the run's last step (`max_steps`, or the step count its run planned when
+    training by epochs): a kill during the final save, resumed with `--resume last`."""
+    with open(os.path.join(checkpoint, "trainer_state.json")) as handle:
+        state = json.load(handle)
+    return state["global_step"] >= (max_steps if max_steps > 0 else state["max_steps"])
+
+
+def save_final_model(trainer, output_dir: str) -> None:
+    """Write the trained model and processor to a staging folder, then move each finished file into `output_dir`:
+    a kill during the save leaves every file there whole (the previous one or the new one), never half a
+    `model.safetensors`; `--resume last` then redoes the save."""
+    staging = os.path.join(output_dir, ".model.incomplete")
+    if trainer.is_world_process_zero():
+        shutil.rmtree(staging, ignore_errors=True)  # left by a kill during an earlier save
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(staging)  # every rank takes part (sharded models gather); the main one writes
+    if trainer.is_world_process_zero():
+        trainer.processing_class.save_pretrained(staging)
+        for name in sorted(os.listdir(staging)):
+            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+        os.rmdir(staging)
+    trainer.accelerator.wait_for_everyone()
 
 
 def convert(args: argparse.Namespace) -> None:
