@@ -11,6 +11,7 @@ of the same settings give identical rows and statistics, and a killed run of eit
 """
 
 import dataclasses
+import errno
 import functools
 import json
 import logging
@@ -39,6 +40,8 @@ from .trace_extract import REF_LISTERS, TraceExtract, TraceExtractConfig
 
 logger = logging.getLogger(__name__)
 
+# Errors every later episode would meet too: no space left, disk quota exceeded, read-only file system.
+MACHINE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 SETTINGS_FILE = "extract_settings.json"
 MAX_ATTEMPTS = 3  # on Ray, an episode that takes its worker down this often (a crash, the OOM killer) is skipped
 
@@ -102,7 +105,10 @@ def _worker() -> str:
 
 def record_failure(builder: TraceExtract, episode_id: str, error: Exception) -> EpisodeOutcome:
     """Log `error` as the episode's failure in failures.jsonl, worded as the builder words its own (rejections and
-    bad input by their message, anything else with its type too), so both executors log the same lines."""
+    bad input by their message, anything else with its type too), so both executors log the same lines. A full
+    disk or a read-only file system is the machine's failure, not the episode's: it is raised and stops the run."""
+    if isinstance(error, OSError) and error.errno in MACHINE_ERRNOS:
+        raise error
     kind = "rejected" if isinstance(error, EpisodeRejected) else "failed"
     reason = str(error) if isinstance(error, (ValueError, EpisodeRejected)) else f"{type(error).__name__}: {error}"
     builder._record_failure(episode_id, kind, reason)
