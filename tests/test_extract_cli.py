@@ -157,3 +157,9 @@ def test_a_full_disk_stops_the_run_instead_of_failing_every_episode(tmp_path, mo
     assert "mu0 extract: error: [Errno 28] No space left on device" in capsys.readouterr().err
     failures = list(tmp_path.glob("**/failures.jsonl"))
     assert all(path.read_text() == "" for path in failures)
+
+
+def test_an_output_folder_that_cannot_be_written_fails_before_any_episode(tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    assert main(["extract", *GENERATED, "--output-dir", str(tmp_path / "taken")]) == 1
+    assert f"--output-dir {str(tmp_path / 'taken')!r} is not a writable folder" in capsys.readouterr().err

@@ -477,6 +477,9 @@ def extract(args: argparse.Namespace) -> None:
     """TraceExtract from the command line: a settings file and/or flags (flags win) -> datasets in a folder."""
     from ..dataset_builders.executors import LocalExecutor, RayExecutor, extract_to_folder, read_options
 
+    require_writable_folder(args.output_dir, "--output-dir")
+    if args.work_dir is not None:
+        require_writable_folder(args.work_dir, "--work-dir")
     config, settings = read_options(args.config) if args.config else ({}, {})
     config.update({name: getattr(args, name) for name in EXTRACT_SOURCE_OPTIONS if getattr(args, name) is not None})
     settings.update({name: getattr(args, name) for name in EXTRACT_SETTING_OPTIONS if getattr(args, name) is not None})
