@@ -35,8 +35,6 @@ from mu0.dataset_builders.tracking import LK_BACKENDS, TrackResult, load_hub_tra
 SCENETRACKER = Path(__file__).resolve().parents[2] / "shared" / "data" / "scenetracker_000005"
 TAP_THRESHOLDS = (1, 2, 4, 8, 16)
 PLAIN_LK = "plain LK (cv2)"
-# Rows besides each backend at its defaults: support_lk set for throughput (smaller window, fewer support corners).
-VARIANTS = {"support_lk fast (window 13, 200 supports)": ("support_lk", {"window": 13, "num_support": 200})}
 
 
 def plain_lk(frames: np.ndarray, queries: np.ndarray) -> TrackResult:
@@ -85,7 +83,6 @@ def tracker_runs(frames: np.ndarray, queries: np.ndarray, cotracker) -> dict[str
     """Every backend, the variants and plain LK on the same clip: result, wall seconds and process CPU seconds
     (all threads; on a shared machine frames per CPU-second shows what the code needs, whatever the load)."""
     trackers = {name: (name, {}) for name in LK_BACKENDS}
-    trackers.update(VARIANTS)
     if cotracker is not None:
         trackers["cotracker"] = ("cotracker", {"model": cotracker})
     runs = {}
@@ -150,12 +147,23 @@ def bench_generated(generate, num_episodes: int, image_size: int, num_frames: in
 
 
 def bench_tracker_throughput(cotracker, num_frames: int) -> dict:
-    """Tracking fps (wall, and per CPU-second) of every tracker at 224² with 256 points (a procedural episode)."""
+    """Tracking fps of every tracker at 224² with 256 points (a procedural episode): wall-clock on all cores, per
+    CPU-second, and wall-clock with OpenCV on one thread (a bound for one core that a shared machine's load barely
+    moves)."""
+    import cv2
+
     episode = generate_episode(1, num_frames=num_frames, image_size=224, moving_camera=True)
     points = np.random.default_rng(0).uniform(4, 219, size=(256, 2))
     queries = np.column_stack([np.zeros(len(points)), points])
     runs = tracker_runs(episode.frames, queries, cotracker)
-    return {name: {"fps": num_frames / seconds, "fps_per_cpu_second": num_frames / cpu}
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        one_thread = tracker_runs(episode.frames, queries, cotracker)
+    finally:
+        cv2.setNumThreads(threads)
+    return {name: {"fps": num_frames / seconds, "fps_per_cpu_second": num_frames / cpu,
+                   "fps_one_thread": num_frames / one_thread[name][1]}
             for name, (_, seconds, cpu) in runs.items()}
 
 
@@ -264,9 +272,9 @@ def main() -> None:
     print_tap_table("SceneTracker clip resized to 398x224", results["scenetracker_224_rows"])
     print_tap_table(f"procedural, 128 px, mean of {episodes} episodes", results["procedural_128px"])
     print_tap_table(f"MuJoCo, 128 px, mean of {episodes} episodes", results["mujoco_128px"])
-    print("\n| tracker | fps at 224², 256 points | frames per CPU-second |\n|---|---|---|")
+    print("\n| tracker | fps at 224², 256 points | frames per CPU-second | fps, one OpenCV thread |\n|---|---|---|---|")
     for name, row in results["tracker_fps_224px_256_points"].items():
-        print(f"| {name} | {row['fps']:.1f} | {row['fps_per_cpu_second']:.1f} |")
+        print(f"| {name} | {row['fps']:.1f} | {row['fps_per_cpu_second']:.1f} | {row['fps_one_thread']:.1f} |")
     print("\n| resolution | extraction fps | samples/s | end-to-end fps |\n|---|---|---|---|")
     for size, row in results["extraction_throughput"].items():
         print(f"| {size} | {row['extract_fps']:.1f} | {row['samples_per_s']:.1f} | {row['end_to_end_fps']:.1f} |")

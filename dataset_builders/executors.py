@@ -1,15 +1,18 @@
 """Who runs TraceExtract's per-episode work: this machine (`LocalExecutor`) or a Ray cluster (`RayExecutor`).
 
-Both executors only fill the builder's per-episode cache (`TraceExtract.extracted_episode`: one atomic `.npz` per
-episode, its statistic reservoir, and a `failures.jsonl` line for an episode that fails), and the `episodes` and
-`samples` datasets are then written from that cache in one process. So a Ray run and a local run of the same
-settings give identical rows and statistics, and a killed run of either resumes where it stopped.
+Both executors only fill the builder's per-episode cache (one atomic `.npz` per episode, its statistic reservoir, and
+a `failures.jsonl` line for an episode that fails): the local one through `TraceExtract.extracted_episode`, the Ray
+one through a Ray Data pipeline of the same stages (`extraction.STAGES`) that commits each episode the same way.
+The `episodes` and `samples` datasets are then written from that cache in one process. So a Ray run and a local run
+of the same settings give identical rows and statistics, and a killed run of either resumes where it stopped.
 
 `extract_to_folder` is what `mu0 extract` runs: settings in, an output folder with both datasets, the statistics and
 `failures.jsonl` out.
 """
 
 import dataclasses
+import errno
+import functools
 import json
 import logging
 import os
@@ -17,40 +20,37 @@ import shutil
 import socket
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import datasets
 
-from .extraction import ExtractionSettings, _pretrained
+from .extraction import (
+    LEARNED_BACKENDS,
+    STAGES,
+    EpisodeRejected,
+    EpisodeState,
+    ExtractionSettings,
+    finish_episode,
+    learned_stages,
+    stage_model,
+)
 from .sources import EpisodeRef
 from .statistics import save_statistics
 from .trace_extract import REF_LISTERS, TraceExtract, TraceExtractConfig
 
 logger = logging.getLogger(__name__)
 
-# stage setting -> (its learned backend, the `_pretrained` kind, the setting naming the checkpoint)
-LEARNED_BACKENDS = {
-    "depth": ("depth_anything", "depth", "depth_model"),
-    "keypoints": ("dino", "dino", "dino_model"),
-    "tracker": ("cotracker", None, "cotracker_model"),  # torch.hub model, loaded by the tracking stage itself
-    "captions": ("vlm", "vlm", "caption_model"),
-}
+# Errors every later episode would meet too: no space left, disk quota exceeded, read-only file system.
+MACHINE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 SETTINGS_FILE = "extract_settings.json"
 MAX_ATTEMPTS = 3  # on Ray, an episode that takes its worker down this often (a crash, the OOM killer) is skipped
-
-
-def learned_stages(settings: ExtractionSettings) -> list[str]:
-    """The stages whose backend is a learned model (these run where the GPUs are)."""
-    return [stage for stage, (backend, _, _) in LEARNED_BACKENDS.items() if getattr(settings, stage) == backend]
 
 
 def load_learned_models(settings: ExtractionSettings) -> None:
     """Load the learned stages' models into this process's model cache before the first episode, so a missing
     checkpoint stops the run once instead of failing every episode, and each worker loads them exactly once."""
     for stage in learned_stages(settings):
-        _, kind, checkpoint = LEARNED_BACKENDS[stage]
-        if kind is not None:
-            _pretrained(kind, getattr(settings, checkpoint))
+        stage_model(stage, settings)
 
 
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(TraceExtractConfig) if f.name not in
@@ -99,17 +99,30 @@ def make_builder(work_dir: str, config: dict, settings: dict, config_name: str =
                         settings=settings, **config)
 
 
+def _worker() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def record_failure(builder: TraceExtract, episode_id: str, error: Exception) -> EpisodeOutcome:
+    """Log `error` as the episode's failure in failures.jsonl, worded as the builder words its own (rejections and
+    bad input by their message, anything else with its type too), so both executors log the same lines. A full
+    disk or a read-only file system is the machine's failure, not the episode's: it is raised and stops the run."""
+    if isinstance(error, OSError) and error.errno in MACHINE_ERRNOS:
+        raise error
+    kind = "rejected" if isinstance(error, EpisodeRejected) else "failed"
+    reason = str(error) if isinstance(error, (ValueError, EpisodeRejected)) else f"{type(error).__name__}: {error}"
+    builder._record_failure(episode_id, kind, reason)
+    return EpisodeOutcome(episode_id, 0, True, _worker())
+
+
 def extract_one(builder: TraceExtract, ref: EpisodeRef) -> EpisodeOutcome:
     """One episode through the builder's cache. Any error is the episode's failure (logged with its reason in
     failures.jsonl), never the run's: a corrupt video among millions must not stop the other workers."""
-    worker = f"{socket.gethostname()}:{os.getpid()}"
     try:
-        episode = builder.extracted_episode(ref)
-    except Exception as error:  # the builder already records ValueError / EpisodeRejected itself
-        logger.warning("Episode %s failed: %s: %s", ref.episode_id, type(error).__name__, error)
-        builder._record_failure(ref.episode_id, "failed", f"{type(error).__name__}: {error}")
-        episode = None
-    return EpisodeOutcome(ref.episode_id, 0 if episode is None else len(episode.frames), episode is None, worker)
+        episode = builder.extracted_episode(ref)  # records bad input and rejections itself, returning None
+    except Exception as error:
+        return record_failure(builder, ref.episode_id, error)
+    return EpisodeOutcome(ref.episode_id, 0 if episode is None else len(episode.frames), episode is None, _worker())
 
 
 class LocalExecutor:
@@ -122,46 +135,89 @@ class LocalExecutor:
             yield extract_one(builder, ref)
 
 
-def _batch_refs(batch: dict) -> list[EpisodeRef]:
-    names = [f.name for f in dataclasses.fields(EpisodeRef)]
-    return [EpisodeRef(**{name: value.item() if hasattr(value, "item") else value for name, value in zip(names, row)})
-            for row in zip(*(batch[name] for name in names))]
+@dataclass
+class EpisodeInFlight:
+    """One episode between the steps of the Ray pipeline (a row): its reference, the stages' state so far and,
+    once it is done (found in the cache, failed, or written), its outcome, which later steps pass on untouched."""
+
+    ref: EpisodeRef
+    state: EpisodeState | None = None
+    outcome: EpisodeOutcome | None = None
 
 
-def _outcome_batch(outcomes: list[EpisodeOutcome]) -> dict:
-    return {f.name: [getattr(outcome, f.name) for outcome in outcomes] for f in dataclasses.fields(EpisodeOutcome)}
+def pipeline_steps(settings: ExtractionSettings) -> list[tuple[str, ...]]:
+    """The Ray pipeline's steps: "decode", the stages of `STAGES` in order, then "write", grouped so that each
+    learned stage is a step of its own (an actor pool) and the classical stages between them share one (a task)."""
+    learned = learned_stages(settings)
+    steps, classical = [], ["decode"]
+    for stage in STAGES:
+        if stage in learned:
+            steps += [tuple(classical)] if classical else []
+            steps.append((stage,))
+            classical = []
+        else:
+            classical.append(stage)
+    return steps + [(*classical, "write")]
 
 
-def _extract_batch(batch: dict, work_dir: str, config: dict, settings: dict) -> dict:
-    """A Ray task: classical stages only, so no model to keep between episodes."""
+def advance(row: dict, stages: tuple[str, ...], work_dir: str, config: dict, settings: dict) -> dict:
+    """Run the pipeline steps `stages` on the row's episode. An error is that episode's failure, logged in
+    failures.jsonl as the local executor logs it; the episode then passes through the remaining steps as done."""
+    # the first step gets the reference's fields (plain columns), the later ones the episode in flight
+    flight = row["episode"] if "episode" in row else EpisodeInFlight(EpisodeRef(**row))
+    row = {"episode": flight}
+    if flight.outcome is not None:
+        return row
     builder = make_builder(work_dir, config, settings)
-    return _outcome_batch([extract_one(builder, ref) for ref in _batch_refs(batch)])
+    try:
+        for stage in stages:
+            if flight.outcome is not None:  # found in the cache
+                break
+            if stage == "decode":  # a previous run may have finished it
+                cached = builder.cached_episode(flight.ref)
+                if cached is None:
+                    flight.state = EpisodeState(builder._load_raw(flight.ref))
+                else:
+                    flight.outcome = EpisodeOutcome(flight.ref.episode_id, len(cached.frames), False, _worker())
+            elif stage == "write":
+                episode = builder.commit_episode(finish_episode(flight.state, builder.config.extraction))
+                flight.state, flight.outcome = None, EpisodeOutcome(episode.episode_id, len(episode.frames), False, _worker())
+            else:
+                STAGES[stage](flight.state, builder.config.extraction)
+    except Exception as error:
+        flight.state, flight.outcome = None, record_failure(builder, flight.ref.episode_id, error)
+    return row
 
 
-class _LearnedStageWorker:
-    """A Ray actor of the learned-stage pool: loads the models once, then extracts episode after episode."""
+class LearnedStageActor:
+    """An actor of one learned stage's pool: loads that stage's model once, then runs the stage on episode after
+    episode (the model stays in the process's model cache, where the stage finds it)."""
 
-    def __init__(self, work_dir: str, config: dict, settings: dict, torch_threads: int):
+    def __init__(self, stage: str, num_gpus: float, work_dir: str, config: dict, settings: dict, torch_threads: int):
         import torch
 
+        if num_gpus > 0 and not torch.cuda.is_available():
+            raise RuntimeError(f"The {stage} actor holds {num_gpus} GPU(s) but torch sees no CUDA device here; install "
+                               "a CUDA build of torch on the workers, or give the stage no GPUs.")
         # Ray starts workers with one thread; the driver's count keeps the models' floating-point sums, and so the
         # rows, identical to a local run on the same machine.
         torch.set_num_threads(torch_threads)
-        self.builder = make_builder(work_dir, config, settings)
-        load_learned_models(self.builder.config.extraction)
+        self.step = functools.partial(advance, stages=(stage,), work_dir=work_dir, config=config, settings=settings)
+        stage_model(stage, ExtractionSettings(**settings))
 
-    def __call__(self, batch: dict) -> dict:
-        return _outcome_batch([extract_one(self.builder, ref) for ref in _batch_refs(batch)])
+    def __call__(self, row: dict) -> dict:
+        return self.step(row)
 
 
 @dataclass
 class RayExecutor:
-    """Episode references as a Ray dataset, one block per episode, extracted in parallel on a Ray cluster.
+    """Episode references as a Ray dataset, one row per episode, through a Ray Data pipeline on a Ray cluster.
 
-    Settings whose stages are all classical run as Ray tasks (`num_workers` at a time, `cpus_per_worker` each);
-    with a learned stage (depth_anything, dino, cotracker, vlm) the episodes go through an actor pool of
-    `num_actors` actors holding `gpus_per_actor` GPUs each, which load the models once. `address` joins a running
-    cluster ("auto", "ray://head:10001", ...); without one a local Ray instance starts (and stops at the end).
+    Decoding and the classical stages run as Ray tasks (`num_workers` at a time, `cpus_per_worker` CPUs each).
+    Each learned stage of the settings (depth_anything, dino, cotracker, vlm) runs in an actor pool of its own
+    whose actors load the stage's model once: `stage_concurrency[stage]` actors (default `num_actors`) holding
+    `stage_gpus[stage]` GPUs each (default `gpus_per_actor`). `address` joins a running cluster ("auto",
+    "ray://head:10001", ...); without one a local Ray instance starts (and stops at the end).
     """
 
     address: str | None = None
@@ -169,6 +225,8 @@ class RayExecutor:
     cpus_per_worker: float = 1.0
     num_actors: int = 1
     gpus_per_actor: float = 0.0
+    stage_concurrency: dict[str, int] = field(default_factory=dict)
+    stage_gpus: dict[str, float] = field(default_factory=dict)
     num_cpus: int | None = None  # for a local instance only
 
     def __post_init__(self):
@@ -178,8 +236,45 @@ class RayExecutor:
                 raise ValueError(f"{name} must be at least 1, got {value}.")
         if self.gpus_per_actor < 0 or self.cpus_per_worker <= 0:
             raise ValueError("gpus_per_actor must be >= 0 and cpus_per_worker > 0.")
+        for name, smallest in (("stage_concurrency", 1), ("stage_gpus", 0)):
+            for stage, value in getattr(self, name).items():
+                if stage not in LEARNED_BACKENDS:
+                    raise ValueError(f"{name}: unknown stage {stage!r}; the learned stages are {list(LEARNED_BACKENDS)}.")
+                if value < smallest:
+                    raise ValueError(f"{name}[{stage!r}] must be at least {smallest}, got {value}.")
+
+    def _check_stages(self, settings: ExtractionSettings) -> None:
+        """A pool setting for a stage that runs a classical backend would be silently unused: refuse it."""
+        unused = sorted((set(self.stage_concurrency) | set(self.stage_gpus)) - set(learned_stages(settings)))
+        if unused:
+            raise ValueError(f"Actor pool settings for {unused}, but under these settings those stages run classical "
+                             f"backends (no model, so no actor pool); the learned stages are {learned_stages(settings)}.")
+
+    def pool_size(self, stage: str) -> int:
+        return self.stage_concurrency.get(stage, self.num_actors)
+
+    def pool_gpus(self, stage: str) -> float:
+        """GPUs each actor of `stage`'s pool holds."""
+        return self.stage_gpus.get(stage, self.gpus_per_actor)
+
+    def _check_resources(self, ray, stages: list[str]) -> None:
+        """Actor pools hold their CPUs and GPUs for the whole run. Asking more than the cluster has, or all of its
+        CPUs (leaving none to the tasks that decode the episodes for them), would make Ray Data wait forever."""
+        cluster = ray.cluster_resources()
+        cpus = sum(self.pool_size(stage) for stage in stages) * self.cpus_per_worker
+        gpus = sum(self.pool_size(stage) * self.pool_gpus(stage) for stage in stages)
+        pools = ", ".join(f"{stage}: {self.pool_size(stage)} x {self.pool_gpus(stage)} GPUs" for stage in stages)
+        if cpus + self.cpus_per_worker > cluster.get("CPU", 0):
+            raise ValueError(
+                f"The actor pools ({pools}) hold {cpus:g} CPUs at {self.cpus_per_worker:g} each, and the tasks need "
+                f"{self.cpus_per_worker:g} more, but the Ray cluster has {cluster.get('CPU', 0):g}: lower "
+                "--ray-cpus-per-worker or --ray-stage-concurrency, or add nodes.")
+        if gpus > cluster.get("GPU", 0):
+            raise ValueError(f"The actor pools ({pools}) hold {gpus:g} GPUs but the Ray cluster has "
+                             f"{cluster.get('GPU', 0):g}: lower --ray-stage-gpus or --ray-stage-concurrency.")
 
     def run(self, work_dir: str, config: dict, settings: dict, refs: list[EpisodeRef]) -> Iterator[EpisodeOutcome]:
+        self._check_stages(ExtractionSettings(**settings))
         try:
             import ray
         except ImportError as error:
@@ -204,31 +299,35 @@ class RayExecutor:
     def _run(self, ray, work_dir: str, config: dict, settings: dict, refs: list[EpisodeRef]) -> Iterator[EpisodeOutcome]:
         if not refs:
             return
-        references = ray.data.from_items([dataclasses.asdict(ref) for ref in refs], override_num_blocks=len(refs))
+        import torch
+
+        episodes = ray.data.from_items([dataclasses.asdict(ref) for ref in refs], override_num_blocks=len(refs))
         arguments = dict(work_dir=work_dir, config=config, settings=settings)
+        extraction = ExtractionSettings(**settings)
+        self._check_resources(ray, learned_stages(extraction))
         with warnings.catch_warnings():  # Ray has no named parameter for retries yet, only the deprecated kwargs
             warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
-            if learned_stages(ExtractionSettings(**settings)):
-                import torch
-
-                outcomes = references.map_batches(
-                    _LearnedStageWorker, fn_constructor_kwargs=dict(arguments, torch_threads=torch.get_num_threads()),
-                    batch_size=1,
-                    compute=ray.data.ActorPoolStrategy(size=self.num_actors), num_gpus=self.gpus_per_actor,
-                    num_cpus=self.cpus_per_worker, max_task_retries=MAX_ATTEMPTS - 1,
-                )
-            else:
-                outcomes = references.map_batches(
-                    _extract_batch, fn_kwargs=arguments, batch_size=1, num_cpus=self.cpus_per_worker,
-                    compute=ray.data.TaskPoolStrategy(size=self.num_workers), max_retries=MAX_ATTEMPTS - 1,
-                )
+            for step in pipeline_steps(extraction):
+                if step[0] in learned_stages(extraction):
+                    stage = step[0]
+                    episodes = episodes.map(
+                        LearnedStageActor, num_cpus=self.cpus_per_worker, num_gpus=self.pool_gpus(stage),
+                        fn_constructor_kwargs=dict(arguments, stage=stage, num_gpus=self.pool_gpus(stage),
+                                                   torch_threads=torch.get_num_threads()),
+                        compute=ray.data.ActorPoolStrategy(size=self.pool_size(stage)), max_task_retries=MAX_ATTEMPTS - 1,
+                    )
+                else:
+                    episodes = episodes.map(
+                        advance, fn_kwargs=dict(arguments, stages=step), num_cpus=self.cpus_per_worker,
+                        compute=ray.data.TaskPoolStrategy(size=self.num_workers), max_retries=MAX_ATTEMPTS - 1,
+                    )
         done = set()
-        for row in outcomes.iter_rows():
-            outcome = EpisodeOutcome(**{key: value.item() if hasattr(value, "item") else value for key, value in row.items()})
+        for row in episodes.iter_rows():
+            outcome = row["episode"].outcome
             done.add(outcome.episode_id)
             yield outcome
         lost = [ref for ref in refs if ref.episode_id not in done]
-        if lost:  # errors inside an episode are caught by extract_one: these took their worker process down
+        if lost:  # errors inside an episode are caught by `advance`: these took their worker process down
             builder = make_builder(work_dir, config, settings)
             for ref in lost:
                 builder._record_failure(ref.episode_id, "failed", f"its Ray worker died {MAX_ATTEMPTS} times (see the Ray logs)")
@@ -352,4 +451,4 @@ def _failures(work_dir: str, episode_ids: set[str]) -> list[dict]:
     return [record for _, record in sorted(latest.items())]
 
 
-__all__ = ["EpisodeOutcome", "LocalExecutor", "RayExecutor", "extract_to_folder", "learned_stages", "read_options"]
+__all__ = ["EpisodeOutcome", "LocalExecutor", "RayExecutor", "extract_to_folder", "learned_stages", "pipeline_steps", "read_options"]

@@ -1,7 +1,9 @@
 """TraceExtract per episode: raw video (+ what the source knows) -> world tracks, motion, events, captions, samples.
 
 Every stage runs through an explicit backend recorded in the episode's metadata; a backend that lacks its input
-raises an error naming the missing input and the alternatives, never a silent fallback.
+raises an error naming the missing input and the alternatives, never a silent fallback. The stages (`STAGES`) are
+functions that read and fill one `EpisodeState`; `extract_episode` runs them in order in this process, and the Ray
+executor runs the same functions as steps of a pipeline, each learned stage in an actor pool of its own.
 """
 
 import functools
@@ -150,6 +152,13 @@ class EpisodeRejected(Exception):
     """An episode that is readable but unusable (e.g. low track coverage): counted and skipped, with the reason."""
 
 
+def _model_device():
+    """Where learned models run: the GPU when this process sees one (a Ray actor sees only the GPUs it holds)."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @functools.lru_cache(maxsize=4)
 def _pretrained(kind: str, name_or_path: str):
     """A stage's model and processor, loaded once per process (extraction calls it for every episode)."""
@@ -166,105 +175,73 @@ def _pretrained(kind: str, name_or_path: str):
         "depth": (AutoModelForDepthEstimation, AutoImageProcessor),
         "vlm": (AutoModelForImageTextToText, AutoProcessor),
     }[kind]
-    model = load_checkpoint(model_class, name_or_path, f"{kind} model").eval()
+    # the backends move their inputs to the model's device
+    model = load_checkpoint(model_class, name_or_path, f"{kind} model").eval().to(_model_device())
     return model, load_checkpoint(processor_class, name_or_path, f"{kind} processor")
+
+
+class _TrackerOnDevice:
+    """A torch.hub tracker on a GPU, called as `track_points_cotracker` calls it with inputs built on the CPU."""
+
+    def __init__(self, model, device):
+        self.model, self.device = model.to(device), device
+
+    def __call__(self, video, queries):
+        return self.model(video.to(self.device), queries=queries.to(self.device))
 
 
 @functools.lru_cache(maxsize=2)
 def _hub_tracker(repo_dir: str, checkpoint: str, entry: str):
-    """A local torch.hub tracker, loaded once per process."""
-    return load_hub_tracker(repo_dir, checkpoint, entry)
+    """A local torch.hub tracker, loaded once per process (onto the GPU if there is one)."""
+    model, device = load_hub_tracker(repo_dir, checkpoint, entry), _model_device()
+    return model if device.type == "cpu" else _TrackerOnDevice(model, device)
 
 
-def _depth(raw: RawEpisode, settings: ExtractionSettings) -> tuple[np.ndarray, np.ndarray, str]:
-    """Metric depth (T, H, W) and intrinsics, with where the intrinsics came from."""
-    if settings.depth == "given":
-        if raw.depth is None:
-            raise ValueError(
-                f"Episode {raw.episode_id}: depth='given' but the source has no depth; use depth='depth_anything'."
-            )
-        depth = raw.depth
-    else:
-        from .depth_backends import estimate_depth_depth_anything
-
-        model, image_processor = _pretrained("depth", settings.depth_model)
-        depth = estimate_depth_depth_anything(raw.frames, model=model, image_processor=image_processor)
-    if raw.intrinsics is not None:
-        return depth, raw.intrinsics, "source"
-    if settings.field_of_view is None:
-        raise ValueError(
-            f"Episode {raw.episode_id}: the source has no intrinsics; set field_of_view (degrees) to use a "
-            "pinhole guess, or provide calibrated intrinsics."
-        )
-    from .depth_backends import estimate_intrinsics
-
-    return depth, estimate_intrinsics(raw.image_size, settings.field_of_view), f"guessed from {settings.field_of_view} deg"
+# the stages that can run a learned model, and that model's backend name
+LEARNED_BACKENDS = {"depth": "depth_anything", "keypoints": "dino", "tracker": "cotracker", "captions": "vlm"}
 
 
-def _extrinsics(raw, settings, depth, intrinsics, tracks, visible) -> np.ndarray:
-    if settings.camera == "given":
-        if raw.extrinsics is None:
-            raise ValueError(
-                f"Episode {raw.episode_id}: camera='given' needs extrinsics; use camera='static' for a fixed camera "
-                "or 'estimated' for poses from the tracks."
-            )
-        return raw.extrinsics
-    if settings.camera == "static":
-        return np.repeat(np.eye(4)[None], len(raw.frames), axis=0)
-    from .depth_backends import estimate_poses
-
-    return estimate_poses(raw.frames, depth, intrinsics, tracks, visible)
+def learned_stages(settings: ExtractionSettings) -> list[str]:
+    """The stages whose backend under `settings` is a learned model (these run where the GPUs are)."""
+    return [stage for stage, backend in LEARNED_BACKENDS.items() if getattr(settings, stage) == backend]
 
 
-def _tracks(raw: RawEpisode, settings: ExtractionSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(settings.seed)
-    if settings.tracker == "given":
-        if raw.tracks is None:
-            raise ValueError(f"Episode {raw.episode_id}: tracker='given' but the source has no tracks; use tracker='support_lk'.")
-        visible = raw.track_visible if raw.track_visible is not None else np.ones(raw.tracks.shape[:2], dtype=bool)
-        result = track_points_given(raw.tracks, visible)
-        clusters = raw.cluster_ids if raw.cluster_ids is not None else np.zeros(raw.tracks.shape[1], dtype=np.int64)
-        return result.tracks, result.visible, clusters
-
-    if settings.keypoints == "grid":
-        points, clusters = grid_keypoints(raw.image_size, settings.num_keypoints)
-    elif settings.keypoints == "motion":
-        points, clusters = motion_keypoints(raw.frames, settings.num_keypoints, rng)
-    elif settings.keypoints == "dino":
-        from .learned_backends import dino_keypoints
-
-        model, image_processor = _pretrained("dino", settings.dino_model)
-        points, clusters = dino_keypoints(raw.frames, model=model, image_processor=image_processor, rng=rng)
-    else:
-        if raw.tracks is None:
-            raise ValueError(f"Episode {raw.episode_id}: keypoints='given' but the source has no points; use 'grid' or 'motion'.")
-        start = raw.track_visible[0] if raw.track_visible is not None else np.ones(raw.tracks.shape[1], bool)
-        points = raw.tracks[0][start]
-        clusters = (raw.cluster_ids[start] if raw.cluster_ids is not None else np.zeros(len(points), np.int64))
-    queries = np.column_stack([np.zeros(len(points)), points])
-    if settings.tracker == "cotracker":
-        model = _hub_tracker(settings.cotracker_repo, settings.cotracker_checkpoint, settings.cotracker_model)
-        result = track_points(raw.frames, queries, "cotracker", model=model)
-        return result.tracks, result.visible, clusters
-    # progressive: new points join every 50 frames wherever existing tracks no longer cover the image
-    window = {} if settings.lk_window is None else {"window": settings.lk_window}
-    result = track_progressive(raw.frames, queries, chunk=50, backend=settings.tracker, **window)
-    added = result.tracks.shape[1] - len(points)
-    return result.tracks, result.visible, np.concatenate([clusters, np.full(added, -1, dtype=np.int64)])
+def stage_model(stage: str, settings: ExtractionSettings):
+    """The learned model of `stage` under `settings`, loaded once per process and then reused: a (model,
+    processor) pair for transformers checkpoints, the predictor for CoTracker. Executors call it before the first
+    episode, so a checkpoint that cannot be loaded stops the run once instead of failing every episode."""
+    if stage not in learned_stages(settings):
+        raise ValueError(f"Stage {stage!r} runs the classical backend {getattr(settings, stage, None)!r}: no model.")
+    if stage == "tracker":
+        return _hub_tracker(settings.cotracker_repo, settings.cotracker_checkpoint, settings.cotracker_model)
+    kind, checkpoint = {"depth": ("depth", settings.depth_model), "keypoints": ("dino", settings.dino_model),
+                        "captions": ("vlm", settings.caption_model)}[stage]
+    return _pretrained(kind, checkpoint)
 
 
-def entity_coverage(visible: np.ndarray, cluster_ids: np.ndarray) -> float:
-    """Coverage of sparse given tracks: per frame, the fraction of the tracked entities (cluster ids, e.g. the two
-    hands of EgoDex) with at least one visible point, averaged over frames; entities never seen do not count.
+@dataclass
+class EpisodeState:
+    """One episode between stages: its raw data and what the stages so far have added. Each stage reads and fills
+    it, so consecutive stages may run in different processes (a Ray pipeline ships it from one to the next)."""
 
-    The per-point fraction of `visible_coverage` suits dense point grids, where an unseen part of the image means
-    lost tracks; a few joints per hand are often self-occluded or out of view one by one while the hand itself is
-    in view, so they are judged per entity.
-    """
-    cluster_ids = np.asarray(cluster_ids)
-    entities = [visible[:, cluster_ids == entity].any(axis=1) for entity in np.unique(cluster_ids)]
-    present = [seen for seen in entities if seen.any()]
-    return float(np.mean(present)) if present else 0.0
+    raw: RawEpisode
+    given_world: bool = False  # the source's own 3D tracks are the world tracks (no depth map to lift with)
+    depth: np.ndarray | None = None  # (T, H, W) metres
+    intrinsics: np.ndarray | None = None
+    intrinsics_origin: str = ""
+    points: np.ndarray | None = None  # (N, 2) first-frame pixels to track
+    cluster_ids: np.ndarray | None = None  # (N,)
+    tracks: np.ndarray | None = None  # (T, N, 2) pixels
+    visible: np.ndarray | None = None  # (T, N)
+    coverage: float = 0.0
+    extrinsics: np.ndarray | None = None  # (T, 4, 4)
+    world: np.ndarray | None = None  # (T, N, 3), gaps filled
+    world_valid: np.ndarray | None = None
+    anchor_traces: np.ndarray | None = None  # (T, N, 3): pixels and depth in the first frame's camera
+    anchor_valid: np.ndarray | None = None
+    moving: np.ndarray | None = None
+    events: list | None = None
+    captions: list | None = None
 
 
 def _uses_given_world(raw: RawEpisode, settings: ExtractionSettings) -> bool:
@@ -286,72 +263,210 @@ def _uses_given_world(raw: RawEpisode, settings: ExtractionSettings) -> bool:
     return True
 
 
-def extract_episode(raw: RawEpisode, settings: ExtractionSettings) -> ExtractedEpisode:
-    """Run every stage on one episode; raises ValueError on bad input and EpisodeRejected on unusable data."""
-    if len(raw.frames) <= settings.history + 1:
-        raise EpisodeRejected(f"{len(raw.frames)} frames: too short for a history of {settings.history} and a future")
-    given_world = _uses_given_world(raw, settings)
-    if given_world:
-        depth, intrinsics, intrinsics_origin = None, raw.intrinsics, "source"
+def check_stage(state: EpisodeState, settings: ExtractionSettings) -> None:
+    """Reject episodes too short for a history and a future; decide where the world tracks come from."""
+    if len(state.raw.frames) <= settings.history + 1:
+        raise EpisodeRejected(f"{len(state.raw.frames)} frames: too short for a history of {settings.history} and a future")
+    state.given_world = _uses_given_world(state.raw, settings)
+
+
+def depth_stage(state: EpisodeState, settings: ExtractionSettings) -> None:
+    """Metric depth (T, H, W) and intrinsics, with where the intrinsics came from."""
+    raw = state.raw
+    if state.given_world:
+        state.depth, state.intrinsics, state.intrinsics_origin = None, raw.intrinsics, "source"
+        return
+    if settings.depth == "given":
+        if raw.depth is None:
+            raise ValueError(
+                f"Episode {raw.episode_id}: depth='given' but the source has no depth; use depth='depth_anything'."
+            )
+        state.depth = raw.depth
     else:
-        depth, intrinsics, intrinsics_origin = _depth(raw, settings)
-    tracks, visible, cluster_ids = _tracks(raw, settings)
+        from .depth_backends import estimate_depth_depth_anything
+
+        model, image_processor = stage_model("depth", settings)
+        state.depth = estimate_depth_depth_anything(raw.frames, model=model, image_processor=image_processor)
+    if raw.intrinsics is not None:
+        state.intrinsics, state.intrinsics_origin = raw.intrinsics, "source"
+        return
+    if settings.field_of_view is None:
+        raise ValueError(
+            f"Episode {raw.episode_id}: the source has no intrinsics; set field_of_view (degrees) to use a "
+            "pinhole guess, or provide calibrated intrinsics."
+        )
+    from .depth_backends import estimate_intrinsics
+
+    state.intrinsics = estimate_intrinsics(raw.image_size, settings.field_of_view)
+    state.intrinsics_origin = f"guessed from {settings.field_of_view} deg"
+
+
+def keypoint_stage(state: EpisodeState, settings: ExtractionSettings) -> None:
+    """The first-frame points to track and their cluster ids (none with tracker='given': the source's tracks are
+    taken whole by the tracker stage)."""
+    raw = state.raw
     if settings.tracker == "given":
-        coverage, kind = entity_coverage(visible, cluster_ids), "tracked-entity"
+        return
+    rng = np.random.default_rng(settings.seed)
+    if settings.keypoints == "grid":
+        state.points, state.cluster_ids = grid_keypoints(raw.image_size, settings.num_keypoints)
+    elif settings.keypoints == "motion":
+        state.points, state.cluster_ids = motion_keypoints(raw.frames, settings.num_keypoints, rng)
+    elif settings.keypoints == "dino":
+        from .learned_backends import dino_keypoints
+
+        model, image_processor = stage_model("keypoints", settings)
+        state.points, state.cluster_ids = dino_keypoints(raw.frames, model=model, image_processor=image_processor, rng=rng)
     else:
-        coverage, kind = visible_coverage(visible), "visible-track"
-    if coverage < settings.min_coverage:
-        raise EpisodeRejected(f"{kind} coverage {coverage:.2f} < {settings.min_coverage}")
-    extrinsics = _extrinsics(raw, settings, depth, intrinsics, tracks, visible)
-    if given_world:
+        if raw.tracks is None:
+            raise ValueError(f"Episode {raw.episode_id}: keypoints='given' but the source has no points; use 'grid' or 'motion'.")
+        start = raw.track_visible[0] if raw.track_visible is not None else np.ones(raw.tracks.shape[1], bool)
+        state.points = raw.tracks[0][start]
+        state.cluster_ids = (raw.cluster_ids[start] if raw.cluster_ids is not None else np.zeros(len(state.points), np.int64))
+
+
+def tracker_stage(state: EpisodeState, settings: ExtractionSettings) -> None:
+    """Pixel tracks and visibility of the keypoints (or the source's own tracks), one cluster id per track."""
+    raw = state.raw
+    if settings.tracker == "given":
+        if raw.tracks is None:
+            raise ValueError(f"Episode {raw.episode_id}: tracker='given' but the source has no tracks; use tracker='support_lk'.")
+        visible = raw.track_visible if raw.track_visible is not None else np.ones(raw.tracks.shape[:2], dtype=bool)
+        result = track_points_given(raw.tracks, visible)
+        state.tracks, state.visible = result.tracks, result.visible
+        state.cluster_ids = raw.cluster_ids if raw.cluster_ids is not None else np.zeros(raw.tracks.shape[1], dtype=np.int64)
+        return
+    queries = np.column_stack([np.zeros(len(state.points)), state.points])
+    if settings.tracker == "cotracker":
+        result = track_points(raw.frames, queries, "cotracker", model=stage_model("tracker", settings))
+        state.tracks, state.visible = result.tracks, result.visible
+        return
+    # progressive: new points join every 50 frames wherever existing tracks no longer cover the image
+    window = {} if settings.lk_window is None else {"window": settings.lk_window}
+    result = track_progressive(raw.frames, queries, chunk=50, backend=settings.tracker, **window)
+    added = result.tracks.shape[1] - len(state.points)
+    state.tracks, state.visible = result.tracks, result.visible
+    state.cluster_ids = np.concatenate([state.cluster_ids, np.full(added, -1, dtype=np.int64)])
+
+
+def entity_coverage(visible: np.ndarray, cluster_ids: np.ndarray) -> float:
+    """Coverage of sparse given tracks: per frame, the fraction of the tracked entities (cluster ids, e.g. the two
+    hands of EgoDex) with at least one visible point, averaged over frames; entities never seen do not count.
+
+    The per-point fraction of `visible_coverage` suits dense point grids, where an unseen part of the image means
+    lost tracks; a few joints per hand are often self-occluded or out of view one by one while the hand itself is
+    in view, so they are judged per entity.
+    """
+    cluster_ids = np.asarray(cluster_ids)
+    entities = [visible[:, cluster_ids == entity].any(axis=1) for entity in np.unique(cluster_ids)]
+    present = [seen for seen in entities if seen.any()]
+    return float(np.mean(present)) if present else 0.0
+
+
+def _extrinsics(state: EpisodeState, settings: ExtractionSettings) -> np.ndarray:
+    raw = state.raw
+    if settings.camera == "given":
+        if raw.extrinsics is None:
+            raise ValueError(
+                f"Episode {raw.episode_id}: camera='given' needs extrinsics; use camera='static' for a fixed camera "
+                "or 'estimated' for poses from the tracks."
+            )
+        return raw.extrinsics
+    if settings.camera == "static":
+        return np.repeat(np.eye(4)[None], len(raw.frames), axis=0)
+    from .depth_backends import estimate_poses
+
+    return estimate_poses(raw.frames, state.depth, state.intrinsics, state.tracks, state.visible)
+
+
+def motion_stage(state: EpisodeState, settings: ExtractionSettings) -> None:
+    """Coverage check, cameras, world tracks, which tracks move and the motion events."""
+    raw = state.raw
+    if settings.tracker == "given":
+        state.coverage, kind = entity_coverage(state.visible, state.cluster_ids), "tracked-entity"
+    else:
+        state.coverage, kind = visible_coverage(state.visible), "visible-track"
+    if state.coverage < settings.min_coverage:
+        raise EpisodeRejected(f"{kind} coverage {state.coverage:.2f} < {settings.min_coverage}")
+    state.extrinsics = _extrinsics(state, settings)
+    if state.given_world:
         world = raw.tracks_world.astype(np.float64)
-        world_valid = visible & np.isfinite(world).all(-1)
+        world_valid = state.visible & np.isfinite(world).all(-1)
     else:
-        world, world_valid = lift_to_world(tracks, visible, depth, intrinsics, extrinsics)
-    world, world_valid = fill_world_tracks(world, world_valid)
+        world, world_valid = lift_to_world(state.tracks, state.visible, state.depth, state.intrinsics, state.extrinsics)
+    state.world, state.world_valid = fill_world_tracks(world, world_valid)
     # Motion is judged in one fixed camera (the first frame's), so camera motion does not count as object motion.
-    anchor_traces, anchor_valid = project_to_camera(world, world_valid, extrinsics[0], intrinsics)
-    moving = moving_tracks(anchor_traces[..., :2], anchor_valid, raw.image_size)
-    events = motion_events(anchor_traces[..., :2], anchor_valid, moving)
+    state.anchor_traces, state.anchor_valid = project_to_camera(state.world, state.world_valid, state.extrinsics[0], state.intrinsics)
+    state.moving = moving_tracks(state.anchor_traces[..., :2], state.anchor_valid, raw.image_size)
+    state.events = motion_events(state.anchor_traces[..., :2], state.anchor_valid, state.moving)
+
+
+def caption_stage(state: EpisodeState, settings: ExtractionSettings) -> None:
+    raw = state.raw
     if settings.captions == "given":
         captions = given_captions(raw.task, len(raw.frames))
     elif settings.captions == "vlm":
         from .learned_backends import vlm_captions
 
-        model, processor = _pretrained("vlm", settings.caption_model)
-        captions = vlm_captions(events, raw.frames, model=model, processor=processor)
+        model, processor = stage_model("captions", settings)
+        captions = vlm_captions(state.events, raw.frames, model=model, processor=processor)
     else:
-        uvz = np.concatenate([normalize_pixels(anchor_traces[..., :2], raw.image_size), anchor_traces[..., 2:]], -1)
-        captions = template_captions(events, uvz, anchor_valid, moving)
+        uvz = np.concatenate([normalize_pixels(state.anchor_traces[..., :2], raw.image_size), state.anchor_traces[..., 2:]], -1)
+        captions = template_captions(state.events, uvz, state.anchor_valid, state.moving)
         if raw.task:
             captions.extend(given_captions(raw.task, len(raw.frames)))
+    state.captions = captions
+
+
+# every stage, in the order they run; the keys of LEARNED_BACKENDS are the ones that may need a model
+STAGES = {
+    "check": check_stage,
+    "depth": depth_stage,
+    "keypoints": keypoint_stage,
+    "tracker": tracker_stage,
+    "motion": motion_stage,
+    "captions": caption_stage,
+}
+
+
+def finish_episode(state: EpisodeState, settings: ExtractionSettings) -> ExtractedEpisode:
+    """The extracted episode from the state all stages filled, with the backends and checks in its metadata."""
+    raw = state.raw
     metadata = {
         **raw.metadata,
         "backends": {k: getattr(settings, k) for k in ("depth", "camera", "keypoints", "tracker", "captions")},
-        "intrinsics": intrinsics_origin,
-        "world_tracks": "given" if given_world else "lifted",
-        "coverage": coverage,
-        "num_tracks": int(tracks.shape[1]),
-        "num_moving": int(moving.sum()),
+        "intrinsics": state.intrinsics_origin,
+        "world_tracks": "given" if state.given_world else "lifted",
+        "coverage": state.coverage,
+        "num_tracks": int(state.tracks.shape[1]),
+        "num_moving": int(state.moving.sum()),
     }
     return ExtractedEpisode(
         episode_id=raw.episode_id,
         task=raw.task,
         fps=raw.fps,
         frames=raw.frames,
-        depth=depth,
-        intrinsics=np.asarray(intrinsics, dtype=np.float32),
-        extrinsics=np.asarray(extrinsics, dtype=np.float32),
-        tracks=tracks.astype(np.float32),
-        visible=visible,
-        world=world.astype(np.float32),
-        world_valid=world_valid,
-        cluster_ids=np.asarray(cluster_ids, dtype=np.int64),
-        moving=moving,
-        events=events,
-        captions=[caption.to_dict() for caption in captions],
+        depth=state.depth,
+        intrinsics=np.asarray(state.intrinsics, dtype=np.float32),
+        extrinsics=np.asarray(state.extrinsics, dtype=np.float32),
+        tracks=state.tracks.astype(np.float32),
+        visible=state.visible,
+        world=state.world.astype(np.float32),
+        world_valid=state.world_valid,
+        cluster_ids=np.asarray(state.cluster_ids, dtype=np.int64),
+        moving=state.moving,
+        events=state.events,
+        captions=[caption.to_dict() for caption in state.captions],
         metadata=metadata,
     )
+
+
+def extract_episode(raw: RawEpisode, settings: ExtractionSettings) -> ExtractedEpisode:
+    """Run every stage on one episode; raises ValueError on bad input and EpisodeRejected on unusable data."""
+    state = EpisodeState(raw)
+    for stage in STAGES.values():
+        stage(state, settings)
+    return finish_episode(state, settings)
 
 
 def episode_samples(episode: ExtractedEpisode, settings: ExtractionSettings):
@@ -402,11 +517,17 @@ def episode_samples(episode: ExtractedEpisode, settings: ExtractionSettings):
 
 
 __all__ = [
+    "LEARNED_BACKENDS",
+    "STAGES",
     "SYNTHETIC_RETARGET_STEP",
     "EpisodeRejected",
+    "EpisodeState",
     "ExtractedEpisode",
     "ExtractionSettings",
     "entity_coverage",
     "episode_samples",
     "extract_episode",
+    "finish_episode",
+    "learned_stages",
+    "stage_model",
 ]

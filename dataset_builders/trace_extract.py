@@ -224,15 +224,9 @@ class TraceExtract(datasets.GeneratorBasedBuilder):
         return LOADERS[ref.source](ref)
 
     def extracted_episode(self, ref) -> ExtractedEpisode | None:
-        """The cached extraction of `ref`, computing and saving it first if needed; None if it failed.
-
-        An episode is committed by two atomic writes, its cache then its statistics; a kill between them is
-        repaired here (the statistics are recomputed from the cache), so no re-run silently drops an episode."""
-        path = os.path.join(self.work_dir, "episodes", f"{ref.episode_id}.npz")
-        if os.path.exists(path):
-            episode = ExtractedEpisode.load(path)
-            if not os.path.exists(self._statistics_path(ref.episode_id)):
-                self._save_partial_statistics(episode)
+        """The cached extraction of `ref`, computing and saving it first if needed; None if it failed."""
+        episode = self.cached_episode(ref)
+        if episode is not None:
             return episode
         try:
             raw = self._load_raw(ref)
@@ -244,9 +238,29 @@ class TraceExtract(datasets.GeneratorBasedBuilder):
         except (ValueError, EpisodeRejected) as error:
             kind = "rejected" if isinstance(error, EpisodeRejected) else "failed"
             return self._record_failure(ref.episode_id, kind, str(error))
-        episode.save(path)
+        return self.commit_episode(episode)
+
+    def _episode_path(self, episode_id: str) -> str:
+        return os.path.join(self.work_dir, "episodes", f"{episode_id}.npz")
+
+    def cached_episode(self, ref) -> ExtractedEpisode | None:
+        """The extraction of `ref` a previous run committed, or None.
+
+        An episode is committed by two atomic writes, its cache then its statistics; a kill between them is
+        repaired here (the statistics are recomputed from the cache), so no re-run silently drops an episode."""
+        path = self._episode_path(ref.episode_id)
+        if not os.path.exists(path):
+            return None
+        episode = ExtractedEpisode.load(path)
+        if not os.path.exists(self._statistics_path(ref.episode_id)):
+            self._save_partial_statistics(episode)
+        return episode
+
+    def commit_episode(self, episode: ExtractedEpisode) -> ExtractedEpisode:
+        """Save a freshly extracted episode and its statistics, and clear a failure an earlier run logged for it."""
+        episode.save(self._episode_path(episode.episode_id))
         self._save_partial_statistics(episode)
-        self._update_failures(ref.episode_id, None)
+        self._update_failures(episode.episode_id, None)
         return episode
 
     def _record_failure(self, episode_id: str, kind: str, reason: str) -> None:

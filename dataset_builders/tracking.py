@@ -3,8 +3,8 @@
 `track_points(frames, queries, backend=None)` is the entry point; the backend is recorded in `TrackResult.backend`:
     * `support_lk` (the default): pyramidal Lucas–Kanade whose unreliable steps are carried by the motion of the
       reliably tracked corners around each point (`track_points_support`). CPU-only and weight-free; on the
-      SceneTracker clip it reaches δ_avg 0.66 where plain chained LK reaches 0.54, at several times the cost
-      (`window=13, num_support=200` trades some of the gain for speed; benchmarks/bench_extract.py).
+      SceneTracker clip it reaches δ_avg 0.665 where plain chained LK reaches 0.544, and it tracks 256 points at
+      224² at over 100 frames per CPU-second (benchmarks/bench_extract.py).
     * `lk`: plain chained pyramidal LK (`track_points_lk`), the classical baseline.
     * `cotracker`: Meta's CoTracker3 (or any `torch.hub`-style tracker with its interface), loaded by
       `load_hub_tracker` from a local clone of its repository and a local checkpoint file, so it runs offline.
@@ -22,26 +22,37 @@ OpenCV's convention for sub-pixel coordinates, so no half-pixel shift is needed 
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-# OpenCV's default stopping rule for the per-level Gauss–Newton iterations.
-_LK_TERMINATION = (30, 0.01)  # at most 30 iterations, or a step below 0.01 px
+# Stopping rules of LK's per-level Gauss–Newton iterations: at most this many, or a step below this many px.
+# OpenCV's default is kept by plain `lk` and by re-detections (across many frames, for few points); a `support_lk`
+# frame step stops earlier, at a third of the cost and with no loss (δ_avg on the SceneTracker clip 0.665 against
+# 0.661 at 540 rows).
+OPENCV_TERMINATION = (30, 0.01)
+SUPPORT_STEP_TERMINATION = (10, 0.03)
 # Visibility by appearance: patch radius as a fraction of the shorter image side (22 px at 540 rows, 9 at 224),
-# the correlation with the query patch a seen point keeps, and the grey-level spread below which a query patch is
-# too flat to compare.
+# the correlation with the query patch a seen point keeps, and the grey-level spread below which a patch is flat.
+# The threshold is calibrated for occlusion accuracy: from 0.0 down to -0.5 it rose from 0.876 to 0.892 on the
+# SceneTracker clip (all-visible: 0.888) and stayed within 0.002 of its best on procedural episodes; appearance
+# changes of a seen point (turning, shading) cost more than the occlusions a higher threshold finds.
 APPEARANCE_RADIUS_FRACTION = 1 / 24
 APPEARANCE_MIN_RADIUS = 4
-APPEARANCE_MIN_NCC = 0.0
+APPEARANCE_MIN_NCC = -0.5
 MIN_TEMPLATE_STD = 2.0
 # Round trip, in px, a re-detection from the query frame must pass (looser than a frame step's: farther apart).
 REDETECT_FB_THRESHOLD = 1.0
 REDETECT_MIN_NCC = 0.8
 # Support corners whose steps predict a query point's step.
 SUPPORT_NEIGHBOURS = 16
+# OpenCV's LK runs along window rows in vector blocks of 8 px: windows of these sides cost about half as much as the
+# odd sides between them (1.5 / 3.2 / 8.8 / 10 ms for 600 points at 224² against 3.7 / 7.0 / 15 ms for 13 / 21 / 31),
+# so the default windows are picked among them.
+FAST_WINDOWS = (9, 17, 25, 33)
 
 
 @dataclass
@@ -97,6 +108,7 @@ def track_points_support(
     queries: np.ndarray,
     window: int | None = None,
     levels: int | None = None,
+    support_window: int | None = None,
     fb_threshold: float = 0.3,
     num_support: int = 600,
     support_spacing: float | None = None,
@@ -113,10 +125,16 @@ def track_points_support(
 
     Args:
         frames, queries: as for `track_points_lk`.
-        window, levels: LK window side (odd, >= 3) and pyramid levels, for query and support points alike. None:
-            about 9 % of the shorter image side within 11-31 px (11 at 128 rows, 21 at 224, 31 from 345), and 3
-            levels below 400 rows, 4 from there; measured best of 11-31 px on procedural 128 px episodes and on
-            the SceneTracker clip at 224 and 540 rows.
+        window, levels: LK window side (odd, >= 3) of the query points, and pyramid levels. None: the side in
+            `FAST_WINDOWS` closest to 10 % of the shorter image side (9 up to 130 rows, 25 at 224, 33 above 290),
+            measured best of `FAST_WINDOWS` on procedural and MuJoCo 128 px episodes and on the SceneTracker clip
+            at 224 rows (and within 0.003 δ_avg of it at 540); and the fewest levels that follow a step of a fifth
+            of that side (3 at 128 rows, 2 at 224, 3 at 540, 4 at 1080). On the SceneTracker clip, more levels
+            measured no better (δ_avg within 0.001 at 224 and 540 rows) at 10-20 % more cost.
+        support_window: LK window side (odd, >= 3) of the support corners. They are picked for their texture, so a
+            smaller window suffices. None: the side in `FAST_WINDOWS` closest to 3 % of the shorter image side
+            (9 below 433 rows, 17 at 540). On the SceneTracker clip at 224 and 540 rows, these two defaults measured
+            within 0.005 δ_avg of the best pair of `FAST_WINDOWS`, at a third of the cost of one 21 px window.
         fb_threshold: largest forward–backward round trip, in px, of a step that counts as reliable.
         num_support: most support corners per frame pair.
         support_spacing: least distance between support corners in px; None: 1/54 of the shorter image side
@@ -128,6 +146,7 @@ def track_points_support(
         "support_lk",
         window=window,
         levels=levels,
+        support_window=support_window,
         fb_threshold=fb_threshold,
         num_support=num_support,
         support_spacing=support_spacing,
@@ -212,10 +231,12 @@ def _track(
     short_side = min(frames.shape[1:3])
     window, levels = settings.pop("window"), settings.pop("levels")
     if window is None:
-        window = min(31, max(11, int(short_side * 0.09) // 2 * 2 + 1))
+        window = _fast_window(0.1 * short_side)
+    _check_window(window, "window")
     if levels is None:
-        levels = 3 if short_side < 400 else 4
-    lucas_kanade = _LucasKanade.for_video(frames, window, levels)
+        levels = _levels_reaching(window, short_side / 5)
+    termination = OPENCV_TERMINATION if backend == "lk" else SUPPORT_STEP_TERMINATION
+    lucas_kanade = _LucasKanade.for_video(frames, window, levels, termination)
     if backend == "lk":
         return _sweep(lucas_kanade, query_frames, points, lucas_kanade.step, backend, add_queries)
     step = _SupportedStep(lucas_kanade, **settings)
@@ -307,7 +328,7 @@ def _redetect(
     for query_frame in np.unique(query_frames[unsure]):
         points = unsure[query_frames[unsure] == query_frame]
         found, ok = lucas_kanade.checked(query_frame, frame_index, tracks[query_frame, points], REDETECT_FB_THRESHOLD,
-                                         initial=tracks[frame_index, points])
+                                         initial=tracks[frame_index, points], termination=OPENCV_TERMINATION)
         ok &= np.linalg.norm(found - tracks[frame_index, points], axis=1) <= lucas_kanade.window[0]
         ok &= _inside(found, lucas_kanade.height, lucas_kanade.width) & appearance.textured[points]
         ok[ok] = appearance.similarity(frame_index, points[ok], found[ok]) > REDETECT_MIN_NCC
@@ -361,32 +382,38 @@ def track_points_given(tracks: np.ndarray, visible: np.ndarray) -> TrackResult:
 class _LucasKanade:
     """Pyramidal LK between two frames of a video converted to grayscale once."""
 
-    def __init__(self, gray: list[np.ndarray], window: int, levels: int) -> None:
+    def __init__(self, gray: list[np.ndarray], window: int, levels: int, termination: tuple[int, float]) -> None:
         self.gray = gray
         self.window = (window, window)
         self.levels = levels
+        self.termination = termination
         self.height, self.width = gray[0].shape
 
     @classmethod
-    def for_video(cls, frames: np.ndarray, window: int, levels: int) -> _LucasKanade:
+    def for_video(cls, frames: np.ndarray, window: int, levels: int, termination: tuple[int, float]) -> _LucasKanade:
         """Check the LK settings and convert the (checked) RGB frames to grayscale once.
 
         The pyramids are rebuilt inside every LK call: OpenCV's Python binding rejects the output of
         `cv2.buildOpticalFlowPyramid` as LK input (opencv/opencv#4777), and at 224² building them costs less than
         the tracking itself.
         """
-        if window < 3 or window % 2 == 0:
-            raise ValueError(f"window must be an odd integer >= 3, got {window}")
         if levels < 0:
             raise ValueError(f"levels must be >= 0, got {levels}")
         import cv2  # OpenCV (the `extract` extra) is needed by the LK backends only, not by given tracks
 
-        return cls([cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) for frame in frames], window, levels)
+        return cls([cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) for frame in frames], window, levels, termination)
 
     def flow(
-        self, source: int, target: int, points: np.ndarray, initial: np.ndarray | None = None
+        self,
+        source: int,
+        target: int,
+        points: np.ndarray,
+        initial: np.ndarray | None = None,
+        window: int | None = None,
+        termination: tuple[int, float] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(n, 2) points in `source` -> their LK positions in `target` and OpenCV's success flags."""
+        """(n, 2) points in `source` -> their LK positions in `target` and OpenCV's success flags; `window` and
+        `termination` override the video's settings for this call."""
         import cv2
 
         points = np.ascontiguousarray(points, dtype=np.float32).reshape(-1, 1, 2)
@@ -399,9 +426,9 @@ class _LucasKanade:
             self.gray[target],
             points,
             initial,
-            winSize=self.window,
+            winSize=self.window if window is None else (window, window),
             maxLevel=self.levels,
-            criteria=(cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, *_LK_TERMINATION),
+            criteria=(cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, *(termination or self.termination)),
             flags=flags,
         )
         return moved.reshape(-1, 2), status.reshape(-1).astype(bool)
@@ -412,11 +439,18 @@ class _LucasKanade:
         return self.flow(source, target, points)
 
     def checked(
-        self, source: int, target: int, points: np.ndarray, fb_threshold: float, initial: np.ndarray | None = None
+        self,
+        source: int,
+        target: int,
+        points: np.ndarray,
+        fb_threshold: float,
+        initial: np.ndarray | None = None,
+        window: int | None = None,
+        termination: tuple[int, float] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """LK there and back: positions in `target` and whether the round trip lands within `fb_threshold` px."""
-        moved, forward_ok = self.flow(source, target, points, initial)
-        returned, backward_ok = self.flow(target, source, moved, points)
+        moved, forward_ok = self.flow(source, target, points, initial, window, termination)
+        returned, backward_ok = self.flow(target, source, moved, points, window, termination)
         round_trip = np.linalg.norm(returned - points, axis=1)
         return moved, forward_ok & backward_ok & (round_trip <= fb_threshold)
 
@@ -425,16 +459,25 @@ class _SupportedStep:
     """One `support_lk` step: LK where it is reliable, else the motion of the reliable corners around the point."""
 
     def __init__(
-        self, lucas_kanade: _LucasKanade, fb_threshold: float, num_support: int, support_spacing: float | None
+        self,
+        lucas_kanade: _LucasKanade,
+        support_window: int | None,
+        fb_threshold: float,
+        num_support: int,
+        support_spacing: float | None,
     ):
+        short_side = min(lucas_kanade.height, lucas_kanade.width)
+        support_window = _fast_window(0.03 * short_side) if support_window is None else support_window
+        _check_window(support_window, "support_window")
         if not fb_threshold > 0:
             raise ValueError(f"fb_threshold must be > 0, got {fb_threshold}")
         if num_support < 1:
             raise ValueError(f"num_support must be >= 1, got {num_support}")
-        spacing = max(3.0, min(lucas_kanade.height, lucas_kanade.width) / 54) if support_spacing is None else support_spacing
+        spacing = max(3.0, short_side / 54) if support_spacing is None else support_spacing
         if not spacing > 0:
             raise ValueError(f"support_spacing must be > 0, got {support_spacing}")
         self.lucas_kanade = lucas_kanade
+        self.support_window = support_window
         self.fb_threshold = fb_threshold
         self.num_support = num_support
         self.spacing = float(spacing)
@@ -445,13 +488,12 @@ class _SupportedStep:
 
         corners = cv2.goodFeaturesToTrack(self.lucas_kanade.gray[source], self.num_support, 0.01, self.spacing)
         corners = np.empty((0, 2), np.float32) if corners is None else corners.reshape(-1, 2)
-        # One LK call there and back for query points and corners together.
-        moved, ok = self.lucas_kanade.checked(source, target, np.concatenate([points, corners]), self.fb_threshold)
-        count = len(points)
-        reliable = ok[count:]
-        support, steps = corners[reliable], (moved[count:] - corners)[reliable]
+        corners_moved, reliable = self.lucas_kanade.checked(source, target, corners, self.fb_threshold,
+                                                           window=self.support_window)
+        support, steps = corners[reliable], (corners_moved - corners)[reliable]
         prediction = points + _weighted_median_steps(points, support, steps, 2 * self.spacing)
-        return np.where(ok[:count, None], moved[:count], prediction), ok[:count]
+        moved, ok = self.lucas_kanade.checked(source, target, points, self.fb_threshold)
+        return np.where(ok[:, None], moved, prediction), ok
 
 
 def _weighted_median_steps(points: np.ndarray, corners: np.ndarray, steps: np.ndarray, sigma: float) -> np.ndarray:
@@ -467,22 +509,20 @@ def _weighted_median_steps(points: np.ndarray, corners: np.ndarray, steps: np.nd
     distance, nearest = distance.reshape(len(points), count), nearest.reshape(len(points), count)
     # Relative to each point's nearest corner, so that a point far from all corners still weighs its nearest.
     weights = np.exp(-(distance**2 - distance[:, :1] ** 2) / (2 * sigma**2))
-    median = np.empty_like(points)
-    for axis in range(2):
-        values = steps[nearest, axis]
-        order = np.argsort(values, axis=1)
-        cumulative = np.cumsum(np.take_along_axis(weights, order, axis=1), axis=1)
-        middle = (cumulative < cumulative[:, -1:] / 2).sum(1, keepdims=True)
-        median[:, axis] = np.take_along_axis(np.take_along_axis(values, order, axis=1), middle, axis=1)[:, 0]
-    return median
+    values = steps[nearest]  # (n, count, 2): both axes sorted at once
+    order = np.argsort(values, axis=1)
+    cumulative = np.cumsum(np.take_along_axis(np.repeat(weights[..., None], 2, axis=2), order, axis=1), axis=1)
+    middle = (cumulative < cumulative[:, -1:] / 2).sum(1, keepdims=True)
+    return np.take_along_axis(np.take_along_axis(values, order, axis=1), middle, axis=1)[:, 0].astype(points.dtype)
 
 
 class _Appearance:
     """Visibility from appearance: a point is seen where it lies in the image and its patch still correlates
     with the patch around it in its query frame (normalised cross-correlation above `APPEARANCE_MIN_NCC`).
 
-    An occluder, or a track that slid off its surface, shows other content; a flat query patch holds no
-    appearance to compare, so such a point counts as seen wherever it is in the image.
+    An occluder, or a track that slid off its surface, shows other content: anticorrelated, or flat where the query
+    patch was textured (an untextured occluder). A flat query patch holds no appearance to compare, so such a point
+    counts as seen wherever it is in the image.
     """
 
     def __init__(self, gray: list[np.ndarray], query_frames: np.ndarray, points: np.ndarray) -> None:
@@ -516,19 +556,38 @@ class _Appearance:
 
     def similarity(self, frame_index: int, indices: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """(n,) normalised cross-correlation of the points `indices`' query patches with the patches at `positions`
-        in `frame_index` (0 where either patch is flat)."""
+        in `frame_index`: 0 where the query patch is flat, -1 where only the patch at `positions` is (the query
+        patch's texture is gone)."""
         if len(positions) == 0:
             return np.zeros(0, dtype=np.float32)
         patches = self._patches(frame_index, positions)
+        flat = patches.std(axis=1) < MIN_TEMPLATE_STD
         patches -= patches.mean(axis=1, keepdims=True)
         templates = self.templates[indices]
         energy = (templates**2).sum(1) * (patches**2).sum(1)
-        return (templates * patches).sum(1) / np.sqrt(np.maximum(energy, 1e-6))
+        correlation = (templates * patches).sum(1) / np.sqrt(np.maximum(energy, 1e-6))
+        return np.where(flat & self.textured[indices], -1.0, correlation).astype(np.float32)
 
     def seen(self, frame_index: int, indices: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """(n,) whether the points `indices` are seen at `positions` in `frame_index`."""
         similar = ~self.textured[indices] | (self.similarity(frame_index, indices, positions) > APPEARANCE_MIN_NCC)
         return _inside(positions, self.height, self.width) & similar
+
+
+def _fast_window(side: float) -> int:
+    """The LK window side in `FAST_WINDOWS` closest to `side` px."""
+    return min(FAST_WINDOWS, key=lambda fast: abs(fast - side))
+
+
+def _levels_reaching(window: int, reach: float) -> int:
+    """The fewest pyramid levels whose coarsest level lets a `window`-side LK window follow a step of `reach` px
+    (half a window at that level, scaled up by 2 per level)."""
+    return max(1, math.ceil(math.log2(reach / (window // 2))))
+
+
+def _check_window(window: int, name: str) -> None:
+    if window < 3 or window % 2 == 0:
+        raise ValueError(f"{name} must be an odd integer >= 3, got {window}")
 
 
 def _inside(points: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -5,6 +5,7 @@ the package ends in one) with one that kills itself on the k-th call, before or 
 power cut can leave. Seeds pick k, so each seed exercises a different point of the run.
 """
 
+import errno
 import json
 import os
 import signal
@@ -73,7 +74,11 @@ def test_killed_extraction_resumes_to_the_same_rows_and_statistics(tmp_path, uni
                      **{EXTRACTION!r}).download_and_prepare()
     """, k, before)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    builder = extraction(tmp_path)
+    assert_same_as_uninterrupted(tmp_path, uninterrupted)
+
+
+def assert_same_as_uninterrupted(root, uninterrupted) -> None:
+    builder = extraction(root)
     builder.download_and_prepare()
     expected_rows, expected_statistics = uninterrupted
     resumed = rows(builder)
@@ -82,7 +87,35 @@ def test_killed_extraction_resumes_to_the_same_rows_and_statistics(tmp_path, uni
         for column in ("query_uv", "query_z", "future", "future_valid", "history", "history_valid", "track_ids"):
             np.testing.assert_array_equal(resumed[key][column], row[column], err_msg=f"{key} {column}")
     assert builder.compute_statistics() == expected_statistics
-    assert temp_files(tmp_path) == []
+    assert temp_files(root) == []
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_full_disk_stops_the_build_and_a_rerun_completes(tmp_path, uninterrupted, monkeypatch, k):
+    """The k-th atomic write runs out of space: the build stops with that OSError (an episode is not logged as a
+    bad file and skipped), no cache holds a partial file, and once there is space a re-run equals an uninterrupted
+    build."""
+    real_replace, calls = os.replace, [0]
+
+    def replace(source, target):
+        calls[0] += 1
+        if calls[0] == k:
+            with open(source, "r+b") as handle:  # the disk filled up while this file was written
+                handle.truncate(os.path.getsize(source) // 2)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), source)
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Exception) as raised:
+        extraction(tmp_path).download_and_prepare()
+    cause = raised.value
+    while not isinstance(cause, OSError) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    assert isinstance(cause, OSError) and cause.errno == errno.ENOSPC, repr(raised.value)
+    failures = tmp_path / "work" / "failures.jsonl"
+    assert not failures.exists() or failures.read_text() == ""
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert_same_as_uninterrupted(tmp_path, uninterrupted)
 
 
 def test_killed_parallel_build_stops_its_workers(tmp_path):
@@ -219,3 +252,36 @@ def test_killed_training_resumes_to_the_same_weights(training_run, resumed_train
     assert resumed.keys() == expected.keys()
     for name, tensor in expected.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_training_killed_in_its_final_save_leaves_no_half_file_and_resumes(training_run, tmp_path):
+    """A kill while `mu0 train` moves its final model into the output folder: no `model.safetensors` there yet (not a
+    truncated one), and `--resume last` writes the same weights as an uninterrupted run."""
+    import torch
+
+    from mu0.training.cli import main
+
+    arguments, expected = training_run
+    output = tmp_path / "run"
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        _replace = os.replace
+        def replace(source, target):
+            if os.path.abspath(target) == {str(output / "model.safetensors")!r}:
+                os.kill(os.getpid(), signal.SIGKILL)
+            _replace(source, target)
+        os.replace = replace
+        from mu0.training.cli import main
+        sys.exit(main({[*arguments, "--output-dir", str(output)]!r}))
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (output / "model.safetensors").exists()
+    assert (output / ".model.incomplete" / "model.safetensors").exists()
+    assert main([*arguments, "--output-dir", str(output), "--resume", "last"]) == 0
+    resumed = load_weights(output)
+    assert resumed.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
+    assert temp_files(tmp_path) == []

@@ -138,3 +138,28 @@ def test_the_ray_executor_without_ray_says_how_to_install_it(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 1 and 'pip install "mu0[scale]"' in result.stderr, result.stderr[-2000:]
+
+
+def test_a_full_disk_stops_the_run_instead_of_failing_every_episode(tmp_path, monkeypatch, capsys):
+    import errno
+
+    write_rgbd_folder(tmp_path / "videos")
+
+    replace = os.replace
+
+    def no_space_for_episodes(source, target):  # failures.jsonl, being small, still fits
+        if os.path.basename(os.path.dirname(target)) == "episodes":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), target)
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", no_space_for_episodes)
+    assert main(["extract", *RGBD, "--source-path", str(tmp_path / "videos"), "--output-dir", str(tmp_path / "out")]) == 1
+    assert "mu0 extract: error: [Errno 28] No space left on device" in capsys.readouterr().err
+    failures = list(tmp_path.glob("**/failures.jsonl"))
+    assert all(path.read_text() == "" for path in failures)
+
+
+def test_an_output_folder_that_cannot_be_written_fails_before_any_episode(tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    assert main(["extract", *GENERATED, "--output-dir", str(tmp_path / "taken")]) == 1
+    assert f"--output-dir {str(tmp_path / 'taken')!r} is not a writable folder" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """The Ray executor on a local 2-CPU Ray instance (one per module): the same rows, statistics and failures as the
-local executor, a killed run that resumes (and survives a killed worker), and a learned stage in an actor pool."""
+local executor, a killed run that resumes (and survives a killed worker), and learned stages in actor pools that load
+their model once per actor."""
 
 import json
 import os
@@ -13,8 +14,11 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from mu0.dataset_builders.executors import LocalExecutor, RayExecutor, extract_to_folder  # noqa: E402
+from mu0.dataset_builders.executors import LocalExecutor, RayExecutor, extract_to_folder, pipeline_steps  # noqa: E402
+from mu0.dataset_builders.extraction import ExtractionSettings  # noqa: E402
+from mu0.training.cli import main  # noqa: E402
 from test_extract_cli import write_rgbd_folder  # noqa: E402
+from test_tracking import HUBCONF  # noqa: E402
 
 TRACKED = {"keypoints": "grid", "tracker": "lk", "num_keypoints": 64, "lk_window": 11, "frame_stride": 6}
 
@@ -89,7 +93,7 @@ def test_a_killed_ray_run_resumes_where_it_stopped(ray_address, tmp_path):
     resume = threading.Thread(target=lambda: resumed.update(extract_to_folder(
         generated, TRACKED, str(tmp_path / "ray"), RayExecutor(num_workers=2), progress=False)))
     resume.start()
-    assert kill_a_worker_running("_extract_batch", deadline=time.monotonic() + 240)
+    assert kill_a_worker_running("Map(advance)", deadline=time.monotonic() + 240)
     resume.join(timeout=300)
     assert resumed["episodes"] == 6 and resumed["failures"] == 0
     assert finished == {name: (cache / name).stat().st_mtime_ns for name in finished}  # not extracted again
@@ -97,20 +101,92 @@ def test_a_killed_ray_run_resumes_where_it_stopped(ray_address, tmp_path):
     assert_same_outputs(tmp_path / "local", tmp_path / "ray")
 
 
-def test_a_learned_stage_runs_in_an_actor_pool(ray_address, tmp_path):
+# The tracker of test_tracking, loaded through the hubconf entry below: each load appends its process id to a log,
+# and it fails on 20-frame videos (as a model may fail on one episode, running out of memory on it).
+COUNTED_HUBCONF = HUBCONF + """
+
+import os
+
+
+class PickyShiftPredictor(ShiftPredictor):
+    def forward(self, video, queries):
+        if video.shape[1] == 20:
+            raise RuntimeError("out of memory on this episode")
+        return super().forward(video, queries)
+
+
+def counted_shift_tracker(*, pretrained=True):
+    with open(LOAD_LOG, "a") as log:
+        log.write(f"{os.getpid()}\\n")
+    return PickyShiftPredictor()
+"""
+
+
+def test_learned_stages_run_in_actor_pools_that_load_their_model_once(ray_address, tmp_path):
+    import numpy as np
+    import torch
+
+    from mu0.dataset_builders.procedural import generate_episode
     from test_depth_backends import tiny_depth_anything, tiny_processor
 
     tiny_depth_anything().save_pretrained(tmp_path / "depth_model")
     tiny_processor().save_pretrained(tmp_path / "depth_model")
-    generated = {"source": "procedural", "num_episodes": 3, "num_frames": 24, "image_size": 64}
-    settings = {"depth": "depth_anything", "depth_model": str(tmp_path / "depth_model"), "frame_stride": 6}
-    on_ray = extract_to_folder(generated, settings, str(tmp_path / "ray"), RayExecutor(num_actors=1), progress=False)
-    assert on_ray["episodes"] == 3 and len(on_ray["workers"]) == 1  # one actor, its model loaded once, did all three
-    assert f":{os.getpid()}" not in on_ray["workers"][0]
-    extract_to_folder(generated, settings, str(tmp_path / "local"), LocalExecutor(), progress=False)
+    (tmp_path / "tracker").mkdir()
+    (tmp_path / "tracker" / "hubconf.py").write_text(COUNTED_HUBCONF.replace("LOAD_LOG", repr(str(tmp_path / "loads.log"))))
+    torch.save({"shift": torch.tensor([0.4, -0.2])}, tmp_path / "shift.pth")
+    videos = tmp_path / "videos"
+    write_rgbd_folder(videos, seeds=(3, 4, 6))  # episode_5 too short, episode_9 unreadable
+    failing = generate_episode(7, num_frames=20, image_size=64)  # the tracker fails on it
+    np.savez(videos / "episode_7.npz", frames=failing.frames, depth=failing.depth, intrinsics=failing.intrinsics,
+             extrinsics=failing.extrinsics, task=failing.task)
+    config = {"source": "rgbd", "source_path": str(videos)}
+    settings = {"depth": "depth_anything", "depth_model": str(tmp_path / "depth_model"), "keypoints": "grid",
+                "num_keypoints": 64, "tracker": "cotracker", "cotracker_repo": str(tmp_path / "tracker"),
+                "cotracker_checkpoint": str(tmp_path / "shift.pth"), "cotracker_model": "counted_shift_tracker",
+                "frame_stride": 6}
+    assert pipeline_steps(ExtractionSettings(**settings)) == [
+        ("decode", "check"), ("depth",), ("keypoints",), ("tracker",), ("motion", "captions", "write")]
+    # half a CPU each: two depth actors, one tracker actor and the tasks fit the 2-CPU instance together
+    executor = RayExecutor(cpus_per_worker=0.5, stage_concurrency={"depth": 2})
+    on_ray = extract_to_folder(config, settings, str(tmp_path / "ray"), executor, progress=False)
+    assert (on_ray["episodes"], on_ray["failures"]) == (3, 3)
+    loads = (tmp_path / "loads.log").read_text().split()
+    assert len(loads) == 1 and loads[0] != str(os.getpid())  # one tracker actor, one load, for four tracked episodes
+    failures = {f["episode_id"]: f for f in map(json.loads, (tmp_path / "ray" / "failures.jsonl").read_text().splitlines())}
+    assert {name: f["kind"] for name, f in failures.items()} == {
+        "episode_5": "rejected", "episode_7": "failed", "episode_9": "failed"}
+    assert failures["episode_7"]["reason"] == "RuntimeError: out of memory on this episode"
+    extract_to_folder(config, settings, str(tmp_path / "local"), LocalExecutor(), progress=False)
     assert_same_outputs(tmp_path / "local", tmp_path / "ray")
     tables, _, _ = read_outputs(tmp_path / "ray")
-    assert json.loads(tables["episodes"].column("metadata")[0].as_py())["backends"]["depth"] == "depth_anything"
+    backends = json.loads(tables["episodes"].column("metadata")[0].as_py())["backends"]
+    assert (backends["depth"], backends["tracker"]) == ("depth_anything", "cotracker")
+
+
+def test_actor_pool_settings_name_learned_stages(tmp_path, capsys):
+    with pytest.raises(ValueError, match="unknown stage 'camera'"):
+        RayExecutor(stage_gpus={"camera": 1})
+    with pytest.raises(ValueError, match="at least 1"):
+        RayExecutor(stage_concurrency={"depth": 0})
+    command = ["extract", "--source", "procedural", "--num-episodes", "1", "--output-dir", str(tmp_path / "out"),
+               "--executor", "ray", "--no-progress"]
+    assert main([*command, "--ray-stage-gpus", "depth"]) == 1
+    assert "--ray-stage-gpus 'depth': expected STAGE=FLOAT" in capsys.readouterr().err
+    # depth='given' has no model: a pool setting for it would be silently unused
+    assert main([*command, "--ray-stage-gpus", "depth=1", "--ray-stage-concurrency", "depth=2"]) == 1
+    assert "Actor pool settings for ['depth']" in capsys.readouterr().err
+
+
+def test_actor_pools_that_would_starve_the_tasks_are_refused(ray_address, tmp_path):
+    from mu0.dataset_builders.sources import procedural_refs
+
+    settings = {"depth": "depth_anything", "depth_model": "unused", "frame_stride": 6}
+    arguments = (str(tmp_path / "work"), {"source": "procedural", "num_episodes": 1}, settings, procedural_refs(1))
+    # two 1-CPU depth actors hold both CPUs of the instance: no task could decode an episode for them
+    with pytest.raises(ValueError, match="hold 2 CPUs at 1 each, and the tasks need 1 more, but the Ray cluster has 2"):
+        list(RayExecutor(stage_concurrency={"depth": 2}).run(*arguments))
+    with pytest.raises(ValueError, match="hold 1 GPUs but the Ray cluster has 0"):
+        list(RayExecutor(cpus_per_worker=0.5, stage_gpus={"depth": 1}).run(*arguments))
 
 
 def test_a_missing_model_stops_the_run_before_any_episode(ray_address, tmp_path):

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 
 import numpy as np
@@ -180,9 +181,12 @@ def train(args: argparse.Namespace) -> None:
         samples, evaluation = hold_out_episodes(samples, held_out)
         evaluation = evaluation.select(range(min(eval_samples, len(evaluation))))
     trainer = make_trainer(recipe, samples, statistics, args.output_dir, eval_dataset=evaluation, max_steps=args.max_steps)
-    trainer.train(resume_from_checkpoint=args.resume)
-    trainer.save_model(args.output_dir)
-    trainer.processing_class.save_pretrained(args.output_dir)
+    if args.resume is not None and resumes_a_finished_run(args.resume, trainer.args.max_steps):
+        # the Trainer would run one step past the end from the final checkpoint; its weights are the result
+        trainer._load_from_checkpoint(args.resume)
+    else:
+        trainer.train(resume_from_checkpoint=args.resume)
+    save_final_model(trainer, args.output_dir)
     metrics = None
     if evaluation is not None:
         metrics = trainer.evaluate()
@@ -455,10 +459,27 @@ EXTRACT_SETTING_OPTIONS = {"depth": str, "camera": str, "keypoints": str, "track
                            "frame_stride": int, "static_queries": bool}
 
 
+def stage_values(pairs: list[str] | None, kind: type, flag: str) -> dict | None:
+    """`STAGE=VALUE` flags (repeatable) as a mapping, e.g. `--ray-stage-gpus depth=1 --ray-stage-gpus captions=0.5`."""
+    if pairs is None:
+        return None
+    values = {}
+    for pair in pairs:
+        stage, _, value = pair.partition("=")
+        try:
+            values[stage] = kind(value)
+        except ValueError:
+            raise ValueError(f"{flag} {pair!r}: expected STAGE={kind.__name__.upper()}, e.g. depth=1.") from None
+    return values
+
+
 def extract(args: argparse.Namespace) -> None:
     """TraceExtract from the command line: a settings file and/or flags (flags win) -> datasets in a folder."""
     from ..dataset_builders.executors import LocalExecutor, RayExecutor, extract_to_folder, read_options
 
+    require_writable_folder(args.output_dir, "--output-dir")
+    if args.work_dir is not None:
+        require_writable_folder(args.work_dir, "--work-dir")
     config, settings = read_options(args.config) if args.config else ({}, {})
     config.update({name: getattr(args, name) for name in EXTRACT_SOURCE_OPTIONS if getattr(args, name) is not None})
     settings.update({name: getattr(args, name) for name in EXTRACT_SETTING_OPTIONS if getattr(args, name) is not None})
@@ -466,6 +487,8 @@ def extract(args: argparse.Namespace) -> None:
         settings["seed"] = args.extraction_seed
     ray_options = {name: getattr(args, f"ray_{name}") for name in ("address", "num_workers", "cpus_per_worker",
                                                                    "num_actors", "gpus_per_actor")}
+    ray_options.update(stage_concurrency=stage_values(args.ray_stage_concurrency, int, "--ray-stage-concurrency"),
+                       stage_gpus=stage_values(args.ray_stage_gpus, float, "--ray-stage-gpus"))
     ray_options = {name: value for name, value in ray_options.items() if value is not None}
     if args.executor == "ray":
         executor = RayExecutor(**ray_options)
@@ -507,11 +530,40 @@ def add_extract_parser(commands) -> None:
     parser.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
     parser.add_argument("--ray-num-workers", type=int, help="episodes extracted at once by Ray tasks (default: all CPUs)")
     parser.add_argument("--ray-cpus-per-worker", type=float, help="CPUs each task or actor holds (default 1)")
-    parser.add_argument("--ray-num-actors", type=int, help="actors in the learned-stage pool (default 1)")
+    parser.add_argument("--ray-num-actors", type=int, help="actors in each learned stage's pool (default 1)")
     parser.add_argument("--ray-gpus-per-actor", type=float, help="GPUs each learned-stage actor holds (default 0)")
+    parser.add_argument("--ray-stage-concurrency", action="append", metavar="STAGE=N",
+                        help="actors in one learned stage's pool (depth, keypoints, tracker, captions); repeatable")
+    parser.add_argument("--ray-stage-gpus", action="append", metavar="STAGE=GPUS",
+                        help="GPUs each actor of one learned stage holds, e.g. depth=0.5; repeatable")
     parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="also push both configurations")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
     parser.set_defaults(handler=extract)
+
+
+def resumes_a_finished_run(checkpoint: str, max_steps: int) -> bool:
+    """Whether `checkpoint` already holds the run's last step (`max_steps`, or the step count its run planned when
+    training by epochs): a kill during the final save, resumed with `--resume last`."""
+    with open(os.path.join(checkpoint, "trainer_state.json")) as handle:
+        state = json.load(handle)
+    return state["global_step"] >= (max_steps if max_steps > 0 else state["max_steps"])
+
+
+def save_final_model(trainer, output_dir: str) -> None:
+    """Write the trained model and processor to a staging folder, then move each finished file into `output_dir`:
+    a kill during the save leaves every file there whole (the previous one or the new one), never half a
+    `model.safetensors`; `--resume last` then redoes the save."""
+    staging = os.path.join(output_dir, ".model.incomplete")
+    if trainer.is_world_process_zero():
+        shutil.rmtree(staging, ignore_errors=True)  # left by a kill during an earlier save
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(staging)  # every rank takes part (sharded models gather); the main one writes
+    if trainer.is_world_process_zero():
+        trainer.processing_class.save_pretrained(staging)
+        for name in sorted(os.listdir(staging)):
+            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+        os.rmdir(staging)
+    trainer.accelerator.wait_for_everyone()
 
 
 def convert(args: argparse.Namespace) -> None:
