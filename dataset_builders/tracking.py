@@ -4,7 +4,7 @@
     * `support_lk` (the default): pyramidal Lucas–Kanade whose unreliable steps are carried by the motion of the
       reliably tracked corners around each point (`track_points_support`). CPU-only and weight-free; on the
       SceneTracker clip it reaches δ_avg 0.665 where plain chained LK reaches 0.544, and it tracks 256 points at
-      224² at over 100 frames per CPU-second (benchmarks/bench_extract.py).
+      224² at about 115 frames per second on 2 cores (benchmarks/bench_extract.py).
     * `lk`: plain chained pyramidal LK (`track_points_lk`), the classical baseline.
     * `cotracker`: Meta's CoTracker3 (or any `torch.hub`-style tracker with its interface), loaded by
       `load_hub_tracker` from a local clone of its repository and a local checkpoint file, so it runs offline.
@@ -31,8 +31,8 @@ import numpy as np
 
 # Stopping rules of LK's per-level Gauss–Newton iterations: at most this many, or a step below this many px.
 # OpenCV's default is kept by plain `lk` and by re-detections (across many frames, for few points); a `support_lk`
-# frame step stops earlier, at a third of the cost and with no loss (δ_avg on the SceneTracker clip 0.665 against
-# 0.661 at 540 rows).
+# frame step stops earlier, with no loss (δ_avg on the SceneTracker clip 0.665 against 0.661 at 540 rows) and
+# about 20 % faster at 224².
 OPENCV_TERMINATION = (30, 0.01)
 SUPPORT_STEP_TERMINATION = (10, 0.03)
 # Visibility by appearance: patch radius as a fraction of the shorter image side (22 px at 540 rows, 9 at 224),
@@ -134,7 +134,8 @@ def track_points_support(
         support_window: LK window side (odd, >= 3) of the support corners. They are picked for their texture, so a
             smaller window suffices. None: the side in `FAST_WINDOWS` closest to 3 % of the shorter image side
             (9 below 433 rows, 17 at 540). On the SceneTracker clip at 224 and 540 rows, these two defaults measured
-            within 0.005 δ_avg of the best pair of `FAST_WINDOWS`, at a third of the cost of one 21 px window.
+            within 0.005 δ_avg of the best pair of `FAST_WINDOWS`; at 224² a 9 px support window costs 1.5 ms per
+            600 corners, a 21 px one 7.0.
         fb_threshold: largest forward–backward round trip, in px, of a step that counts as reliable.
         num_support: most support corners per frame pair.
         support_spacing: least distance between support corners in px; None: 1/54 of the shorter image side
