@@ -120,7 +120,14 @@ def _generated_raw(ref: EpisodeRef, episode) -> RawEpisode:
 
 # ---------------------------------------------------------------------------------------------- video folder
 def video_folder_refs(path: str) -> list[EpisodeRef]:
-    """Videos and frame folders under `path`; each may have a text file with its instruction."""
+    """Videos and frame folders under `path`, or the single video `path`; each may have a text file with its
+    instruction."""
+    stem, extension = os.path.splitext(os.path.basename(path))
+    if os.path.isfile(path):
+        if extension.lower() not in VIDEO_EXTENSIONS:
+            raise ValueError(f"{path!r} is a file but not a video ({', '.join(VIDEO_EXTENSIONS)}): give a video or "
+                             "the folder of videos or frame folders.")
+        return [EpisodeRef("video_folder", stem, path)]
     if not os.path.isdir(path):
         raise FileNotFoundError(f"Video folder {path!r} does not exist.")
     refs = []

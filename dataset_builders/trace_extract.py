@@ -17,10 +17,13 @@ extracted once into `work_dir/episodes/<id>.npz` (atomic write); a re-run skips 
 rejected episodes are logged in `work_dir/failures.jsonl` and counted, never half-written.
 """
 
+import contextlib
 import fcntl
 import json
 import logging
 import os
+import socket
+import time
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -122,6 +125,70 @@ GENERATED_SOURCES = ("procedural", "mujoco")  # rendered from seeds: no source_p
 # an OSError there (a backend checkpoint that cannot be loaded) concerns every episode and stops the build.
 UNREADABLE_SOURCE_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
 FAILURES_FILE = "failures.jsonl"
+# what each source gives beside frames, for the settings that take it from the source ("given" backends)
+SOURCE_GIVES = {
+    "procedural": {"depth", "intrinsics", "extrinsics", "tracks"},
+    "mujoco": {"depth", "intrinsics", "extrinsics", "tracks"},
+    "video_folder": set(),
+    "rgbd": {"depth", "intrinsics", "extrinsics"},
+    "scenetracker": {"depth", "intrinsics", "extrinsics", "tracks"},
+    "egodex": {"world_tracks", "intrinsics", "extrinsics", "tracks"},  # 3D joints, no depth map
+    "lerobot": set(),
+}
+
+
+def settings_the_source_lacks(source: str, settings: ExtractionSettings) -> list[str]:
+    """Why `settings` cannot work on any episode of `source` (empty if they can): checked once before the first
+    episode instead of failing every episode in turn."""
+    gives = SOURCE_GIVES[source]
+    problems = []
+    if settings.depth == "given" and not gives & {"depth", "world_tracks"}:
+        problems.append(f"depth='given' but {source} episodes have no depth: use depth='depth_anything'")
+    if settings.camera == "given" and "extrinsics" not in gives:
+        problems.append(f"camera='given' but {source} episodes have no camera poses: use camera='static' for a fixed "
+                        "camera or 'estimated' for a moving one")
+    if settings.keypoints == "given" and "tracks" not in gives:
+        problems.append(f"keypoints='given' but {source} episodes have no points: use keypoints='grid' (or 'motion')")
+    if settings.tracker == "given" and "tracks" not in gives:
+        problems.append(f"tracker='given' but {source} episodes have no tracks: use tracker='support_lk'")
+    if settings.field_of_view is None and "intrinsics" not in gives:
+        problems.append(f"{source} episodes have no intrinsics: set field_of_view (degrees), e.g. 60")
+    return problems
+
+
+LOCK_FILE = ".mu0-extract.lock"
+
+
+@contextlib.contextmanager
+def output_folder_lock(folder: str):
+    """Hold `folder` for one writer: a second run into it fails at once, naming the holder, instead of both writing
+    the same temp folders. The lock is the kernel's (flock), so a killed holder leaves no stale lock behind."""
+    created = not os.path.isdir(folder)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK_FILE)
+    handle = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise RuntimeError(f"{folder} is being written by {holder}; wait for it to finish or choose another "
+                               "output folder.") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"mu0 extract (pid {os.getpid()} on {socket.gethostname()}, since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')})")
+        handle.flush()
+        try:
+            yield
+        except BaseException:
+            if created and os.listdir(folder) == [LOCK_FILE]:  # refused before writing anything: leave no folder
+                os.remove(path)
+                os.rmdir(folder)
+            raise
+    finally:
+        handle.close()  # releases the lock
 
 
 @dataclass
@@ -372,5 +439,6 @@ def decode_sample(row: dict) -> dict:
     return decoded
 
 
-__all__ = ["TraceExtract", "TraceExtractConfig", "decode_sample", "decode_depth_mm"]
+__all__ = ["TraceExtract", "TraceExtractConfig", "decode_sample", "decode_depth_mm", "output_folder_lock",
+           "settings_the_source_lacks"]
 

@@ -2,13 +2,16 @@
 
 import argparse
 import copy
+import errno
 import functools
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -32,29 +35,72 @@ EXAMPLES = """examples:
 """
 
 
-def positive_int(text: str) -> int:
-    """argparse type for counts (steps, samples, batch sizes): 0 or a negative value is refused by name."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+@dataclass(frozen=True)
+class Number:
+    """A numeric option's type and range, checked once before any work: as argparse `type=` it parses a flag (argparse
+    then names the flag), and `check` takes a value from a settings file (any YAML/JSON type)."""
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    low_excluded: bool = False
+    high_excluded: bool = False
+    odd: bool = False
+
+    @property
+    def wanted(self) -> str:
+        noun = ("an odd integer" if self.odd else "an integer") if self.kind is int else "a finite number"
+        if self.kind is int and self.low == 1 and self.high is None:
+            return "a positive integer"
+        if self.low is not None and self.high is not None:
+            return (f"{noun} in {'(' if self.low_excluded else '['}{self.low:g}, {self.high:.15g}"
+                    f"{')' if self.high_excluded else ']'}")
+        if self.low is not None:
+            return f"{noun} {'>' if self.low_excluded else '>='} {self.low:g}"
+        return noun
+
+    def check(self, value):
+        """`value` itself if it is of this kind and in range, else a ValueError saying what is wanted."""
+        kinds = (int, float) if self.kind is float else (int,)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+            raise ValueError(f"must be {self.wanted}, got {value!r}")
+        below = self.low is not None and (value <= self.low if self.low_excluded else value < self.low)
+        above = self.high is not None and (value >= self.high if self.high_excluded else value > self.high)
+        if below or above or (self.odd and value % 2 == 0):
+            raise ValueError(f"must be {self.wanted}, got {value}")
+        return self.kind(value)
+
+    def __call__(self, text: str):
+        try:
+            return self.check(self.kind(text))
+        except (ValueError, OverflowError) as error:
+            message = str(error) if str(error).startswith("must be") else f"must be {self.wanted}, got {text!r}"
+            raise argparse.ArgumentTypeError(message) from None
+
+    @property
+    def __name__(self) -> str:  # argparse names a type in some messages
+        return self.kind.__name__
 
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+positive_int = Number(int, 1)
+non_negative_int = Number(int, 0)
+seed_int = Number(int, 0, 2**32 - 1)  # what numpy, torch and random all accept
+positive_float = Number(float, 0, low_excluded=True)
 
 
 def require_writable_folder(path: str, flag: str) -> None:
-    """Create `path` and write a probe file now, so a read-only or full output folder fails before any work
-    (it used to fail only at the first checkpoint)."""
+    """Write a probe file into `path` (or, when it does not exist yet, into its nearest existing parent) now, so a
+    read-only or full output folder fails before any work (it used to fail only at the first checkpoint). Nothing is
+    created: a command refused later leaves no empty folder behind."""
     import tempfile
 
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
     try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(errno.ENOTDIR, f"{existing!r} is a file")
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as error:
         raise OSError(f"{flag} {path!r} is not a writable folder: {error.strerror or error}.") from error
@@ -448,15 +494,83 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._format_action(action)
 
 
-# the flags of `mu0 extract`: TraceExtractConfig fields, then ExtractionSettings fields (a test keeps both complete)
-EXTRACT_SOURCE_OPTIONS = ("source", "source_path", "num_episodes", "seed", "num_frames", "image_size", "moving_camera",
-                          "target_fps", "camera_key", "shard_index", "num_shards")
+# the flags of `mu0 extract`: TraceExtractConfig fields, then ExtractionSettings fields, each with its type and range
+# (a test keeps both complete, and the backend choices and defaults equal ExtractionSettings')
+EXTRACT_SOURCE_OPTIONS = {"source": str, "source_path": str, "num_episodes": Number(int, 1, 1_000_000),
+                          "seed": seed_int, "num_frames": Number(int, 2), "image_size": Number(int, 16, 2048),
+                          "moving_camera": bool, "target_fps": positive_float, "camera_key": str,
+                          "shard_index": non_negative_int, "num_shards": positive_int}
 EXTRACT_SETTING_OPTIONS = {"depth": str, "camera": str, "keypoints": str, "tracker": str, "captions": str,
-                           "num_keypoints": int, "lk_window": int, "depth_model": str, "field_of_view": float,
+                           "num_keypoints": positive_int, "lk_window": Number(int, 3, odd=True), "depth_model": str,
+                           "field_of_view": Number(float, 0, 180, low_excluded=True, high_excluded=True),
                            "dino_model": str, "cotracker_model": str, "cotracker_repo": str,
-                           "cotracker_checkpoint": str, "caption_model": str, "min_coverage": float,
-                           "history": int, "horizon": int, "retarget_steps": int, "retarget_step": float,
-                           "frame_stride": int, "static_queries": bool}
+                           "cotracker_checkpoint": str, "caption_model": str, "min_coverage": Number(float, 0, 1),
+                           "history": positive_int, "horizon": positive_int, "retarget_steps": positive_int,
+                           "retarget_step": positive_float, "frame_stride": positive_int, "static_queries": bool,
+                           "seed": seed_int}
+EXTRACT_BACKENDS = {"depth": ("given", "depth_anything"), "camera": ("given", "static", "estimated"),
+                    "keypoints": ("given", "grid", "motion", "dino"),
+                    "tracker": ("given", "support_lk", "lk", "cotracker"), "captions": ("given", "template", "vlm")}
+# ExtractionSettings' defaults, shown in `mu0 extract --help` (a test keeps them equal)
+EXTRACT_SETTING_DEFAULTS = {"depth": "given", "camera": "given", "keypoints": "given", "tracker": "given",
+                            "captions": "template", "num_keypoints": 256, "lk_window": "the tracker's, by image size",
+                            "depth_model": "depth-anything/Depth-Anything-V2-Metric-Indoor-Small-hf",
+                            "field_of_view": "the source's intrinsics", "dino_model": "facebook/dinov2-base",
+                            "cotracker_model": "cotracker3_offline", "cotracker_repo": None,
+                            "cotracker_checkpoint": None, "caption_model": None, "min_coverage": 0.6, "history": 8,
+                            "horizon": 32, "retarget_steps": 128, "retarget_step": 0.05, "frame_stride": 1,
+                            "static_queries": False, "seed": 0}
+EXTRACT_SOURCE_HELP = {
+    "source_path": "the folder the source reads (video_folder: also a single video file)",
+    "num_episodes": "generated sources: how many episodes (default: 8)",
+    "seed": "generated sources: the first episode's seed (default: 0)",
+    "num_frames": "generated sources: frames per episode (default: 48)",
+    "image_size": "generated sources: frame side in pixels (default: 128)",
+    "moving_camera": "generated sources: a camera that moves", "target_fps": "video_folder/egodex: subsample the video",
+    "camera_key": "lerobot: which camera (default: the first video feature)",
+    "shard_index": "this machine's shard of --num-shards (default: 0)", "num_shards": "machines sharing the episodes",
+}
+EXTRACT_SETTING_HELP = {
+    "depth": "depth backend", "camera": "camera backend", "keypoints": "keypoint backend", "tracker": "tracker backend",
+    "captions": "caption backend", "num_keypoints": "query points per episode",
+    "lk_window": "LK window side in pixels (odd)", "depth_model": "depth_anything checkpoint",
+    "field_of_view": "horizontal field of view in degrees", "dino_model": "dino keypoint checkpoint",
+    "cotracker_model": "hubconf entry of the cotracker repo", "cotracker_repo": "local clone of facebookresearch/co-tracker",
+    "cotracker_checkpoint": "the tracker's local .pth file", "caption_model": "captions=vlm checkpoint",
+    "min_coverage": "reject an episode whose visible-track coverage is lower", "history": "history steps per sample",
+    "horizon": "raw future frames per sample", "retarget_steps": "retargeted future steps per sample",
+    "retarget_step": "one retargeted step as a fraction of the robust path length",
+    "frame_stride": "a sample every N frames", "static_queries": "also keep queries that do not move",
+    "seed": "random keypoint choice",
+}
+
+
+SOURCES = ("procedural", "mujoco", "video_folder", "rgbd", "scenetracker", "egodex", "lerobot")
+
+
+def setting_dest(name: str) -> str:
+    """The flag of an ExtractionSettings field: `--seed` is the source's, so the extraction seed is `--extraction-seed`."""
+    return "extraction_seed" if name == "seed" else name
+
+
+def add_typed_option(parser: argparse.ArgumentParser, dest: str, kind, help_text: str | None) -> None:
+    """A flag defaulting to None (a settings file or the builder's default applies), typed and range-checked."""
+    typed = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
+    parser.add_argument(f"--{dest.replace('_', '-')}", default=None, help=help_text, **typed)
+
+
+def check_extract_options(config: dict, settings: dict, where: str) -> None:
+    """Values from a settings file get the flags' type and range checks, naming the key, before any episode."""
+    for options, rules, prefix in ((config, EXTRACT_SOURCE_OPTIONS, ""), (settings, EXTRACT_SETTING_OPTIONS, "settings.")):
+        for name, value in options.items():
+            rule = rules.get(name)
+            if isinstance(rule, Number) and value is not None:
+                try:
+                    rule.check(value)
+                except ValueError as error:
+                    raise ValueError(f"{prefix}{name} in {where} {error}.") from None
+            elif rule in (str, bool) and value is not None and not isinstance(value, rule):
+                raise ValueError(f"{prefix}{name} in {where} must be a {rule.__name__}, got {value!r}.")
 
 
 def stage_values(pairs: list[str] | None, kind: type, flag: str) -> dict | None:
@@ -476,15 +590,22 @@ def stage_values(pairs: list[str] | None, kind: type, flag: str) -> dict | None:
 def extract(args: argparse.Namespace) -> None:
     """TraceExtract from the command line: a settings file and/or flags (flags win) -> datasets in a folder."""
     from ..dataset_builders.executors import LocalExecutor, RayExecutor, extract_to_folder, read_options
+    from ..dataset_builders.extraction import ExtractionSettings
+    from ..dataset_builders.trace_extract import TraceExtractConfig, output_folder_lock, settings_the_source_lacks
 
+    config, settings = read_options(args.config) if args.config else ({}, {})
+    check_extract_options(config, settings, f"--config {args.config!r}")
+    config.update({name: getattr(args, name) for name in EXTRACT_SOURCE_OPTIONS if getattr(args, name) is not None})
+    settings.update({name: getattr(args, setting_dest(name)) for name in EXTRACT_SETTING_OPTIONS
+                     if getattr(args, setting_dest(name)) is not None})
+    source = config.get("source", TraceExtractConfig.source)
+    problems = settings_the_source_lacks(source, ExtractionSettings(**settings)) if source in SOURCES else []
+    if problems:
+        raise ValueError(f"these settings cannot work on any {source} episode: {'; '.join(problems)} (flags or the "
+                         "'settings' of --config).")
     require_writable_folder(args.output_dir, "--output-dir")
     if args.work_dir is not None:
         require_writable_folder(args.work_dir, "--work-dir")
-    config, settings = read_options(args.config) if args.config else ({}, {})
-    config.update({name: getattr(args, name) for name in EXTRACT_SOURCE_OPTIONS if getattr(args, name) is not None})
-    settings.update({name: getattr(args, name) for name in EXTRACT_SETTING_OPTIONS if getattr(args, name) is not None})
-    if args.extraction_seed is not None:
-        settings["seed"] = args.extraction_seed
     ray_options = {name: getattr(args, f"ray_{name}") for name in ("address", "num_workers", "cpus_per_worker",
                                                                    "num_actors", "gpus_per_actor")}
     ray_options.update(stage_concurrency=stage_values(args.ray_stage_concurrency, int, "--ray-stage-concurrency"),
@@ -496,8 +617,9 @@ def extract(args: argparse.Namespace) -> None:
         raise ValueError(f"--ray-* options ({', '.join(sorted(ray_options))}) need --executor ray.")
     else:
         executor = LocalExecutor()
-    summary = extract_to_folder(config, settings, args.output_dir, executor=executor, work_dir=args.work_dir,
-                                push_to_hub=args.push_to_hub, progress=not args.no_progress)
+    with output_folder_lock(args.output_dir):
+        summary = extract_to_folder(config, settings, args.output_dir, executor=executor, work_dir=args.work_dir,
+                                    push_to_hub=args.push_to_hub, progress=not args.no_progress)
     print(f"{summary['episodes']} episodes ({summary['frames']} frames), {summary['samples']} samples, "
           f"{summary['failures']} failures; wrote {args.output_dir}/episodes, {args.output_dir}/samples, "
           f"trace_statistics.json and failures.jsonl")
@@ -511,27 +633,22 @@ def add_extract_parser(commands) -> None:
     parser.add_argument("--config", default=None, help="YAML/JSON of TraceExtract keywords (stage backends under 'settings')")
     parser.add_argument("--output-dir", default="outputs/extract")
     parser.add_argument("--work-dir", default=None, help="per-episode cache (default: OUTPUT_DIR/work); rerun to resume")
-    parser.add_argument("--source", choices=["procedural", "mujoco", "video_folder", "rgbd", "scenetracker", "egodex", "lerobot"])
-    parser.add_argument("--source-path", help="the folder the source reads")
-    parser.add_argument("--num-episodes", type=int, help="generated sources: how many episodes")
-    parser.add_argument("--seed", type=int, help="generated sources: the first episode's seed")
-    parser.add_argument("--num-frames", type=int, help="generated sources: frames per episode")
-    parser.add_argument("--image-size", type=int, help="generated sources: frame side in pixels")
-    parser.add_argument("--moving-camera", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--target-fps", type=float, help="video_folder/egodex: subsample the decoded video")
-    parser.add_argument("--camera-key", help="lerobot: which camera")
-    parser.add_argument("--shard-index", type=int, help="this machine's shard of --num-shards")
-    parser.add_argument("--num-shards", type=int)
+    parser.add_argument("--source", choices=SOURCES, help="where the episodes come from (default: procedural)")
+    for name, kind in EXTRACT_SOURCE_OPTIONS.items():
+        if name != "source":
+            add_typed_option(parser, name, kind, EXTRACT_SOURCE_HELP[name])
     for name, kind in EXTRACT_SETTING_OPTIONS.items():
-        typed = {"action": argparse.BooleanOptionalAction, "default": None} if kind is bool else {"type": kind}
-        parser.add_argument(f"--{name.replace('_', '-')}", help=f"ExtractionSettings.{name}", **typed)
-    parser.add_argument("--extraction-seed", type=int, help="ExtractionSettings.seed (random keypoint choice)")
+        help_text = f"{EXTRACT_SETTING_HELP[name]} (default: {EXTRACT_SETTING_DEFAULTS[name]})"
+        if name in EXTRACT_BACKENDS:
+            parser.add_argument(f"--{name}", choices=EXTRACT_BACKENDS[name], help=help_text)
+        else:
+            add_typed_option(parser, setting_dest(name), kind, help_text)
     parser.add_argument("--executor", choices=["local", "ray"], default="local")
     parser.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
-    parser.add_argument("--ray-num-workers", type=int, help="episodes extracted at once by Ray tasks (default: all CPUs)")
-    parser.add_argument("--ray-cpus-per-worker", type=float, help="CPUs each task or actor holds (default 1)")
-    parser.add_argument("--ray-num-actors", type=int, help="actors in each learned stage's pool (default 1)")
-    parser.add_argument("--ray-gpus-per-actor", type=float, help="GPUs each learned-stage actor holds (default 0)")
+    parser.add_argument("--ray-num-workers", type=positive_int, help="episodes extracted at once by Ray tasks (default: all CPUs)")
+    parser.add_argument("--ray-cpus-per-worker", type=positive_float, help="CPUs each task or actor holds (default 1)")
+    parser.add_argument("--ray-num-actors", type=positive_int, help="actors in each learned stage's pool (default 1)")
+    parser.add_argument("--ray-gpus-per-actor", type=Number(float, 0), help="GPUs each learned-stage actor holds (default 0)")
     parser.add_argument("--ray-stage-concurrency", action="append", metavar="STAGE=N",
                         help="actors in one learned stage's pool (depth, keypoints, tracker, captions); repeatable")
     parser.add_argument("--ray-stage-gpus", action="append", metavar="STAGE=GPUS",
@@ -607,7 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--steps", type=positive_int, default=None,
                              help=f"training steps (default: {DemoSettings.steps}, about 5 minutes on 2 quiet CPU cores; "
                                   f"with --quick: {QUICK.steps})")
-    demo_parser.add_argument("--seed", type=int, default=0, help="data, model and sampling seed")
+    demo_parser.add_argument("--seed", type=seed_int, default=0, help="data, model and sampling seed")
     demo_parser.set_defaults(handler=demo)
     train_parser = commands.add_parser("train", help="pretrain μ0 on a TraceExtract samples dataset")
     train_parser.add_argument("--recipe", default="tiny-cpu", help="a named recipe or a recipe JSON path")
@@ -629,11 +746,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_parser.add_argument("--output-dir", default="outputs/evaluate")
     evaluate_parser.add_argument("--use-depth", action="store_true", help="feed the depth image (default: RGB only)")
     evaluate_parser.add_argument("--use-history", action="store_true", help="feed past steps (default: none)")
-    evaluate_parser.add_argument("--frame-offsets", type=int, nargs="+", default=[4, 8, 12],
+    evaluate_parser.add_argument("--frame-offsets", type=non_negative_int, nargs="+", default=[4, 8, 12],
                                  help="sample positions in each episode (default: 4 8 12)")
     evaluate_parser.add_argument("--num-queries", type=positive_int, default=16)
     evaluate_parser.add_argument("--samples", type=positive_int, default=5, help="samples per query for best-of-N")
-    evaluate_parser.add_argument("--seed", type=int, default=0)
+    evaluate_parser.add_argument("--seed", type=seed_int, default=0)
     evaluate_parser.add_argument("--batch-size", type=positive_int, default=8)
     evaluate_parser.add_argument("--heuristics", nargs="*", default=["zero_motion", "constant_velocity"],
                                  choices=["zero_motion", "constant_velocity"], help="heuristic baselines scored alongside")
@@ -655,8 +772,8 @@ def build_parser() -> argparse.ArgumentParser:
     adapt_parser.add_argument("--grid-size", type=positive_int, default=20, help="μ0 query grid side (motion tokens: side²/4)")
     adapt_parser.add_argument("--steps", type=positive_int, default=2000)
     adapt_parser.add_argument("--batch-size", type=positive_int, default=16)
-    adapt_parser.add_argument("--learning-rate", type=float, default=3e-4)
-    adapt_parser.add_argument("--seed", type=int, default=0)
+    adapt_parser.add_argument("--learning-rate", type=positive_float, default=3e-4)
+    adapt_parser.add_argument("--seed", type=seed_int, default=0)
     adapt_parser.add_argument("--output-dir", default="outputs/adapter")
     adapt_parser.add_argument("--push-to-hub", default=None, metavar="REPO")
     adapt_parser.set_defaults(handler=adapt)
@@ -672,13 +789,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict_parser.add_argument("--depth", default=None, help="metric depth map (.npy, H x W) for metric traces")
     predict_parser.add_argument("--intrinsics", default=None, help="3x3 pixel intrinsics as JSON")
     predict_parser.add_argument("--samples", type=positive_int, default=1)
-    predict_parser.add_argument("--seed", type=int, default=0)
+    predict_parser.add_argument("--seed", type=seed_int, default=0)
     predict_parser.add_argument("--rerun", action="store_true", help="also write scene.rrd for the rerun viewer")
     predict_parser.add_argument("--output-dir", default="outputs/predict")
     predict_parser.set_defaults(handler=predict)
     view_parser = commands.add_parser("view", help="render an extracted episode's tracks over its frames to MP4")
     view_parser.add_argument("dataset", help="an episodes folder from save_to_disk or a Hub dataset repo")
-    view_parser.add_argument("--episode", type=int, default=0)
+    view_parser.add_argument("--episode", type=non_negative_int, default=0)
     view_parser.add_argument("--trail", type=non_negative_int, default=8, help="frames of track history drawn behind each point")
     view_parser.add_argument("--scale", type=positive_int, default=None,
                              help="frame upscale (default: enough for 480 px on the longer side, 1 for larger frames)")
@@ -687,7 +804,7 @@ def build_parser() -> argparse.ArgumentParser:
     app_parser = commands.add_parser("app", help="a browser demo (Gradio): click points, see the predicted traces")
     app_parser.add_argument("--model", required=True, help="a saved model folder or Hub repo")
     app_parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 for every interface)")
-    app_parser.add_argument("--port", type=int, default=7860)
+    app_parser.add_argument("--port", type=Number(int, 1, 65535), default=7860)
     app_parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     app_parser.set_defaults(handler=app)
     add_extract_parser(commands)
