@@ -20,6 +20,20 @@ logger = logging.getLogger(__name__)
 DEFAULT_TASK = "predict future trajectory"
 
 
+# the rank of each per-image input: with one image, a nested list of this rank is that image's array, not a batch
+PER_IMAGE_RANK = {"query_points": 2, "depth": 2, "history": 3, "history_mask": 2, "future": 3, "future_mask": 2,
+                  "cluster_ids": 1}
+
+
+def _is_one_array(value: list | tuple, rank: int) -> bool:
+    """Whether `value` (a list) is a single regular array of `rank`, e.g. `[[40, 50], [60, 30]]` as query points."""
+    try:
+        return np.ndim(np.asarray(value, dtype=object if rank == 1 else None)) == rank and (
+            rank != 1 or all(np.ndim(item) == 0 for item in value))
+    except ValueError:  # ragged: a list of per-image arrays of different sizes
+        return False
+
+
 def _as_float_array(value, name: str, index: int) -> np.ndarray:
     array = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value, dtype=np.float64)
     if not np.isfinite(array).all():
@@ -37,7 +51,7 @@ class Mu0Processor(ProcessorMixin):
         delta_scale (`list[float]`, *optional*): per-axis (u, v, z) scale of anchor-relative deltas.
         depth_log_range (`list[float]`, *optional*): log depth (p1, p99) used to colour depth maps.
         image_ranges (`dict`, *optional*): the training frames' mean intensity (p1, p99, in [0, 1]) and height and
-            width (min, max); with `depth_log_range`, inputs far outside them log a warning (once per processor).
+            width (min, max); with `depth_log_range`, inputs far outside them log a warning.
         history_length (`int`, defaults to 8), horizon (`int`, defaults to 32): trace lengths.
         max_prompt_length (`int`, defaults to 48): prompt tokens, padded to this length.
         max_queries (`int`, defaults to 256): most query points per image.
@@ -67,7 +81,6 @@ class Mu0Processor(ProcessorMixin):
         self.delta_scale = delta_scale
         self.depth_log_range = depth_log_range
         self.image_ranges = image_ranges
-        self._domain_warnings: set[str] = set()
         self.history_length = history_length
         self.horizon = horizon
         self.max_prompt_length = max_prompt_length
@@ -85,7 +98,7 @@ class Mu0Processor(ProcessorMixin):
         return torch.tensor(self.delta_scale, dtype=torch.float32)
 
     def warn_outside_training_domain(self, images: list, depth=None, query_points=None) -> None:
-        """Log a warning, once per kind and processor, when inputs are far from the training data: median depth
+        """Log a warning, on every call where it applies, when inputs are far from the training data: median depth
         (depth maps and query z) more than 2x beyond the training p1-p99 range, frames more than 2x larger or smaller
         than the training frames, or mean intensity 0.2 beyond the training p1-p99 range."""
         problems = {}
@@ -110,10 +123,21 @@ class Mu0Processor(ProcessorMixin):
                 intensity = float(to_float_image(image).mean())
                 if not low - 0.2 <= intensity <= high + 0.2:
                     problems["intensity"] = f"mean intensity {intensity:.2f} against {low:.2f}-{high:.2f} in training"
-        for kind, text in problems.items():
-            if kind not in self._domain_warnings:
-                self._domain_warnings.add(kind)
-                logger.warning("Input outside this checkpoint's training data: %s. Predictions may be unreliable.", text)
+        for text in problems.values():  # on every call: each caller (each visitor of `mu0 app`) needs to see it
+            logger.warning("Input outside this checkpoint's training data: %s. Predictions may be unreliable.", text)
+
+    def warn_about_lost_prompt_text(self, prompts: list[str]) -> None:
+        """The model sees at most `max_prompt_length` tokens, and characters the tokenizer does not know as `<unk>`:
+        say so, since the caller's records (e.g. `traces.json`) keep the full prompt."""
+        unknown = self.tokenizer.unk_token_id
+        for prompt, ids in zip(prompts, self.tokenizer(prompts)["input_ids"]):
+            if len(ids) > self.max_prompt_length:
+                logger.warning("The prompt is %d tokens long; the model reads only the first %d: %r.", len(ids),
+                               self.max_prompt_length, self.tokenizer.decode(ids[: self.max_prompt_length]))
+            lost = sum(token == unknown for token in ids[: self.max_prompt_length]) if unknown is not None else 0
+            if lost:
+                logger.warning("%d of the prompt's %d tokens are unknown to this tokenizer (read as %s): %r.", lost,
+                               min(len(ids), self.max_prompt_length), self.tokenizer.unk_token, prompt)
 
     @staticmethod
     def prompt(task: str | None) -> str:
@@ -161,7 +185,8 @@ class Mu0Processor(ProcessorMixin):
                      "history_mask": history_mask, "future": future, "future_mask": future_mask,
                      "cluster_ids": cluster_ids}
         for name, value in per_image.items():
-            if value is not None and name != "text" and not isinstance(value, (list, tuple)):
+            if value is not None and name != "text" and (not isinstance(value, (list, tuple))
+                                                         or batch_size == 1 and _is_one_array(value, PER_IMAGE_RANK[name])):
                 per_image[name] = [value] if batch_size == 1 else value
             if per_image[name] is not None and len(per_image[name]) != batch_size:
                 raise ValueError(f"Got {len(per_image[name])} entries in `{name}` for {batch_size} images.")
@@ -175,8 +200,10 @@ class Mu0Processor(ProcessorMixin):
     def encode_images_and_prompts(self, images: list, texts: list[str | None], depth=None) -> dict[str, torch.Tensor]:
         """Backbone, DINOv2 and depth pixels plus the padded prompt: the inputs shared by traces and actions."""
         image_features = self.image_processor(images, depth=depth, depth_log_range=self.depth_log_range, return_tensors="pt")
+        prompts = [self.prompt(task) for task in texts]
+        self.warn_about_lost_prompt_text(prompts)
         text_features = self.tokenizer(
-            [self.prompt(task) for task in texts],
+            prompts,
             padding="max_length",
             truncation=True,
             max_length=self.max_prompt_length,
@@ -340,6 +367,9 @@ class Mu0Processor(ProcessorMixin):
             if intrinsics.shape[-2:] != (3, 3) or not torch.isfinite(intrinsics).all():
                 raise ValueError("intrinsics must be finite (B, 3, 3) matrices.")
             fx, fy = intrinsics[:, 0, 0], intrinsics[:, 1, 1]
+            if not ((fx > 0) & (fy > 0)).all():
+                raise ValueError(f"intrinsics must have positive focal lengths fx = K[0, 0] and fy = K[1, 1], got "
+                                 f"fx={fx.tolist()}, fy={fy.tolist()}.")
             cx, cy = intrinsics[:, 0, 2], intrinsics[:, 1, 2]
             view = (slice(None), None, None, None)
             x = (pixels[..., 0] - cx[view]) / fx[view] * uvz[..., 2]

@@ -61,7 +61,7 @@ def test_clicked_points_are_marked_and_video_frames_are_read(tmp_path):
     frames = [Image.new("RGB", (32, 24), (40 * index, 0, 0)) for index in range(5)]
     path = write_video(frames, str(tmp_path / "clip.mp4"), fps=5)
     assert abs(int(video_frame(path, 3)[..., 0].mean()) - 120) < 10
-    with pytest.raises(ValueError, match="only 5 frames"):
+    with pytest.raises(ValueError, match=r"has 5 frames \(0 to 4\); frame 9 does not exist"):
         video_frame(path, 9)
 
 
@@ -164,3 +164,28 @@ def test_training_domain_warnings_are_collected_for_the_page(tiny_config, tiny_p
     with warnings_logged() as messages:
         predict(make_model(tiny_config).eval(), processor, np.full((540, 960, 3), 120, np.uint8), [(10.0, 20.0)])
     assert len(messages) == 1 and "960x540 frames" in messages[0]
+
+
+def test_app_errors_reach_the_page_with_their_message(tmp_path):
+    """A frame past the end, a corrupt video, a bad .npy or bad intrinsics JSON showed only "Error" in the page."""
+    import gradio as gr
+
+    from mu0.training.app import page_inputs, shown_on_the_page
+
+    (tmp_path / "corrupt.mp4").write_bytes(b"not a video at all")
+    (tmp_path / "depth.npy").write_bytes(b"\x93NUMPY broken")
+    (tmp_path / "K.json").write_text("[[500, 0, 32], [0, 500")
+    (tmp_path / "zero_K.json").write_text("[[0, 0, 32], [0, 0, 24], [0, 0, 1]]")
+    np.save(tmp_path / "good.npy", np.ones((48, 64), np.float32))
+    page_video_frame = shown_on_the_page(video_frame)
+    page_read = shown_on_the_page(page_inputs)
+    for call, message in [
+        (lambda: page_video_frame(str(tmp_path / "corrupt.mp4"), 0), "The video 'corrupt.mp4' cannot be read"),
+        (lambda: page_read(str(tmp_path / "depth.npy"), None, 48, 64), "The depth map"),
+        (lambda: page_read(str(tmp_path / "good.npy"), str(tmp_path / "K.json"), 48, 64),
+         "The intrinsics file"),
+        (lambda: page_read(str(tmp_path / "good.npy"), str(tmp_path / "zero_K.json"), 48, 64), "must be positive"),
+    ]:
+        with pytest.raises(gr.Error) as error:
+            call()
+        assert message in error.value.message

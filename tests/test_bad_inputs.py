@@ -121,6 +121,28 @@ def test_predict_checks_the_depth_map(saved_model, capsys, depth, message):
     assert __import__("re").search(message, one_line_error(capsys))
 
 
+@pytest.mark.parametrize("intrinsics, message", [
+    ("[[0, 0, 31.5], [0, 0, 23.5], [0, 0, 1]]", "the focal lengths fx = 0 and fy = 0 must be positive"),  # Infinity
+    ("[[-60, 0, 31.5], [0, -60, 23.5], [0, 0, 1]]", "the focal lengths fx = -60 and fy = -60 must be positive"),
+    ("[[60, 0, 31.5], [0, 60", "is not a JSON 3x3 matrix of numbers"),  # a raw JSONDecodeError without the file
+    ("[[60, 0], [0, 60]]", "must hold a finite 3x3 matrix"),
+])
+def test_predict_checks_the_intrinsics(saved_model, capsys, intrinsics, message):
+    np.save(saved_model / "depth.npy", np.full((48, 64), 0.9))
+    (saved_model / "K.json").write_text(intrinsics)
+    code = main(predict(saved_model, "--depth", str(saved_model / "depth.npy"), "--intrinsics", str(saved_model / "K.json")))
+    assert code == 1
+    error = one_line_error(capsys)
+    assert f"--intrinsics {str(saved_model / 'K.json')!r}" in error and message in error
+    assert not (saved_model / "out").exists()
+
+
+def test_predict_names_an_unreadable_depth_file(saved_model, capsys):
+    (saved_model / "depth.npy").write_bytes(b"\x93NUMPY truncated")
+    code = main(predict(saved_model, "--depth", str(saved_model / "depth.npy"), "--intrinsics", str(saved_model / "K.json")))
+    assert code == 1 and "is not a readable .npy file" in one_line_error(capsys)
+
+
 def test_predict_reads_16_bit_images(saved_model):
     """A 16-bit PNG used to become a 99.6 % white frame."""
     grey = np.tile(np.linspace(0, 65535, 64), (48, 1)).astype(np.uint16)
@@ -219,3 +241,43 @@ def test_resume_from_a_truncated_checkpoint_is_named(tmp_path, samples_folder, c
     capsys.readouterr()
     assert main(["train", "--dataset", str(samples_folder), "--output-dir", str(run), "--resume", str(checkpoint)]) == 1
     assert "model.safetensors is truncated or corrupt" in one_line_error(capsys)
+
+
+def test_train_refuses_a_folder_holding_another_model(tmp_path, samples_folder, capsys):
+    """Training into a folder with another model overwrote it, exit 0, its other files mixed in with the new ones."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"model_type": "another"}')
+    (run / "notes.txt").write_text("keep me")
+    arguments = ["train", "--dataset", str(samples_folder), "--output-dir", str(run), "--max-steps", "1",
+                 "--eval-samples", "0"]
+    assert main(arguments) == 1
+    assert f"--output-dir {str(run)!r} is not empty (config.json, notes.txt)" in one_line_error(capsys)
+    assert sorted(os.listdir(run)) == ["config.json", "notes.txt"]
+    assert main([*arguments, "--overwrite-output-dir"]) == 0
+    assert "notes.txt" not in os.listdir(run)
+    assert json.loads((run / "config.json").read_text())["model_type"] == "mu0"
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"),  # torch.save
+    OSError(28, "No space left on device"),
+])
+def test_a_full_disk_is_named_with_the_folder_being_written(tmp_path, monkeypatch, error):
+    """A full disk during `mu0 train` showed torch's zip-writer error; the demo left eval.tmp/ behind."""
+    import shutil
+    from collections import namedtuple
+
+    from mu0.training.cli import named_write_failures
+
+    (tmp_path / "eval.tmp").mkdir()
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "optimizer.pt").write_bytes(b"half")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: namedtuple("usage", "total used free")(10, 10, 0))
+    with pytest.raises(OSError, match=r"No space left on device while writing .*checkpoint-2 \(0.0 MiB free\)"):
+        with named_write_failures(str(tmp_path)):
+            raise error
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2"]
+    with pytest.raises(RuntimeError, match="unrelated"):  # other errors pass through untouched
+        with named_write_failures(str(tmp_path)):
+            raise RuntimeError("unrelated")

@@ -301,6 +301,40 @@ def test_post_process_without_depth_gives_pixels_only(proc):
         )
 
 
+@pytest.mark.parametrize("focal", [0.0, -100.0])
+def test_post_process_refuses_non_positive_focal_lengths(proc, focal):
+    """fx = fy = 0 gave Infinity in `xyz_m`; negative ones mirrored the traces."""
+    intrinsics = torch.tensor([[[focal, 0.0, 64.0], [0.0, focal, 48.0], [0.0, 0.0, 1.0]]])
+    with pytest.raises(ValueError, match="positive focal lengths"):
+        proc.post_process_traces(torch.zeros(1, 1, 1, 4, 3), torch.zeros(1, 1, 2), torch.tensor([[H, W]]),
+                                 query_depth=torch.ones(1, 1), intrinsics=intrinsics)
+
+
+def test_a_nested_list_of_points_is_one_images_points(proc):
+    """`query_points=[[40, 50], [60, 30]]` for one image was read as two images' points."""
+    as_list = proc(images=blank(), query_points=[[40.0, 50.0], [60.0, 30.0]])
+    as_array = proc(images=blank(), query_points=np.array([[40.0, 50.0], [60.0, 30.0]]))
+    assert as_list["query_points"].shape == (1, 2, 2)
+    torch.testing.assert_close(as_list["query_points"], as_array["query_points"])
+    one = proc(images=blank(), query_points=[[40.0, 50.0]], cluster_ids=[3])
+    assert one["query_points"].shape == (1, 1, 2)
+    with pytest.raises(ValueError, match="2 entries in `query_points` for 3 images"):
+        proc(images=[blank()] * 3, query_points=[[40.0, 50.0], [60.0, 30.0]])
+
+
+def test_prompts_the_model_cannot_read_in_full_warn(proc, caplog):
+    """A long prompt was cut to max_prompt_length tokens, and characters unknown to the tokenizer became <unk>,
+    silently, while `traces.json` recorded the full prompt."""
+    with caplog.at_level("WARNING", logger="mu0.processing.processing_mu0"):
+        proc(images=blank(), text="x" * 10_000, query_points=np.ones((1, 2)))
+        proc(images=blank(), text="déplacer la tasse", query_points=np.ones((1, 2)))
+        proc(images=blank(), text="push it", query_points=np.ones((1, 2)))
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 2
+    assert f"10007 tokens long; the model reads only the first {MAX_PROMPT}" in messages[0]
+    assert "1 of the prompt's 24 tokens are unknown" in messages[1]
+
+
 # ------------------------------------------------------------------------------------------------ statistics
 def test_missing_delta_scale_raises_for_future_history_and_post_process():
     proc = make_processor(delta_scale=None)

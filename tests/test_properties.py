@@ -4,6 +4,8 @@ ValueError naming the argument; never a raw library error, a hang or a silently 
 `max_examples` stays small and `deadline=None` (2 shared CPU cores): these run in the default suite.
 """
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -207,3 +209,69 @@ def test_predict_traces_query_points(model_and_batch, points):
     if prediction is not None:
         assert torch.isfinite(prediction.traces).all()
         assert prediction.traces.shape[2] == points.shape[1]
+
+
+# ------------------------------------------------------------------------------------------ a disk that fills up
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A mount point factory for tiny tmpfs file systems (root only; skipped where mounting is not allowed)."""
+    import subprocess
+
+    mounted = []
+
+    def mount(size: str) -> str:
+        point = tmp_path / f"disk-{len(mounted)}"
+        point.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)], capture_output=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+        mounted.append(point)
+        return str(point)
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", str(point)], check=False)
+
+
+def assert_disk_full_named(capsys, command: str) -> None:
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    assert f"\nmu0 {command}: error: [Errno 28] No space left on device while writing " in f"\n{error}", error[-2000:]
+
+
+GENERATED = ["--source", "procedural", "--num-frames", "30", "--image-size", "64", "--frame-stride", "6", "--no-progress"]
+
+
+def test_extract_on_a_full_disk(small_disk, capsys):
+    from mu0.training.cli import main
+
+    output = os.path.join(small_disk("300k"), "out")
+    assert main(["extract", *GENERATED, "--num-episodes", "2", "--output-dir", output]) == 1
+    assert_disk_full_named(capsys, "extract")
+
+
+def test_train_on_a_full_disk(small_disk, tmp_path, capsys):
+    """torch.save said "[enforce fail at inline_container.cc:672] . unexpected pos", safetensors gave a traceback."""
+    import json
+
+    from mu0.training.cli import main
+    from mu0.training.pretrain import load_recipe
+
+    assert main(["extract", *GENERATED, "--num-episodes", "1", "--output-dir", str(tmp_path / "data")]) == 0
+    recipe = load_recipe("tiny-cpu")
+    recipe["training"].update(save_steps=1, max_steps=2, per_device_train_batch_size=2)
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    for size in ("1200k", "2600k"):  # full in optimizer.pt (torch.save) / in model.safetensors (safetensors)
+        capsys.readouterr()
+        assert main(["train", "--recipe", str(tmp_path / "recipe.json"), "--dataset", str(tmp_path / "data" / "samples"),
+                     "--eval-samples", "0", "--output-dir", os.path.join(small_disk(size), "run")]) == 1
+        assert_disk_full_named(capsys, "train")
+
+
+def test_demo_on_a_full_disk_leaves_no_temp_folder(small_disk, capsys):
+    from mu0.training.cli import main
+
+    output = os.path.join(small_disk("3m"), "demo")
+    assert main(["demo", "--quick", "--output-dir", output]) == 1
+    assert_disk_full_named(capsys, "demo")
+    assert not [name for name in os.listdir(output) if name.endswith(".tmp")]

@@ -38,7 +38,7 @@ def domain_warnings(caplog) -> list[str]:
     return [record.getMessage() for record in caplog.records if "outside this checkpoint's training data" in record.getMessage()]
 
 
-def test_far_depth_and_large_frames_warn_once(tiny_processor, caplog):
+def test_far_depth_and_large_frames_warn_on_every_call(tiny_processor, caplog):
     processor = processor_with_ranges(tiny_processor)
     scene = np.full((540, 960, 3), 120, np.uint8)
     far = np.array([[100.0, 100.0, 5.0], [300.0, 200.0, 85.0], [500.0, 300.0, 1.7]])
@@ -46,7 +46,7 @@ def test_far_depth_and_large_frames_warn_once(tiny_processor, caplog):
         processor(images=scene, query_points=far)
         processor(images=scene, query_points=far)
     messages = domain_warnings(caplog)
-    assert len(messages) == 2  # depth and frame size, each once although called twice
+    assert len(messages) == 4  # depth and frame size, on each call: in `mu0 app` every visitor must see them
     assert any("median input depth 5.00 m" in m and "0.40-1.00 m" in m for m in messages)
     assert any("960x540" in m for m in messages)
 

@@ -7,6 +7,7 @@ docs/quickstart.md). Imports are absolute (`mu0....`) so the file also runs outs
 """
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from mu0.processing.visualization import draw_traces, overlay_scale, plot_traces_3d
-from mu0.training.cli import grid_points
+from mu0.training.cli import grid_points, load_depth_map, load_intrinsics
 
 MODEL_VARIABLE = "MU0_MODEL"
 
@@ -32,11 +33,38 @@ def video_frame(path: str, index: int) -> np.ndarray:
     """Frame `index` (0-based) of a video as uint8 RGB."""
     import av
 
-    with av.open(path) as container:
-        for position, frame in enumerate(container.decode(video=0)):
-            if position == index:
-                return frame.to_ndarray(format="rgb24")
-    raise ValueError(f"The video has only {position + 1} frames; frame {index} does not exist.")
+    count = 0
+    try:
+        with av.open(path) as container:
+            for count, frame in enumerate(container.decode(video=0), start=1):
+                if count - 1 == index:
+                    return frame.to_ndarray(format="rgb24")
+    except (av.FFmpegError, ValueError, OSError) as error:
+        raise ValueError(f"The video {os.path.basename(path)!r} cannot be read: {error}") from None
+    raise ValueError(f"The video has {count} frames (0 to {count - 1}); frame {index} does not exist.")
+
+
+def page_inputs(depth_file: str | None, intrinsics_file: str | None, height: int, width: int):
+    """The uploaded depth map and intrinsics, checked as `mu0 predict` checks them (messages name the upload)."""
+    depth = None if depth_file is None else load_depth_map(depth_file, height, width, name="The depth map")
+    intrinsics = None if intrinsics_file is None else load_intrinsics(intrinsics_file, name="The intrinsics file")
+    return depth, intrinsics
+
+
+def shown_on_the_page(handler):
+    """Gradio shows any error but `gr.Error` as a bare "Error": raise the message itself as a `gr.Error`."""
+    import gradio as gr
+
+    @functools.wraps(handler)
+    def wrapped(*args, **kwargs):
+        try:
+            return handler(*args, **kwargs)
+        except gr.Error:
+            raise
+        except (ValueError, OSError, RuntimeError) as error:
+            raise gr.Error(str(error)) from error
+
+    return wrapped
 
 
 def mark_points(image: np.ndarray, points: list[tuple[float, float]]) -> np.ndarray:
@@ -112,6 +140,7 @@ def build_app(model_name: str):
     largest_grid = int(np.sqrt(processor.max_queries))
     output_dir = tempfile.mkdtemp(prefix="mu0-app-")
 
+    @shown_on_the_page
     def take_frame(video, index):
         if not video:
             raise gr.Error("Upload a video first.")
@@ -124,22 +153,16 @@ def build_app(model_name: str):
         points = [*points, (float(event.index[0]), float(event.index[1]))]
         return mark_points(original, points), points, f"{len(points)} query points"
 
+    @shown_on_the_page
     def run(original, points, grid, prompt, samples, depth_file, intrinsics_file):
         if original is None:
             raise gr.Error("Upload an image or take a frame from a video first.")
         height, width = original.shape[:2]
         queries = points if int(grid) == 0 else grid_points(int(grid), height, width)
-        depth = None if depth_file is None else np.load(depth_file).astype(np.float32)
-        intrinsics = None
-        if intrinsics_file is not None:
-            with open(intrinsics_file) as handle:
-                intrinsics = np.asarray(json.load(handle), dtype=np.float32)
-        try:
-            with warnings_logged() as domain_warnings:
-                output = predict(model, processor, original, queries, prompt, int(samples), depth=depth,
-                                 intrinsics=intrinsics)
-        except ValueError as error:
-            raise gr.Error(str(error)) from error
+        depth, intrinsics = page_inputs(depth_file, intrinsics_file, height, width)
+        with warnings_logged() as domain_warnings:
+            output = predict(model, processor, original, queries, prompt, int(samples), depth=depth,
+                             intrinsics=intrinsics)
         path = os.path.join(output_dir, "traces.json")
         with open(path, "w") as handle:
             json.dump(output["result"], handle)

@@ -1,6 +1,7 @@
 """The `mu0` command line."""
 
 import argparse
+import contextlib
 import copy
 import errno
 import functools
@@ -12,6 +13,7 @@ import re
 import shutil
 import sys
 from dataclasses import dataclass
+from importlib import resources
 
 import numpy as np
 
@@ -154,6 +156,21 @@ def require_readable_checkpoint(folder: str) -> None:
                          "resume from an earlier checkpoint.") from error
 
 
+def require_empty_output_folder(path: str, overwrite: bool) -> None:
+    """A new run into a folder that holds files (another model, another run's checkpoints) would mix its files with
+    them: refused, unless `--overwrite-output-dir` says to delete them first."""
+    entries = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    if not entries:
+        return
+    if not overwrite:
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise FileExistsError(f"--output-dir {path!r} is not empty ({shown}): choose a new folder, continue its run "
+                              "with --resume last, or pass --overwrite-output-dir to delete its contents first.")
+    for name in entries:
+        entry = os.path.join(path, name)
+        shutil.rmtree(entry) if os.path.isdir(entry) and not os.path.islink(entry) else os.remove(entry)
+
+
 def last_complete_checkpoint(output_dir: str) -> str:
     """`--resume last`: the newest `checkpoint-N` in the output folder that a kill did not cut short."""
     names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
@@ -203,6 +220,8 @@ def train(args: argparse.Namespace) -> None:
     elif args.resume is not None:
         require_readable_checkpoint(args.resume)
     require_writable_folder(args.output_dir, "--output-dir")
+    if args.resume is None:
+        require_empty_output_folder(args.output_dir, args.overwrite_output_dir)
     recipe = load_recipe(args.recipe)
     require_rows(args.dataset)
     samples, statistics = load_samples(args.dataset)
@@ -343,16 +362,43 @@ def grid_points(size: int, height: int, width: int) -> list[tuple[float, float]]
     return [(float(x), float(y)) for y in ys for x in xs]
 
 
-def load_depth_map(path: str, height: int, width: int) -> np.ndarray:
-    """`--depth`: an (H, W) metric map aligned with the image; 0 or NaN mark missing depth, negatives are refused."""
-    depth = np.load(path)
-    if depth.shape != (height, width) or not np.issubdtype(depth.dtype, np.number):
-        raise ValueError(f"--depth {path!r} is a {depth.dtype} map of shape {depth.shape}; it must be a numeric "
-                         f"(H, W) = ({height}, {width}) map aligned with --image.")
+def load_depth_map(path: str, height: int, width: int, name: str = "--depth") -> np.ndarray:
+    """`--depth`: an (H, W) metric map aligned with the image; 0 or NaN mark missing depth, negatives are refused.
+    `name` is how messages call the input (the flag here, a form field in `mu0 app`)."""
+    try:
+        depth = np.load(path)  # allow_pickle=False: a pickled object is refused, never run
+    except (OSError, ValueError, EOFError) as error:
+        raise ValueError(f"{name} {path!r} is not a readable .npy file ({error}).") from None
+    if not isinstance(depth, np.ndarray) or depth.shape != (height, width) or not np.issubdtype(depth.dtype, np.number):
+        raise ValueError(f"{name} {path!r} holds {describe_array(depth)}; it must be a numeric (H, W) = ({height}, "
+                         f"{width}) map aligned with the image.")
     depth = depth.astype(np.float32)
     if (depth < 0).any():
-        raise ValueError(f"--depth {path!r} has negative values (min {np.nanmin(depth):.3g}): depth is metres in front of the camera.")
+        raise ValueError(f"{name} {path!r} has negative values (min {np.nanmin(depth):.3g}): depth is metres in front of "
+                         "the camera.")
     return depth
+
+
+def describe_array(value) -> str:
+    return f"a {value.dtype} array of shape {value.shape}" if isinstance(value, np.ndarray) else type(value).__name__
+
+
+def load_intrinsics(path: str, name: str = "--intrinsics") -> np.ndarray:
+    """`--intrinsics`: a JSON 3x3 pixel matrix [[fx, 0, cx], [0, fy, cy], [0, 0, 1]] with positive focal lengths."""
+    try:
+        with open(path) as handle:
+            matrix = np.asarray(json.load(handle), dtype=np.float64)
+    except OSError as error:
+        raise FileNotFoundError(f"{name} {path!r}: {error.strerror}.") from None
+    except (ValueError, TypeError) as error:  # JSON syntax, or entries that are not numbers
+        raise ValueError(f"{name} {path!r} is not a JSON 3x3 matrix of numbers ({error}).") from None
+    if matrix.shape != (3, 3) or not np.isfinite(matrix).all():
+        raise ValueError(f"{name} {path!r} must hold a finite 3x3 matrix [[fx, 0, cx], [0, fy, cy], [0, 0, 1]], "
+                         f"got shape {matrix.shape}.")
+    if not (matrix[0, 0] > 0 and matrix[1, 1] > 0):
+        raise ValueError(f"{name} {path!r}: the focal lengths fx = {matrix[0, 0]:g} and fy = {matrix[1, 1]:g} "
+                         "must be positive (pixels).")
+    return matrix
 
 
 def depth_at(depth: np.ndarray, query: np.ndarray) -> np.ndarray:
@@ -401,8 +447,7 @@ def predict(args: argparse.Namespace) -> None:
     query = np.array(points, dtype=np.float64)
     if args.depth is not None:
         depth = load_depth_map(args.depth, height, width)
-        with open(args.intrinsics) as handle:
-            intrinsics = torch.tensor(json.load(handle), dtype=torch.float32)[None]
+        intrinsics = torch.tensor(load_intrinsics(args.intrinsics), dtype=torch.float32)[None]
         query = np.column_stack([query, depth_at(depth, query)])
     processor = Mu0Processor.from_pretrained(args.model)
     if len(points) > processor.max_queries:
@@ -727,7 +772,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--seed", type=seed_int, default=0, help="data, model and sampling seed")
     demo_parser.set_defaults(handler=demo)
     train_parser = commands.add_parser("train", help="pretrain μ0 on a TraceExtract samples dataset")
-    train_parser.add_argument("--recipe", default="tiny-cpu", help="a named recipe or a recipe JSON path")
+    recipes = sorted(entry.name.removesuffix(".json") for entry in resources.files(__package__).joinpath("recipes").iterdir()
+                     if entry.name.endswith(".json"))  # pretrain.available_recipes() would import torch
+    train_parser.add_argument("--recipe", default="tiny-cpu",
+                              help=f"a named recipe ({', '.join(recipes)}) or a recipe JSON path (default: tiny-cpu)")
     train_parser.add_argument("--dataset", required=True, help="a folder from save_samples() or a Hub dataset repo")
     train_parser.add_argument("--output-dir", default="outputs/train")
     train_parser.add_argument("--max-steps", type=positive_int, default=None, help="override the recipe's max_steps")
@@ -735,6 +783,8 @@ def build_parser() -> argparse.ArgumentParser:
                               help="rows evaluated after training (default: 32 for a local dataset, 0 when streamed)")
     train_parser.add_argument("--resume", default=None,
                               help="a checkpoint folder to resume from, or `last`: the newest complete one in --output-dir")
+    train_parser.add_argument("--overwrite-output-dir", action="store_true",
+                              help="delete what --output-dir holds before training (default: refuse a non-empty folder)")
     train_parser.add_argument("--push-to-hub", default=None, metavar="REPO")
     train_parser.set_defaults(handler=train)
     evaluate_parser = commands.add_parser("evaluate", help="the authors' evaluation protocol on a samples dataset")
@@ -811,11 +861,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def is_failed_write(error: BaseException) -> bool:
+    """A write that the file system refused, however the writer words it: torch's zip writer says "[enforce fail at
+    inline_container.cc] unexpected pos", safetensors raises a SafetensorError naming only the OS error."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    message = str(error)
+    return ("inline_container" in message or "PytorchStreamWriter" in message
+            or (type(error).__name__ == "SafetensorError" and "serializ" in message))
+
+
+def newest_folder(folder: str) -> str:
+    """The folder of the file written last under `folder`: where a failed write was busy (the file itself may be
+    gone, as safetensors removes what it could not finish)."""
+    newest, path = -1.0, folder
+    for root, _, names in os.walk(folder):
+        for name in names:
+            candidate = os.path.join(root, name)
+            with contextlib.suppress(OSError):
+                if os.path.getmtime(candidate) > newest:
+                    newest, path = os.path.getmtime(candidate), root
+    return path
+
+
+@contextlib.contextmanager
+def named_write_failures(output_dir: str | None):
+    """A failed write into `output_dir` becomes one OSError naming the file and the cause ("No space left on device
+    while writing PATH"), and the command's `*.tmp` staging entries there are removed, not left for the re-run."""
+    try:
+        yield
+    except Exception as error:
+        if output_dir is None or not os.path.isdir(output_dir) or not is_failed_write(error):
+            raise
+        path = getattr(error, "filename", None) or newest_folder(output_dir)
+        usage = shutil.disk_usage(output_dir)
+        for name in os.listdir(output_dir):
+            if name.endswith(".tmp"):
+                entry = os.path.join(output_dir, name)
+                shutil.rmtree(entry, ignore_errors=True) if os.path.isdir(entry) else os.remove(entry)
+        if getattr(error, "errno", None) == errno.ENOSPC or "os error 28" in str(error) or usage.free < 16 * 2**20:
+            raise OSError(errno.ENOSPC, f"No space left on device while writing {path} ({usage.free / 2**20:.1f} MiB "
+                                        "free); free some space and run the command again") from error
+        raise OSError(f"Writing {path} failed: {error}") from error
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING)
     try:
-        args.handler(args)
+        with named_write_failures(getattr(args, "output_dir", None)):
+            args.handler(args)
     except (ValueError, FileNotFoundError, OSError, ImportError, RuntimeError) as error:
         if args.debug:
             raise
