@@ -63,15 +63,18 @@ NOT_RECORDED = ("num_episodes", "shard_index", "num_shards")
 def read_options(path: str) -> tuple[dict, dict]:
     """A YAML or JSON settings file holding TraceExtract's keywords: source fields at the top, stage backends and
     trace lengths under `settings` (as in `TraceExtract(source=..., settings={...})`)."""
-    with open(path) as handle:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
+    import yaml
 
-            options = yaml.safe_load(handle) or {}
-        elif path.endswith(".json"):
-            options = json.load(handle)
-        else:
-            raise ValueError(f"Settings file {path!r}: use a .yaml, .yml or .json file.")
+    with open(path) as handle:
+        try:
+            if path.endswith((".yaml", ".yml")):
+                options = yaml.safe_load(handle) or {}  # safe: a python tag is refused, never run
+            elif path.endswith(".json"):
+                options = json.load(handle)
+            else:
+                raise ValueError(f"Settings file {path!r}: use a .yaml, .yml or .json file.")
+        except (yaml.YAMLError, json.JSONDecodeError) as error:
+            raise ValueError(f"Settings file {path!r} cannot be read: {' '.join(str(error).split())}") from None
     if not isinstance(options, dict) or not isinstance(options.get("settings", {}), dict):
         raise ValueError(f"Settings file {path!r} must hold a mapping, with the stage settings under 'settings'.")
     settings = options.pop("settings", {})

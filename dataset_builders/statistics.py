@@ -109,7 +109,11 @@ def load_statistics(directory: str) -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"No {STATISTICS_FILE} in {directory}: save the dataset with its statistics first.")
     with open(path) as handle:
-        return json.load(handle)
+        try:
+            return json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({error}): the file is truncated or corrupt; save the "
+                             "dataset with its statistics again.") from None
 
 
 __all__ = ["TraceStatistics", "save_statistics", "load_statistics", "save_reservoirs", "load_reservoirs", "STATISTICS_FILE"]

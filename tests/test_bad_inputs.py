@@ -281,3 +281,31 @@ def test_a_full_disk_is_named_with_the_folder_being_written(tmp_path, monkeypatc
     with pytest.raises(RuntimeError, match="unrelated"):  # other errors pass through untouched
         with named_write_failures(str(tmp_path)):
             raise RuntimeError("unrelated")
+
+
+def test_unreadable_statistics_recipe_and_optimizer_files_are_named(tmp_path, samples_folder, capsys):
+    """A truncated trace_statistics.json or recipe gave a JSON error without the file; a corrupt optimizer.pt on
+    --resume a multi-line pickle error."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    dataset = tmp_path / "samples"
+    shutil.copytree(samples_folder, dataset)
+    statistics = dataset / "trace_statistics.json"
+    statistics.write_text(statistics.read_text()[:100])
+    assert main(["train", "--dataset", str(dataset), "--output-dir", str(tmp_path / "run")]) == 1
+    assert f"{statistics} is not valid JSON" in one_line_error(capsys)
+    (tmp_path / "recipe.json").write_text('{"model": ')
+    assert main(["train", "--recipe", str(tmp_path / "recipe.json"), "--dataset", str(samples_folder),
+                 "--output-dir", str(tmp_path / "run")]) == 1
+    assert f"Recipe {str(tmp_path / 'recipe.json')!r} is not valid JSON" in one_line_error(capsys)
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    save_file({"weight": torch.zeros(2)}, str(checkpoint / "model.safetensors"))
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 2}')
+    (checkpoint / "optimizer.pt").write_bytes(b"garbage" * 100)
+    assert main(["train", "--dataset", str(samples_folder), "--output-dir", str(tmp_path / "run"),
+                 "--resume", str(checkpoint)]) == 1
+    assert "optimizer.pt is truncated or corrupt" in one_line_error(capsys)
+    assert not (tmp_path / "run").exists()

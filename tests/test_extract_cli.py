@@ -270,3 +270,17 @@ def test_an_output_folder_that_cannot_be_written_fails_before_any_episode(tmp_pa
     (tmp_path / "taken").write_text("a file, not a folder")
     assert main(["extract", *GENERATED, "--output-dir", str(tmp_path / "taken")]) == 1
     assert f"--output-dir {str(tmp_path / 'taken')!r} is not a writable folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("name", "text", "message"), [
+    ("python.yaml", "source: !!python/object/apply:os.system ['touch {marker}']\n", "could not determine a constructor"),
+    ("cut.json", '{"source": "procedural", ', "Expecting property name"),
+    ("cut.yaml", "source: [procedural\n", "while parsing a flow sequence"),
+])
+def test_unreadable_settings_files_are_named_and_never_run(tmp_path, capsys, name, text, message):
+    marker = tmp_path / "ran"
+    (tmp_path / name).write_text(text.replace("{marker}", str(marker)))
+    assert main(["extract", "--config", str(tmp_path / name), "--output-dir", str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err
+    assert f"Settings file {str(tmp_path / name)!r} cannot be read: " in error and message in error
+    assert len(error.strip().splitlines()) == 1 and not marker.exists()

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import sys
+import zipfile
 from dataclasses import dataclass
 from importlib import resources
 
@@ -148,6 +149,16 @@ def require_readable_checkpoint(folder: str) -> None:
             raise ValueError(
                 f"--resume {folder!r}: {name} is truncated or corrupt ({error}); resume from an earlier checkpoint."
             ) from error
+    for name in sorted(os.listdir(folder)):
+        if name.endswith((".pt", ".pth", ".bin")):  # optimizer, scheduler, RNG state: torch's zip format
+            try:
+                with zipfile.ZipFile(os.path.join(folder, name)) as archive:
+                    broken = archive.testzip()
+            except (zipfile.BadZipFile, OSError, EOFError) as error:
+                broken = str(error)
+            if broken is not None:
+                raise ValueError(f"--resume {folder!r}: {name} is truncated or corrupt ({broken}); resume from an "
+                                 "earlier checkpoint.")
     try:
         with open(os.path.join(folder, "trainer_state.json")) as handle:
             json.load(handle)

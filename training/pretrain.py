@@ -28,7 +28,10 @@ def load_recipe(name_or_path: str) -> dict:
     """A named recipe (`tiny-cpu`, `mu0-smolvlm2-2.2b`) or a path to a recipe JSON file."""
     if os.path.isfile(name_or_path):
         with open(name_or_path) as handle:
-            return json.load(handle)
+            try:
+                return json.load(handle)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"Recipe {name_or_path!r} is not valid JSON: {error}") from None
     if name_or_path not in available_recipes():
         raise ValueError(f"Unknown recipe {name_or_path!r}: choose from {available_recipes()} or give a JSON path.")
     return json.loads(resources.files("mu0.training").joinpath("recipes", f"{name_or_path}.json").read_text())
