@@ -238,3 +238,24 @@ def test_adapt_command_reports_a_missing_camera_in_one_line(tmp_path, tiny_confi
                  "--camera-key", "observation.images.wrist"])
     error = capsys.readouterr().err
     assert code == 1 and error.count("\n") == 1 and "observation.images.wrist" in error
+
+
+def test_adapt_names_the_chunk_size_flag_for_short_episodes(tmp_path, tiny_config, tiny_processor, capsys):
+    """Short episodes said "lower chunk_size" (no such flag) and left an empty output folder."""
+    from mu0.dataset_builders.robot_sources import write_lerobot_episodes
+    from mu0.training.cli import main
+
+    make_model(tiny_config).save_pretrained(tmp_path / "mu0")
+    tiny_processor.save_pretrained(tmp_path / "mu0")
+    capsys.readouterr()
+    episode = robot_episodes(1, length=8)[0]
+    write_lerobot_episodes(str(tmp_path / "robot"), [{"frames": episode.frames, "states": episode.states,
+                                                      "actions": episode.actions, "task": episode.task}], fps=10.0)
+    arguments = ["adapt", "--base", str(tmp_path / "mu0"), "--dataset", str(tmp_path / "robot"), "--grid-size", "4",
+                 "--steps", "1", "--batch-size", "2", "--output-dir", str(tmp_path / "adapter")]
+    assert main(arguments) == 1
+    error = capsys.readouterr().err
+    assert "--chunk-size 16: the shortest episode" in error and "pass --chunk-size 8 or less" in error
+    assert not (tmp_path / "adapter").exists()
+    assert main([*arguments, "--chunk-size", "8"]) == 0, capsys.readouterr().err
+    assert load_adapter(str(tmp_path / "adapter")).config.chunk_size == 8

@@ -309,3 +309,31 @@ def test_unreadable_statistics_recipe_and_optimizer_files_are_named(tmp_path, sa
                  "--resume", str(checkpoint)]) == 1
     assert "optimizer.pt is truncated or corrupt" in one_line_error(capsys)
     assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_and_train_name_an_episodes_dataset_and_missing_columns(tmp_path, samples_folder, capsys):
+    """An episodes folder was reported as lacking trace_statistics.json; a missing column was a raw KeyError."""
+    from datasets import load_from_disk
+
+    from mu0.dataset_builders.statistics import load_statistics, save_statistics
+
+    episodes = samples_folder.parent / "episodes"
+    if not episodes.exists():
+        from mu0.dataset_builders.trace_extract import TraceExtract
+
+        builder = TraceExtract(config_name="episodes", source="procedural", num_episodes=1, num_frames=30,
+                               image_size=64, cache_dir=str(samples_folder.parent / "cache"),
+                               work_dir=str(samples_folder.parent / "work"), settings={"frame_stride": 6})
+        builder.download_and_prepare()
+        builder.as_dataset(split="train").save_to_disk(str(episodes))
+    for command in (["evaluate", "--model", str(tmp_path)], ["train"]):
+        assert main([*command, "--dataset", str(episodes), "--output-dir", str(tmp_path / "out")]) == 1
+        assert f"--dataset {str(episodes)!r} is an episodes dataset" in one_line_error(capsys)
+    cut = tmp_path / "cut"
+    load_from_disk(str(samples_folder)).remove_columns(["future_valid"]).save_to_disk(str(cut))
+    save_statistics(load_statistics(str(samples_folder)), str(cut))
+    capsys.readouterr()
+    for command in (["evaluate", "--model", str(tmp_path)], ["train"]):
+        assert main([*command, "--dataset", str(cut), "--output-dir", str(tmp_path / "out")]) == 1
+        assert "lacks the samples column(s) ['future_valid']" in one_line_error(capsys)
+    assert not (tmp_path / "out").exists()

@@ -131,6 +131,31 @@ def require_rows(dataset: str) -> None:
                 raise ValueError(NO_ROWS.format(dataset))
 
 
+# what training and evaluation read from each `samples` row
+SAMPLE_COLUMNS = ("episode_id", "frame_index", "image", "depth_mm", "query_uv", "query_z", "history", "history_valid",
+                  "future", "future_valid", "future_raw", "future_raw_valid", "cluster_ids", "moving", "task", "captions")
+
+
+def require_samples_dataset(dataset: str) -> None:
+    """A local `episodes` folder given as `--dataset` is named as such (it was reported as lacking statistics)."""
+    if not os.path.isdir(dataset) or os.path.exists(os.path.join(dataset, "trace_statistics.json")):
+        return
+    with contextlib.suppress(OSError):
+        with open(os.path.join(dataset, "dataset_info.json")) as handle:
+            features = json.load(handle).get("features", {})
+        if "tracks_world" in features:
+            raise ValueError(f"--dataset {dataset!r} is an episodes dataset (one row per episode); give the samples "
+                             "dataset beside it (e.g. the samples/ folder `mu0 extract` wrote).")
+
+
+def require_sample_columns(samples, dataset: str) -> None:
+    """A samples dataset missing a column fails here, naming it, not with a KeyError mid-run."""
+    columns = samples.column_names
+    missing = [name for name in SAMPLE_COLUMNS if columns is not None and name not in columns]
+    if missing:
+        raise ValueError(f"--dataset {dataset!r} lacks the samples column(s) {missing}; it has {sorted(columns)}.")
+
+
 def require_readable_checkpoint(folder: str) -> None:
     """A `--resume` folder cut short by a kill (truncated weights, no trainer state: the Trainer writes that last)
     is named here, not by a raw SafetensorError after the model is built."""
@@ -235,7 +260,9 @@ def train(args: argparse.Namespace) -> None:
         require_empty_output_folder(args.output_dir, args.overwrite_output_dir)
     recipe = load_recipe(args.recipe)
     require_rows(args.dataset)
+    require_samples_dataset(args.dataset)
     samples, statistics = load_samples(args.dataset)
+    require_sample_columns(samples, args.dataset)
     evaluation = None
     streamed = not hasattr(samples, "select")
     if not streamed and len(samples) == 0:
@@ -300,7 +327,9 @@ def evaluate(args: argparse.Namespace) -> None:
     if is_trace_extract_tree(args.dataset):  # TraceExtract output, e.g. the authors' released test_set/
         samples = released_test_samples(args.dataset)
     else:
+        require_samples_dataset(args.dataset)
         samples, _ = load_samples(args.dataset, split=args.split)
+        require_sample_columns(samples, args.dataset)
     model = load_trace_model(args.model)
     processor = Mu0Processor.from_pretrained(args.model)
     summary = evaluate_models({model_label(model): model}, processor, samples, protocol,
@@ -319,7 +348,7 @@ def adapt(args: argparse.Namespace) -> None:
     """Train an action expert on a frozen μ0 from a LeRobot v3 folder and save (or push) only the adapter."""
     import numpy as np
 
-    from .. import Mu0ActionProcessor, Mu0ForActionPrediction, Mu0Processor
+    from .. import Mu0ActionConfig, Mu0ActionProcessor, Mu0ForActionPrediction, Mu0Processor
     from ..processing import robot_statistics
     from .adaptation import (
         action_samples,
@@ -334,11 +363,17 @@ def adapt(args: argparse.Namespace) -> None:
     require_path_or_repo_id(args.base, "--base")
     require_writable_folder(args.output_dir, "--output-dir")
     episodes = lerobot_robot_episodes(args.dataset, args.camera_key)
+    shortest = min(len(episode.actions) for episode in episodes)
+    if shortest < args.chunk_size:  # checked before the base model loads
+        raise ValueError(f"--chunk-size {args.chunk_size}: the shortest episode of {args.dataset!r} has {shortest} "
+                         f"steps, fewer than one action chunk; pass --chunk-size {shortest} or less, or drop the short "
+                         "episodes.")
     actions = np.concatenate([episode.actions for episode in episodes])
     states = np.concatenate([episode.states for episode in episodes])
     policy = Mu0ForActionPrediction.from_trace_model(
         args.base, action_dim=actions.shape[1], state_dim=states.shape[1], use_trace=not args.no_trace,
-        trace_grid_size=args.grid_size,
+        trace_grid_size=args.grid_size, chunk_size=args.chunk_size,
+        num_execute_steps=min(args.chunk_size, Mu0ActionConfig.num_execute_steps),
     )
     processor = Mu0ActionProcessor.from_trace_processor(
         Mu0Processor.from_pretrained(args.base), robot_statistics(actions, states), chunk_size=policy.config.chunk_size
@@ -831,6 +866,8 @@ def build_parser() -> argparse.ArgumentParser:
     adapt_parser.add_argument("--lora-rank", type=non_negative_int, default=0, help="LoRA rank on μ0's trace expert (0: μ0 frozen)")
     adapt_parser.add_argument("--no-trace", action="store_true", help="the ablation without μ0 motion tokens")
     adapt_parser.add_argument("--grid-size", type=positive_int, default=20, help="μ0 query grid side (motion tokens: side²/4)")
+    adapt_parser.add_argument("--chunk-size", type=positive_int, default=16,
+                              help="actions predicted per call (at most the shortest episode's steps)")
     adapt_parser.add_argument("--steps", type=positive_int, default=2000)
     adapt_parser.add_argument("--batch-size", type=positive_int, default=16)
     adapt_parser.add_argument("--learning-rate", type=positive_float, default=3e-4)
