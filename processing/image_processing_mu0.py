@@ -1,5 +1,7 @@
 """Image processor for μ0: the RGB frame for the backbone, the same frame for DINOv2, and metric depth as colour."""
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -109,6 +111,16 @@ class Mu0ImageProcessor(BaseImageProcessor):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        for name, value in (("image_size", image_size), ("dino_image_size", dino_image_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8192:
+                raise ValueError(f"Mu0ImageProcessor {name} must be an integer in [1, 8192], got {value!r}.")
+        for name, values in (("image_mean", image_mean), ("image_std", image_std), ("dino_mean", dino_mean),
+                             ("dino_std", dino_std)):
+            if not isinstance(values, (list, tuple)) or len(values) != 3 or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values) \
+                    or (name.endswith("std") and min(values) <= 0):
+                raise ValueError(f"Mu0ImageProcessor {name} must be three finite numbers{' > 0' if name.endswith('std') else ''}, "
+                                 f"got {values!r}.")
         self.image_size = image_size
         self.dino_image_size = dino_image_size
         self.image_mean = list(image_mean)

@@ -70,11 +70,22 @@ class Mu0Processor(ProcessorMixin):
         max_queries: int = 256,
         **kwargs,
     ):
+        for name, value, least in (("history_length", history_length, 0), ("horizon", horizon, 1),
+                                   ("max_prompt_length", max_prompt_length, 1), ("max_queries", max_queries, 1)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+                raise ValueError(f"Mu0Processor {name} must be an integer >= {least}, got {value!r} (from the "
+                                 "processor config).")
         if delta_scale is not None:
+            if not isinstance(delta_scale, (list, tuple, np.ndarray)) or not all(
+                    isinstance(value, (int, float, np.number)) and not isinstance(value, bool) for value in delta_scale):
+                raise ValueError(f"delta_scale must be three positive finite numbers (u, v, z), got {delta_scale!r}.")
             delta_scale = [float(value) for value in delta_scale]
             if len(delta_scale) != 3 or not all(np.isfinite(delta_scale)) or min(delta_scale) <= 0:
                 raise ValueError(f"delta_scale must be three positive finite numbers (u, v, z), got {delta_scale}.")
         if depth_log_range is not None:
+            if not isinstance(depth_log_range, (list, tuple, np.ndarray)) or not all(
+                    isinstance(value, (int, float, np.number)) and not isinstance(value, bool) for value in depth_log_range):
+                raise ValueError(f"depth_log_range must be (log p1, log p99) with p1 < p99, got {depth_log_range!r}.")
             depth_log_range = [float(value) for value in depth_log_range]
             if len(depth_log_range) != 2 or not all(np.isfinite(depth_log_range)) or not depth_log_range[0] < depth_log_range[1]:
                 raise ValueError(f"depth_log_range must be (log p1, log p99) with p1 < p99, got {depth_log_range}.")

@@ -161,6 +161,7 @@ def test_bad_numbers_are_refused_by_the_parser_naming_the_flag(tmp_path, capsys,
     ({"num_frames": "48"}, "num_frames in --config"),
     ({"settings": {"horizon": 0}}, "settings.horizon in --config"),
     ({"settings": {"min_coverage": True}}, "settings.min_coverage in --config"),
+    ({"settings": {"retarget_step": None}}, "settings.retarget_step in --config"),  # a TypeError traceback
 ])
 def test_settings_file_values_are_checked_like_the_flags(tmp_path, capsys, settings, message):
     (tmp_path / "options.json").write_text(json.dumps({"source": "procedural", **settings}))

@@ -275,3 +275,136 @@ def test_demo_on_a_full_disk_leaves_no_temp_folder(small_disk, capsys):
     assert main(["demo", "--quick", "--output-dir", output]) == 1
     assert_disk_full_named(capsys, "demo")
     assert not [name for name in os.listdir(output) if name.endswith(".tmp")]
+
+
+# ------------------------------------------------------------------------------- command-line flags and configs
+def numeric_flags() -> list[tuple[str, str, object]]:
+    """(command, flag, type) of every flag of every `mu0` command that takes a number."""
+    from mu0.training.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    return [(name, action.option_strings[-1], action.type) for name, parser in commands.items()
+            for action in parser._actions if action.option_strings and action.type not in (None, str)]
+
+
+REQUIRED = {"train": ["--dataset", "d"], "evaluate": ["--model", "m", "--dataset", "d"], "convert": ["s", "o"],
+            "adapt": ["--base", "b", "--dataset", "d"], "predict": ["--model", "m", "--image", "i"], "view": ["d"],
+            "app": ["--model", "m"], "demo": [], "extract": []}
+number_text = st.one_of(st.integers(-2**70, 2**70).map(str), st.floats().map(str), st.floats().map(repr),
+                        st.text(max_size=8), st.sampled_from(["1e3", "0x10", "1_000", " 7 ", "-0", "inf", "", "٣"]))
+
+
+def test_every_numeric_flag_is_range_checked():
+    from mu0.training.cli import Number, stage_values  # noqa: F401 (stage flags are STAGE=N strings, checked apart)
+
+    flags = numeric_flags()
+    assert len(flags) > 40
+    assert all(isinstance(kind, Number) for _, _, kind in flags), [f for f in flags if not isinstance(f[2], Number)]
+
+
+@FAST
+@given(data=st.data())
+def test_numeric_flags_give_a_valid_value_or_an_error_naming_the_flag(data, capsys):
+    """Any text for any numeric flag: the parser returns a value the flag's range admits, or exits 2 naming it."""
+    from mu0.training.cli import build_parser
+
+    command, flag, kind = data.draw(st.sampled_from(numeric_flags()))
+    text = data.draw(number_text)
+    capsys.readouterr()
+    try:
+        args = build_parser().parse_args([command, *REQUIRED[command], f"{flag}={text}"])
+    except SystemExit as exit_info:
+        assert exit_info.code == 2
+        error = capsys.readouterr().err
+        assert f"argument {flag}: must be " in error, error
+        return
+    value = getattr(args, flag.removeprefix("--").replace("-", "_"))
+    value = value[0] if isinstance(value, list) else value
+    assert kind.check(value) == value and type(value) is kind.kind
+
+
+def stub_extraction(monkeypatch) -> None:
+    """Everything `mu0 extract` checks before extracting, without extracting: the config and settings are built and
+    validated as the builder does."""
+    from mu0.dataset_builders import executors
+    from mu0.dataset_builders.trace_extract import TraceExtractConfig
+
+    def validate_only(config, settings, output_dir, **kwargs):
+        TraceExtractConfig(name="samples", **config, settings=settings).extraction  # noqa: B018 (builds and checks)
+        raise SystemExit("validated")
+
+    monkeypatch.setattr(executors, "extract_to_folder", validate_only)
+
+
+@FAST
+@given(data=st.data())
+def test_extract_flags_never_end_in_a_traceback(data, tmp_path, monkeypatch, capsys):
+    """Any value of any `mu0 extract` flag: a parser error, a one-line error, or settings the builder accepts."""
+    from mu0.training.cli import main
+
+    stub_extraction(monkeypatch)
+    flags = [(flag, kind) for command, flag, kind in numeric_flags() if command == "extract"]
+    chosen = data.draw(st.lists(st.sampled_from(flags), min_size=1, max_size=3, unique=True))
+    arguments = [f"{flag}={data.draw(number_text)}" for flag, _ in chosen]
+    capsys.readouterr()
+    try:
+        code = main(["extract", "--source", "procedural", *arguments, "--output-dir", str(tmp_path / "out")])
+    except SystemExit as exit_info:
+        assert exit_info.code in (2, "validated")
+        if exit_info.code == 2:
+            assert "must be " in capsys.readouterr().err
+        return
+    error = capsys.readouterr().err.strip()
+    assert code == 1 and error.startswith("mu0 extract: error: ") and "\n" not in error, error
+
+
+json_value = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(), st.text(max_size=6),
+                       st.lists(st.integers(0, 3), max_size=2))
+
+
+@FAST
+@given(data=st.data())
+def test_settings_file_values_never_end_in_a_traceback(data, tmp_path, monkeypatch, capsys):
+    """Any JSON value for any field of a `--config` settings file: a one-line error naming the field, or settings
+    the builder accepts."""
+    import json
+
+    from mu0.training.cli import EXTRACT_SETTING_OPTIONS, EXTRACT_SOURCE_OPTIONS, main
+
+    stub_extraction(monkeypatch)
+    fields = [("", name) for name in EXTRACT_SOURCE_OPTIONS if name not in ("source", "source_path")]
+    fields += [("settings.", name) for name in EXTRACT_SETTING_OPTIONS]
+    prefix, name = data.draw(st.sampled_from(fields))
+    value = data.draw(json_value)
+    options = {"source": "procedural", **({name: value} if not prefix else {"settings": {name: value}})}
+    (tmp_path / "options.json").write_text(json.dumps(options))
+    capsys.readouterr()
+    try:
+        code = main(["extract", "--config", str(tmp_path / "options.json"), "--output-dir", str(tmp_path / "out")])
+    except SystemExit as exit_info:
+        assert exit_info.code == "validated"
+        return
+    error = capsys.readouterr().err.strip()
+    assert code == 1 and error.startswith("mu0 extract: error: ") and "\n" not in error, error
+    assert name in error, error
+
+
+@FAST
+@given(field=st.sampled_from(["history_length", "horizon", "max_prompt_length", "max_queries", "delta_scale",
+                              "depth_log_range"]), value=json_value)
+def test_processor_config_values_load_or_are_named(processor, tmp_path_factory, field, value):
+    """Any JSON value for a field of processor_config.json: the processor loads with a usable value, or loading
+    fails with a ValueError naming the field."""
+    import json
+
+    from mu0 import Mu0Processor
+
+    folder = tmp_path_factory.mktemp("processor")
+    processor.save_pretrained(folder)
+    path = folder / "processor_config.json"
+    config = json.loads(path.read_text())
+    config[field] = value
+    path.write_text(json.dumps(config))
+    loaded = raises_value_error_naming(lambda: Mu0Processor.from_pretrained(folder), field)
+    if loaded is not None:
+        assert getattr(loaded, field) == value or value is None

@@ -651,16 +651,26 @@ def add_typed_option(parser: argparse.ArgumentParser, dest: str, kind, help_text
 
 
 def check_extract_options(config: dict, settings: dict, where: str) -> None:
-    """Values from a settings file get the flags' type and range checks, naming the key, before any episode."""
-    for options, rules, prefix in ((config, EXTRACT_SOURCE_OPTIONS, ""), (settings, EXTRACT_SETTING_OPTIONS, "settings.")):
+    """Values from a settings file get the flags' type and range checks, naming the key, before any episode. None is
+    accepted only where it is the field's default (it means "not set")."""
+    from dataclasses import fields
+
+    from ..dataset_builders.extraction import ExtractionSettings
+    from ..dataset_builders.trace_extract import TraceExtractConfig
+
+    for options, rules, kind, prefix in ((config, EXTRACT_SOURCE_OPTIONS, TraceExtractConfig, ""),
+                                         (settings, EXTRACT_SETTING_OPTIONS, ExtractionSettings, "settings.")):
+        optional = {field.name for field in fields(kind) if field.default is None}
         for name, value in options.items():
             rule = rules.get(name)
-            if isinstance(rule, Number) and value is not None:
+            if rule is None or (value is None and name in optional):
+                continue  # unknown keys are named by the builder's own check
+            if isinstance(rule, Number):
                 try:
                     rule.check(value)
                 except ValueError as error:
                     raise ValueError(f"{prefix}{name} in {where} {error}.") from None
-            elif rule in (str, bool) and value is not None and not isinstance(value, rule):
+            elif not isinstance(value, rule):
                 raise ValueError(f"{prefix}{name} in {where} must be a {rule.__name__}, got {value!r}.")
 
 
@@ -911,11 +921,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def is_failed_write(error: BaseException) -> bool:
     """A write that the file system refused, however the writer words it: torch's zip writer says "[enforce fail at
-    inline_container.cc] unexpected pos", safetensors raises a SafetensorError naming only the OS error."""
+    inline_container.cc] unexpected pos" or "basic_ios::clear: iostream error", safetensors raises a SafetensorError
+    naming only the OS error."""
     if isinstance(error, OSError):
         return error.errno in (errno.ENOSPC, errno.EDQUOT)
     message = str(error)
-    return ("inline_container" in message or "PytorchStreamWriter" in message
+    return (any(text in message for text in ("inline_container", "PytorchStreamWriter", "iostream error"))
             or (type(error).__name__ == "SafetensorError" and "serializ" in message))
 
 
