@@ -25,26 +25,67 @@ def time_colours(values: np.ndarray) -> np.ndarray:
     return turbo_colormap(0.1 + 0.85 * np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0))
 
 
-def _draw_legend(canvas: Image.Image, labels: tuple[str, str], size: int) -> None:
-    """A time colour bar with its end labels in the bottom-left corner, on a dark box."""
+def _legend_font(size: int):
     from PIL import ImageFont
 
-    font = ImageFont.load_default(size=max(10, round(size * 1.2)))
+    return ImageFont.load_default(size=max(10, round(size * 1.2)))
+
+
+def _legend_box(canvas: Image.Image, labels: tuple[str, str], size: int) -> tuple[float, float]:
+    """Width and height of the colour bar's box."""
+    draw, font = ImageDraw.Draw(canvas), _legend_font(size)
+    margin = max(3, size // 2)
+    width = draw.textlength(labels[0], font=font) + size * 8 + draw.textlength(labels[1], font=font) + 4 * margin
+    return width, font.size + 2 * margin
+
+
+def _free_corner(canvas: Image.Image, box: tuple[float, float], points: np.ndarray, margin: int,
+                 taken: tuple[str, ...] = ()) -> tuple[float, float]:
+    """The top-left position of a `box` in the canvas corner covering the fewest of `points` (P, 2) (within
+    `margin` of the box), then farthest from them, so a legend never hides the queries it explains."""
+    width, height = box
+    corners = {"bottom-left": (margin, canvas.height - height - margin),
+               "bottom-right": (canvas.width - width - margin, canvas.height - height - margin),
+               "top-right": (canvas.width - width - margin, margin), "top-left": (margin, margin)}
+    finite = points[np.isfinite(points).all(-1)]
+
+    def crowding(corner: tuple[float, float]) -> tuple[int, float]:
+        left, top = corner
+        # per point, its distance outside the box along x and y (0 inside)
+        dx = np.maximum(np.maximum(left - finite[:, 0], finite[:, 0] - left - width), 0)
+        dy = np.maximum(np.maximum(top - finite[:, 1], finite[:, 1] - top - height), 0)
+        distance = np.hypot(dx, dy)
+        return int((distance <= margin).sum()), -float(distance.min(initial=np.inf))
+
+    return min((corner for name, corner in corners.items() if name not in taken), key=crowding)
+
+
+def _draw_legend(canvas: Image.Image, labels: tuple[str, str], size: int, corner: tuple[float, float]) -> None:
+    """A time colour bar with its end labels on a dark box whose top-left is `corner`."""
+    font = _legend_font(size)
     draw = ImageDraw.Draw(canvas)
     bar_width, bar_height, margin = size * 8, max(3, size // 2), max(3, size // 2)
     left_width = draw.textlength(labels[0], font=font)
-    right_width = draw.textlength(labels[1], font=font)
-    box_width = left_width + bar_width + right_width + 4 * margin
-    box_height = font.size + 2 * margin
-    top = canvas.height - box_height - margin
-    draw.rectangle([margin, top, margin + box_width, top + box_height], fill=(0, 0, 0))
+    box_width, box_height = _legend_box(canvas, labels, size)
+    left, top = corner
+    draw.rectangle([left, top, left + box_width, top + box_height], fill=(0, 0, 0))
     centre = top + box_height / 2
-    draw.text((2 * margin, centre), labels[0], fill=(255, 255, 255), font=font, anchor="lm")
-    bar_left = 3 * margin + left_width
+    draw.text((left + margin, centre), labels[0], fill=(255, 255, 255), font=font, anchor="lm")
+    bar_left = left + 2 * margin + left_width
     colours = (time_colours(np.linspace(0, 1, bar_width)) * 255).astype(int)
     for offset, fill in enumerate(colours):
         draw.line([(bar_left + offset, centre - bar_height), (bar_left + offset, centre + bar_height)], fill=tuple(fill))
     draw.text((bar_left + bar_width + margin, centre), labels[1], fill=(255, 255, 255), font=font, anchor="lm")
+
+
+def _draw_title(canvas: Image.Image, text: str, size: int) -> None:
+    """A panel label ("ground truth", "mu0 prediction") in white on a dark box in the top-left corner."""
+    font = _legend_font(size)
+    margin = max(3, size // 2)
+    draw = ImageDraw.Draw(canvas)
+    left, top, right, bottom = draw.textbbox((2 * margin, 2 * margin), text, font=font)
+    draw.rectangle([margin, margin, right + margin, bottom + margin], fill=(0, 0, 0))
+    draw.text((2 * margin, 2 * margin), text, fill=(255, 255, 255), font=font)
 
 
 def draw_traces(
@@ -57,6 +98,7 @@ def draw_traces(
     colour: tuple[int, int, int] | None = None,
     anchors: np.ndarray | None = None,
     legend: bool = True,
+    title: str | None = None,
 ) -> Image.Image:
     """Overlay pixel traces (N, H, 2) on an image: each segment coloured by time (`time_colours`: blue = now, red =
     the last step), a white start dot per query, and steps after a predicted stop (`alive` False) not drawn.
@@ -64,7 +106,8 @@ def draw_traces(
     Small frames are upscaled (`scale`, default `overlay_scale`) and lines and dots grow with the output size, so
     traces read the same on a 96² crop and a 960×540 photo. `colour` draws every trace in one colour instead.
     `anchors` (N, 2), the queries' current pixels, start each trace where its point is now (model traces begin one
-    step later). `legend` adds the time colour bar.
+    step later). `legend` adds the time colour bar, in the corner covering the fewest trace points; `title` labels
+    the panel in its top-left corner (e.g. "ground truth" beside "prediction").
     """
     canvas = Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
     scale = overlay_scale(canvas.height, canvas.width) if scale is None else scale
@@ -100,8 +143,15 @@ def draw_traces(
             x, y = trace[0]
             draw.ellipse([x - dot_radius, y - dot_radius, x + dot_radius, y + dot_radius], fill=(255, 255, 255),
                          outline=(0, 0, 0), width=max(1, dot_radius // 3))
+    text_size = max(6, round(max(canvas.size) / 64))
+    if title:
+        _draw_title(canvas, title, text_size)
     if legend and colour is None:
-        _draw_legend(canvas, ("now" if anchors is not None else "+1", f"+{horizon} steps"), max(6, round(max(canvas.size) / 64)))
+        labels = ("now" if anchors is not None else "+1", f"+{horizon} steps")
+        drawn = points[np.concatenate([np.ones_like(alive[:, :1]), alive[:, 1:]], axis=1)]  # starts, and live steps
+        corner = _free_corner(canvas, _legend_box(canvas, labels, text_size), drawn, max(3, text_size // 2) + dot_radius
+                              + line_width, taken=("top-left",) if title else ())
+        _draw_legend(canvas, labels, text_size, corner)
     return canvas
 
 
@@ -269,7 +319,9 @@ def plot_traces_3d(traces: dict[str, np.ndarray], path: str, title: str = "") ->
     """Save a 3D plot of camera-frame traces: `traces` maps a label to (N, H, 3) arrays of (x, y, z) in metres.
 
     Segments are coloured by time on the overlays' scale (blue = first step, red = last, with a colour bar); labels
-    differ by line style. Axes are equal and limited to the 2nd-98th percentiles of the points (`robust_limits`).
+    differ by line style, and the first label (the reference, e.g. ground truth) is drawn widest and on top, so a
+    prediction that follows it closely does not hide it. Axes are equal and limited to the 2nd-98th percentiles of
+    the points (`robust_limits`).
     """
     try:
         import matplotlib
@@ -283,12 +335,14 @@ def plot_traces_3d(traces: dict[str, np.ndarray], path: str, title: str = "") ->
         raise ImportError("plot_traces_3d needs matplotlib: pip install 'mu0[viz]'.") from error
     figure = plt.figure(figsize=(7, 5.5))
     axes = figure.add_subplot(projection="3d")
+    axes.computed_zorder = False  # draw in the given zorder (the reference on top), not by depth
     styles = ("solid", "dashed", "dotted", "dashdot")
     plotted = {label: np.asarray(values, dtype=np.float64)[..., [0, 2, 1]] * [1.0, 1.0, -1.0]  # x, depth, up
                for label, values in traces.items()}
     limits = robust_limits(np.concatenate([values.reshape(-1, 3) for values in plotted.values()]))
     handles = []
-    for (label, values), style in zip(plotted.items(), styles):
+    for rank, ((label, values), style) in enumerate(zip(plotted.items(), styles)):
+        width, order = (2.5, 3 + len(plotted)) if rank == 0 else (1.5, 3 + len(plotted) - rank)
         for trace in values:
             steps = np.linspace(0, 1, max(len(trace) - 1, 1))
             inside = np.isfinite(trace).all(-1) & ((trace >= limits[:, 0]) & (trace <= limits[:, 1])).all(-1)
@@ -296,10 +350,10 @@ def plot_traces_3d(traces: dict[str, np.ndarray], path: str, title: str = "") ->
             if drawn.any():
                 segments = np.stack([trace[:-1], trace[1:]], axis=1)[drawn]
                 axes.add_collection3d(Line3DCollection(segments, colors=time_colours(steps[drawn]), linestyles=style,
-                                                       linewidths=1.5))
+                                                       linewidths=width, zorder=order))
             if inside[0]:
-                axes.scatter(*trace[0], color="black", s=6)
-        handles.append(Line2D([], [], color="0.3", linestyle=style, label=label))
+                axes.scatter(*trace[0], color="black", s=6, zorder=order)
+        handles.append(Line2D([], [], color="0.3", linestyle=style, linewidth=width, label=label))
     axes.set_xlim(*limits[0])
     axes.set_ylim(*limits[1])
     axes.set_zlim(*limits[2])

@@ -144,8 +144,8 @@ def test_legend_shows_the_time_scale_from_blue_to_red():
     trace = np.array([[[100.0, 100.0], [200.0, 100.0]]])
     with_legend = np.asarray(draw_traces(image, trace))
     without = np.asarray(draw_traces(image, trace, legend=False))
-    corner = with_legend[-80:, :300].reshape(-1, 3).astype(int)
-    assert (without[-80:, :300] == 128).all()
+    corner = with_legend[-80:].reshape(-1, 3).astype(int)  # a bottom corner: the trace is near the top-left
+    assert (without[-80:] == 128).all()
     assert ((corner[:, 2] - corner[:, 0]) > 120).any() and ((corner[:, 0] - corner[:, 2]) > 120).any()
 
 
@@ -159,3 +159,37 @@ def test_3d_limits_ignore_a_far_outlier_and_share_one_span():
     spans = limits[:, 1] - limits[:, 0]
     np.testing.assert_allclose(spans, spans[0])  # equal aspect
     assert limits[2, 1] < 2.0 and limits[2, 0] < 0.45 and limits[0, 0] < -0.28 and limits[0, 1] > 0.28
+
+
+def test_the_legend_takes_the_corner_free_of_traces_and_panels_get_a_title():
+    """The colour bar sat in the bottom-left corner over the grid points there; evaluation panels had no label."""
+    image = np.full((96, 96, 3), 128, dtype=np.uint8)
+    anchors = np.array([[x, y] for x in range(6, 96, 12) for y in range(54, 96, 12)], dtype=np.float64)
+    traces = anchors[:, None] + np.linspace(1, 4, 8)[None, :, None] * [1.0, -0.5]
+    with_legend = np.asarray(draw_traces(image, traces, anchors=anchors, title="ground truth"))
+    without = np.asarray(draw_traces(image, traces, anchors=anchors, legend=False))
+    height, width = with_legend.shape[:2]
+    bottom = slice(height // 2, height)
+    np.testing.assert_array_equal(with_legend[bottom], without[bottom])  # no trace in the lower half is covered
+    top_right = with_legend[: height // 8, width // 2 :].reshape(-1, 3).astype(int)
+    assert ((top_right[:, 2] - top_right[:, 0]) > 120).any() and ((top_right[:, 0] - top_right[:, 2]) > 120).any()
+    top_left = with_legend[: height // 12, : width // 3]
+    assert (top_left == 0).all(-1).mean() > 0.1 and (top_left > 200).all(-1).any()  # light text on a black box
+    assert (without[: height // 12, : width // 3] == 128).all()
+
+
+def test_the_3d_reference_is_drawn_widest_and_on_top(tmp_path, monkeypatch):
+    """In traces_3d.png the ground truth was hidden under μ0's lines."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    truth = np.random.default_rng(0).normal(size=(3, 8, 3)) * 0.1 + [0, 0, 1]
+    plot_traces_3d({"ground truth": truth, "mu0": truth + 0.001}, str(tmp_path / "plot.png"))
+    axes = figures[0].axes[0]
+    from mpl_toolkits.mplot3d.art3d import Line3DCollection
+
+    lines = [collection for collection in axes.collections if isinstance(collection, Line3DCollection)]
+    widest = max(lines, key=lambda collection: collection.get_linewidths()[0])
+    assert not axes.computed_zorder and widest.get_linewidths()[0] > 2
+    assert all(widest.get_zorder() > other.get_zorder() for other in lines if other.get_linewidths()[0] < 2)

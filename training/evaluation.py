@@ -148,8 +148,9 @@ def save_overlay(row: dict, predictions: PredictionSet, name: str, row_number: i
     now = to_pixels(predictions.anchors[queries, :2], height, width)
     panels = [
         draw_traces(image, to_pixels(predictions.targets[queries, :, :2], height, width),
-                    predictions.valid[queries].numpy(), anchors=now),
-        draw_traces(image, to_pixels(predictions.traces[name][0, queries, :, :2], height, width), anchors=now),
+                    predictions.valid[queries].numpy(), anchors=now, title="ground truth"),
+        draw_traces(image, to_pixels(predictions.traces[name][0, queries, :, :2], height, width), anchors=now,
+                    title=f"{name}, sample 1"),
     ]
     canvas = Image.new("RGB", (panels[0].width * 2 + 8, panels[0].height), (255, 255, 255))
     canvas.paste(panels[0], (0, 0))
