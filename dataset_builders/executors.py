@@ -36,7 +36,7 @@ from .extraction import (
 )
 from .sources import EpisodeRef
 from .statistics import save_statistics
-from .trace_extract import REF_LISTERS, TraceExtract, TraceExtractConfig
+from .trace_extract import GENERATED_SOURCES, REF_LISTERS, TraceExtract, TraceExtractConfig
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(TraceExtractConfig) if 
 SETTING_FIELDS = tuple(f.name for f in dataclasses.fields(ExtractionSettings))
 # what may differ between runs sharing a work folder: which episodes, not how each is extracted
 NOT_RECORDED = ("num_episodes", "shard_index", "num_shards")
+GENERATION_FIELDS = ("num_episodes", "seed", "num_frames", "image_size", "moving_camera")  # procedural/mujoco only
 
 
 def read_options(path: str) -> tuple[dict, dict]:
@@ -400,7 +401,10 @@ def extract_to_folder(config: dict, settings: dict, output_dir: str, executor=No
     tables, statistics = _write_outputs(work_dir, {**config, "episode_ids": sorted(extracted)}, settings, output_dir)
     failures = _failures(work_dir, {ref.episode_id for ref in refs} - set(extracted))
     _write_atomically(os.path.join(output_dir, "failures.jsonl"), "".join(json.dumps(f) + "\n" for f in failures))
-    _write_atomically(os.path.join(output_dir, SETTINGS_FILE), json.dumps(resolved, indent=2, sort_keys=True))
+    # only the fields this source reads: a video run's file holds no procedural num_frames or image_size
+    unused = () if builder.config.source in GENERATED_SOURCES else GENERATION_FIELDS
+    recorded = {key: value for key, value in resolved.items() if key not in unused and value is not None}
+    _write_atomically(os.path.join(output_dir, SETTINGS_FILE), json.dumps(recorded, indent=2, sort_keys=True))
     summary.update(samples=len(tables["samples"]), statistics=statistics, workers=sorted(workers))
     if push_to_hub:
         from ..training.pretrain import push_samples_to_hub

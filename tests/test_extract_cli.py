@@ -60,6 +60,8 @@ def test_extract_writes_datasets_statistics_and_failures(tmp_path, capsys):
     assert {(f["episode_id"], f["kind"]) for f in failures} == {("episode_5", "rejected"), ("episode_9", "failed")}
     assert "too short" in next(f["reason"] for f in failures if f["episode_id"] == "episode_5")
     assert not list(output.glob("**/*.tmp"))
+    recorded = json.loads((output / "extract_settings.json").read_text())  # held procedural fields for a folder
+    assert recorded["source"] == "rgbd" and not {"num_frames", "image_size", "num_episodes", "seed"} & set(recorded)
 
 
 def test_settings_file_flags_override_it_and_the_run_resumes(tmp_path, capsys):
