@@ -596,7 +596,7 @@ EXTRACT_SETTING_OPTIONS = {"depth": str, "camera": str, "keypoints": str, "track
                            "field_of_view": Number(float, 0, 180, low_excluded=True, high_excluded=True),
                            "dino_model": str, "cotracker_model": str, "cotracker_repo": str,
                            "cotracker_checkpoint": str, "caption_model": str, "min_coverage": Number(float, 0, 1),
-                           "history": positive_int, "horizon": positive_int, "retarget_steps": positive_int,
+                           "history": non_negative_int, "horizon": positive_int, "retarget_steps": positive_int,
                            "retarget_step": positive_float, "frame_stride": positive_int, "static_queries": bool,
                            "seed": seed_int}
 EXTRACT_BACKENDS = {"depth": ("given", "depth_anything"), "camera": ("given", "static", "estimated"),
