@@ -324,13 +324,15 @@ def test_numeric_flags_give_a_valid_value_or_an_error_naming_the_flag(data, caps
 
 
 def stub_extraction(monkeypatch) -> None:
-    """Everything `mu0 extract` checks before extracting, without extracting: the config and settings are built and
-    validated as the builder does."""
+    """Everything `mu0 extract` checks before extracting, without extracting: the config and settings are built as
+    the builder builds them, and the episode list must hold exactly the episodes asked for."""
     from mu0.dataset_builders import executors
-    from mu0.dataset_builders.trace_extract import TraceExtractConfig
+    from mu0.dataset_builders.trace_extract import REF_LISTERS, TraceExtractConfig
 
     def validate_only(config, settings, output_dir, **kwargs):
-        TraceExtractConfig(name="samples", **config, settings=settings).extraction  # noqa: B018 (builds and checks)
+        built = TraceExtractConfig(name="samples", **config, settings=settings)
+        assert built.extraction.horizon >= 1 and built.extraction.retarget_step > 0
+        assert len(REF_LISTERS[built.source](built)) == built.num_episodes  # -2 gave 999 998 episodes
         raise SystemExit("validated")
 
     monkeypatch.setattr(executors, "extract_to_folder", validate_only)
