@@ -65,7 +65,7 @@ class Number:
     def check(self, value):
         """`value` itself if it is of this kind and in range, else a ValueError saying what is wanted."""
         kinds = (int, float) if self.kind is float else (int,)
-        if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, kinds) or (isinstance(value, float) and not math.isfinite(value)):
             raise ValueError(f"must be {self.wanted}, got {value!r}")
         below = self.low is not None and (value <= self.low if self.low_excluded else value < self.low)
         above = self.high is not None and (value >= self.high if self.high_excluded else value > self.high)
@@ -79,10 +79,6 @@ class Number:
         except (ValueError, OverflowError) as error:
             message = str(error) if str(error).startswith("must be") else f"must be {self.wanted}, got {text!r}"
             raise argparse.ArgumentTypeError(message) from None
-
-    @property
-    def __name__(self) -> str:  # argparse names a type in some messages
-        return self.kind.__name__
 
 
 positive_int = Number(int, 1)
@@ -586,18 +582,19 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 # the flags of `mu0 extract`: TraceExtractConfig fields, then ExtractionSettings fields, each with its type and range
-# (a test keeps both complete, and the backend choices and defaults equal ExtractionSettings')
+# (upper bounds are sanity limits far above real use); a test keeps both complete, and the backend choices and
+# defaults equal ExtractionSettings'.
 EXTRACT_SOURCE_OPTIONS = {"source": str, "source_path": str, "num_episodes": Number(int, 1, 1_000_000),
-                          "seed": seed_int, "num_frames": Number(int, 2), "image_size": Number(int, 16, 2048),
+                          "seed": seed_int, "num_frames": Number(int, 2, 10_000), "image_size": Number(int, 16, 2048),
                           "moving_camera": bool, "target_fps": positive_float, "camera_key": str,
-                          "shard_index": non_negative_int, "num_shards": positive_int}
+                          "shard_index": non_negative_int, "num_shards": Number(int, 1, 1_000_000)}
 EXTRACT_SETTING_OPTIONS = {"depth": str, "camera": str, "keypoints": str, "tracker": str, "captions": str,
-                           "num_keypoints": positive_int, "lk_window": Number(int, 3, odd=True), "depth_model": str,
+                           "num_keypoints": Number(int, 1, 65_536), "lk_window": Number(int, 3, 255, odd=True), "depth_model": str,
                            "field_of_view": Number(float, 0, 180, low_excluded=True, high_excluded=True),
                            "dino_model": str, "cotracker_model": str, "cotracker_repo": str,
                            "cotracker_checkpoint": str, "caption_model": str, "min_coverage": Number(float, 0, 1),
-                           "history": non_negative_int, "horizon": positive_int, "retarget_steps": positive_int,
-                           "retarget_step": positive_float, "frame_stride": positive_int, "static_queries": bool,
+                           "history": Number(int, 0, 1000), "horizon": Number(int, 1, 1000), "retarget_steps": Number(int, 1, 1000),
+                           "retarget_step": positive_float, "frame_stride": Number(int, 1, 100_000), "static_queries": bool,
                            "seed": seed_int}
 EXTRACT_BACKENDS = {"depth": ("given", "depth_anything"), "camera": ("given", "static", "estimated"),
                     "keypoints": ("given", "grid", "motion", "dino"),
