@@ -99,7 +99,8 @@ def project_to_camera(
     """World points (..., N, 3) through one camera: pixel (x, y) and z as (..., N, 3), valid where in front."""
     camera = world @ extrinsics[:3, :3].T + extrinsics[:3, 3]
     z = camera[..., 2]
-    in_front = valid & (z > 1e-3)
+    # Decided on the float32 depth that is returned, so a depth just above 1 mm cannot round down to it.
+    in_front = valid & (z.astype(np.float32) > 1e-3)
     safe_z = np.where(in_front, z, 1.0)
     pixels = (camera[..., :2] / safe_z[..., None]) * np.diag(intrinsics)[:2] + intrinsics[:2, 2]
     traces = np.concatenate([pixels, z[..., None]], axis=-1)
