@@ -78,7 +78,7 @@ def test_regression_trains_clean_values_at_fixed_time(rgb_config, processor):
 
 def test_dense_flow_generates_every_step_without_a_spline(rgb_config, processor):
     model = build("dense_flow", rgb_config).eval()
-    assert model.future_proj.in_features == 3 * rgb_config.horizon
+    assert model.model.future_proj.in_features == 3 * rgb_config.horizon
     assert model.trace_velocity_head.out_features == 3 * rgb_config.horizon
     inputs = inference_inputs(random_batch(processor, with_depth=False))
     noise = torch.randn(2, 1, 3, rgb_config.horizon, 3)
@@ -194,7 +194,7 @@ def test_ablation_switches_change_what_they_should(processor):
     reference = build("mu0", preset_config("tiny")).eval()
 
     no_history = build("mu0", preset_config("tiny", use_history=False)).eval()
-    assert no_history.history_proj is None
+    assert no_history.model.history_proj is None
     with torch.no_grad():
         hidden = dict(inputs, history_mask=torch.zeros_like(inputs["history_mask"]))
         noise = torch.randn(2, 1, 3, 10, 3)
@@ -215,9 +215,9 @@ def test_ablation_switches_change_what_they_should(processor):
     torch.testing.assert_close(dropped.loss, kept.loss - 5.0 * kept.rigidity_loss)
 
     no_dino = build("mu0", preset_config("tiny", use_dino=False))
-    assert no_dino.dino is None and no_dino.dino_fusion_in is None
+    assert no_dino.model.dino is None and no_dino.model.dino_fusion_in is None
     no_depth = build("mu0", preset_config("tiny", use_depth=False))
-    assert not no_depth._depth_lora_layers
+    assert not no_depth.model.depth_lora_layers
     for control_points in (4, 7):
         model = build("mu0", preset_config("tiny", num_control_points=control_points)).eval()
         assert model.predict_traces(**inputs).control_points.shape[-2] == control_points

@@ -63,3 +63,32 @@ def test_legacy_action_checkpoint_gives_identical_actions():
         generator=torch.Generator().manual_seed(4),
     )
     torch.testing.assert_close(actions, saved["actions"], rtol=0, atol=0)
+
+
+def test_a_legacy_checkpoint_is_resaved_in_the_current_layout(tmp_path):
+    """Loading renames the keys; saving must not rename them back (transformers reverts load-time renames)."""
+    Mu0ForTracePrediction.from_pretrained(TRACE_DIR).save_pretrained(tmp_path)
+    keys = set(load_file(str(tmp_path / "model.safetensors")))
+    assert "model.expert_layers.0.attention.q_proj.weight" in keys and "trace_velocity_head.weight" in keys
+    assert not any(key.startswith(("vlm.", "expert_layers.", "dino.")) for key in keys)
+    _, info = Mu0ForTracePrediction.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_a_seed_draws_the_weights_it_drew_before_the_split():
+    """Seeded experiments and tests keep their initial weights: the base model's init waits for the heads.
+
+    The fixture is seed 0's initialisation, except the tensors that start at zero (adaLN gates, done head, ...),
+    which were then drawn at random so that every weight shapes the outputs.
+    """
+    legacy = Mu0ForTracePrediction.from_pretrained(TRACE_DIR).state_dict()
+    torch.manual_seed(0)
+    fresh = Mu0ForTracePrediction(legacy_config()).state_dict()
+    compared = [key for key, tensor in fresh.items() if tensor.abs().sum() > 0]
+    assert len(compared) > 100
+    for key in compared:
+        torch.testing.assert_close(fresh[key], legacy[key], rtol=0, atol=0, msg=key)
+
+
+def legacy_config():
+    return Mu0ForTracePrediction.config_class.from_pretrained(TRACE_DIR)
