@@ -255,6 +255,28 @@ def _find_stats(path: str) -> str:
     )
 
 
+def read_released_config(path: str) -> dict:
+    """The draccus config of a released step folder, after checking the folder is one (config.json of a SmolVLA
+    trace-mode policy beside model.safetensors); anything else is refused as "not a released checkpoint"."""
+    if not os.path.isdir(path):
+        raise ValueError(f"not a released checkpoint: {path} is not a folder (pass the release's final_ckpt/ step folder).")
+    absent = [name for name in ("config.json", "model.safetensors") if not os.path.isfile(os.path.join(path, name))]
+    if absent:
+        raise ValueError(f"not a released checkpoint: {path} has no {' or '.join(absent)} (pass the release's final_ckpt/).")
+    try:
+        with open(os.path.join(path, "config.json")) as handle:
+            released = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not a released checkpoint: {path}/config.json is not JSON ({error}).") from None
+    if not isinstance(released, dict) or released.get("type") != "smolvla" or not released.get("trace_mode"):
+        kind = released.get("model_type") or released.get("type") if isinstance(released, dict) else type(released).__name__
+        raise ValueError(
+            f"not a released checkpoint: {path}/config.json describes {kind!r}, not a SmolVLA policy in trace mode"
+            + (" (it is already a μ0 folder: load it with from_pretrained)." if kind == "mu0" else ".")
+        )
+    return released
+
+
 def convert_released_checkpoint(
     path: str,
     vlm_config: PreTrainedConfig | dict | None = None,
@@ -274,8 +296,7 @@ def convert_released_checkpoint(
 
     from .processing import Mu0ImageProcessor, Mu0Processor
 
-    with open(os.path.join(path, "config.json")) as handle:
-        released_config = json.load(handle)
+    released_config = read_released_config(path)
     config = mu0_config_from_released(released_config, vlm_config, dino_config)
     if not isinstance(normalizer_stats, dict):
         normalizer_stats = load_normalizer_stats(normalizer_stats or _find_stats(path))
@@ -382,5 +403,6 @@ __all__ = [
     "convert_state_dict",
     "load_normalizer_stats",
     "mu0_config_from_released",
+    "read_released_config",
     "released_batch_to_inputs",
 ]

@@ -159,6 +159,16 @@ def sampling_steps(num_steps: int | None, default: int, **counts: int) -> int:
     return num_steps
 
 
+def require_finite(where: str, *tensors: torch.Tensor | None) -> None:
+    """Stop at the first NaN/inf output, naming where it appeared, instead of returning NaN traces."""
+    for tensor in tensors:
+        if tensor is not None and not torch.isfinite(tensor).all():
+            raise FloatingPointError(
+                f"The trace expert produced NaN or inf values at {where}: the weights have diverged or the inputs "
+                "are out of range (check them with torch.isfinite)."
+            )
+
+
 def sample_flow_time(
     batch_size: int, alpha: float, beta: float, scale: float, offset: float, device: torch.device
 ) -> torch.Tensor:
@@ -470,12 +480,14 @@ def legacy_key(key: str) -> str:
 
 
 class Mu0FrozenPartsMixin:
-    """Loading rules shared by μ0 models: frozen parts re-applied, and flat-layout checkpoints renamed.
+    """Loading rules shared by μ0 models.
 
-    Which parameters train is a function of the config: `from_pretrained` rebuilds parameters from the checkpoint
-    with `requires_grad=True`, which would silently train a frozen 2 B backbone on every resume or fine-tune.
-    `_legacy_key_mapping` renames checkpoints saved before the `Mu0Model` split; the model then saves in the
-    current layout.
+    - Which parameters train is a function of the config: `from_pretrained` rebuilds parameters from the checkpoint
+      with `requires_grad=True`, which would silently train a frozen 2 B backbone on every resume or fine-tune.
+    - `_legacy_key_mapping` renames checkpoints saved before the `Mu0Model` split; the model then saves in the
+      current layout.
+    - A checkpoint missing weights or holding NaN/inf is refused: transformers would fill the gaps with random
+      weights (a warning in a log) and load the non-finite values, and either way predict garbage.
     """
 
     _legacy_key_mapping: dict[str, str] = {}
@@ -484,14 +496,26 @@ class Mu0FrozenPartsMixin:
         raise NotImplementedError
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         kwargs["key_mapping"] = {**cls._legacy_key_mapping, **(kwargs.get("key_mapping") or {})}
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        wants_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        missing = sorted(loading_info["missing_keys"])
+        if missing:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} is an incomplete {cls.__name__} checkpoint: {len(missing)} weights are "
+                f"missing, e.g. {missing[:5]}. Its model.safetensors was cut short or saved from another configuration."
+            )
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
+                raise ValueError(
+                    f"{pretrained_model_name_or_path} holds NaN or inf values in {name!r}: the checkpoint was saved from "
+                    "a diverged run or is corrupt; load an earlier one."
+                )
         # Without this, save_pretrained would write the renamed keys back in the legacy layout.
         model.__dict__.pop("_weight_conversions", None)
         model.apply_frozen_parts()
-        return loaded
+        return (model, loading_info) if wants_loading_info else model
 
 
 class Mu0PreTrainedModel(Mu0FrozenPartsMixin, PreTrainedModel):
@@ -1126,11 +1150,13 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
         scheduler = self.make_scheduler(num_steps)
         sample = noise.flatten(0, 1)
         done_logits = None
-        for timestep in scheduler.timesteps:
+        for index, timestep in enumerate(scheduler.timesteps):
             time = (timestep / scheduler.config.num_train_timesteps).expand(sample.shape[0]).to(sample.device)
             velocity, done_logits = self.denoise_step(
                 prefix if use_prefix_cache else prefix_for_samples(), sample, time, **context
             )
+            require_finite(f"denoising step {index + 1} of {len(scheduler.timesteps)} (flow time {time[0].item():.3f})",
+                           velocity, done_logits)
             sample = scheduler.step(velocity, timestep, sample).prev_sample
         return self.trace_prediction(sample.view(shape), done_logits)
 
@@ -1146,6 +1172,7 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
             query_points.new_ones(shape[0], dtype=torch.float32), query_mask, fourier, dino_features, history,
             history_mask,
         )
+        require_finite("the regression pass", values, done_logits)
         num_samples = shape[1]
         if done_logits is not None:
             done_logits = done_logits.repeat_interleave(num_samples, dim=0)

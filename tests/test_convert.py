@@ -192,6 +192,23 @@ def test_unknown_keys_shape_mismatches_and_unsupported_configs_fail_by_name(tmp_
         convert_released_checkpoint(str(broken))
 
 
+def test_folders_that_are_not_released_checkpoints_are_refused(tmp_path, converted):
+    """A missing folder, an empty one, a μ0 folder and a non-trace policy: each once failed with a bare
+    FileNotFoundError or KeyError from deep inside the converter."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ours = tmp_path / "ours"
+    converted[0].save_pretrained(ours)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"type": "smolvla", "trace_mode": False}))
+    save_file({"x": torch.zeros(1)}, other / "model.safetensors")
+    for folder, detail in ((tmp_path / "absent", "is not a folder"), (empty, "has no config.json or model.safetensors"),
+                           (ours, "already a μ0 folder"), (other, "not a SmolVLA policy in trace mode")):
+        with pytest.raises(ValueError, match=f"not a released checkpoint: .*{detail}"):
+            convert_released_checkpoint(str(folder))
+
+
 # ---------------------------------------------------------------------------------------------------- parity
 def fp32_pair(release, converted):
     _, cfg, state, vlm, dino = release

@@ -2,10 +2,12 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from conftest import inference_inputs, make_model, random_batch
 from transformers import AutoConfig, AutoModel, AutoProcessor
@@ -87,3 +89,33 @@ def test_trust_remote_code_without_mu0_gives_identical_predictions(tmp_path, tin
     torch.testing.assert_close(remote["pixel_values"], batch["pixel_values"])
     torch.testing.assert_close(remote["traces"], local.traces)
     assert local.traces.abs().max() > 0
+
+
+def test_a_checkpoint_holding_nan_or_inf_is_refused_naming_the_tensor(tmp_path, tiny_config, tiny_processor):
+    from safetensors.torch import load_file, save_file
+
+    save_checkpoint(tmp_path, tiny_config, tiny_processor)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    for key, bad in (("model.expert_layers.1.mlp.up_proj.weight", float("nan")), ("trace_done_head.bias", float("inf"))):
+        broken = dict(weights)
+        broken[key] = broken[key].clone()
+        broken[key].view(-1)[3] = bad
+        save_file(broken, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+        with pytest.raises(ValueError, match=re.escape(repr(key))):
+            Mu0ForTracePrediction.from_pretrained(tmp_path)
+
+
+def test_an_incomplete_checkpoint_is_refused_naming_the_missing_weights(tmp_path, tiny_config, tiny_processor):
+    """transformers fills missing weights with random ones and only logs it; a real save holds every weight."""
+    from safetensors.torch import load_file, save_file
+
+    save_checkpoint(tmp_path, tiny_config, tiny_processor)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    _, info = Mu0ForTracePrediction.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"]
+    del weights["trace_velocity_head.weight"]
+    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"incomplete Mu0ForTracePrediction checkpoint: 1 weights are missing.*trace_velocity_head\.weight"):
+        Mu0ForTracePrediction.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="trace_velocity_head.weight"):
+        AutoModel.from_pretrained(tmp_path)

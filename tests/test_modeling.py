@@ -1,8 +1,11 @@
 """Mu0Config and Mu0ForTracePrediction: construction, losses, sampling, invariances and input validation."""
 
+import json
+
 import pytest
 import torch
 from conftest import inference_inputs, make_model, make_processor, random_batch
+from transformers import AutoConfig
 
 from mu0 import Mu0Config, Mu0ForTracePrediction
 from mu0.presets import preset_config
@@ -37,6 +40,26 @@ def test_default_config_builds_on_meta_and_counts_parameters():
 def test_invalid_config_combinations_raise(overrides, message):
     with pytest.raises(ValueError, match=message):
         preset_config("tiny", **overrides)
+
+
+@pytest.mark.parametrize(
+    "field, value", [("horizon", "32"), ("use_depth", "no"), ("max_queries", 64.5), ("image_size", True), ("sampler", 1)]
+)
+def test_config_fields_must_hold_their_types(field, value):
+    """A hand-edited config.json once built `use_depth: "no"` as True and `max_queries: 64.5` as is."""
+    with pytest.raises(ValueError, match=rf"Mu0Config\.{field} must be"):
+        preset_config("tiny", **{field: value})
+
+
+def test_a_saved_config_without_its_backbone_config_is_refused(tmp_path, tiny_config):
+    """Without `vlm_config` the default 2.2 B SmolVLM2 used to be built silently, then fed the tiny weights."""
+    tiny_config.save_pretrained(tmp_path)
+    settings = json.loads((tmp_path / "config.json").read_text())
+    del settings["vlm_config"]
+    (tmp_path / "config.json").write_text(json.dumps(settings))
+    for load in (Mu0Config.from_pretrained, AutoConfig.from_pretrained):
+        with pytest.raises(ValueError, match="lacks \\['vlm_config'\\]"):
+            load(tmp_path)
 
 
 def test_config_round_trip(tmp_path, tiny_config):
@@ -126,6 +149,46 @@ def test_rigidity_loss_is_zero_for_rigid_motion_and_positive_for_stretching():
     expected = torch.linspace(0.3, 1.3, 10).var(unbiased=False)
     torch.testing.assert_close(Mu0ForTracePrediction.rigidity_loss(stretched, clusters, valid), expected)
     assert Mu0ForTracePrediction.rigidity_loss(stretched, torch.tensor([[0, 1]]), valid) == 0
+
+
+def test_rigidity_loss_is_the_mean_over_the_pairs_of_a_three_point_cluster():
+    """Two control points; point 1 moves from (1, 0, 0) to (2, 0, 0), points 0 and 2 stay at the origin and (0, 1, 0).
+    Pair distances: (0, 1) 1 -> 2, (0, 2) 1 -> 1, (1, 2) sqrt(2) -> sqrt(5); population variances 1/4, 0 and
+    ((sqrt(5) - sqrt(2)) / 2)^2, averaged over the three pairs of the one cluster."""
+    points = torch.tensor([[[0.0, 0, 0], [0, 0, 0]], [[1, 0, 0], [2, 0, 0]], [[0, 1, 0], [0, 1, 0]]])[None]
+    expected = (0.25 + 0.0 + ((5**0.5 - 2**0.5) / 2) ** 2) / 3
+    loss = Mu0ForTracePrediction.rigidity_loss(points, torch.tensor([[4, 4, 4]]), torch.ones(1, 3, dtype=torch.bool))
+    torch.testing.assert_close(loss, torch.tensor(expected), rtol=1e-6, atol=0)
+
+
+def test_done_loss_targets_the_per_step_validity(tiny_model, tiny_processor):
+    """The done head learns "step k is still valid": BCE against labels_mask, averaged over steps, then queries."""
+    batch = random_batch(tiny_processor)
+    lengths = torch.tensor([[32, 12, 20], [5, 27, 0]])  # the second image has two real queries
+    batch["labels_mask"] = torch.arange(32)[None, None] < lengths[..., None]
+    with torch.no_grad():
+        tiny_model.trace_done_head.weight.normal_(0, 0.5)
+        output = tiny_model(**batch, noise=torch.randn(2, 3, 10, 3), time=torch.tensor([0.3, 0.6]))
+    probability = torch.sigmoid(output.done_logits.double())
+    target = batch["labels_mask"].double()
+    per_step = -(target * probability.log() + (1 - target) * (1 - probability).log())
+    real = batch["query_mask"]
+    expected = per_step.mean(-1)[real].mean()
+    torch.testing.assert_close(output.done_loss.double(), expected, rtol=1e-5, atol=0)
+
+
+def test_non_finite_outputs_stop_sampling_naming_the_step(tiny_model, tiny_processor, monkeypatch):
+    inputs = inference_inputs(random_batch(tiny_processor))
+    denoise_step, calls = tiny_model.denoise_step, []
+
+    def diverging(*args, **kwargs):
+        velocity, done_logits = denoise_step(*args, **kwargs)
+        calls.append(1)
+        return (velocity * float("nan"), done_logits) if len(calls) == 3 else (velocity, done_logits)
+
+    monkeypatch.setattr(tiny_model, "denoise_step", diverging)
+    with pytest.raises(FloatingPointError, match=r"denoising step 3 of 4 \(flow time 0.500\)"):
+        tiny_model.predict_traces(**inputs, num_steps=4)
 
 
 def test_done_head_starts_alive(tiny_model, tiny_processor):
