@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, DynamicCache, PreTrainedConfig, PreTrainedModel
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
@@ -894,6 +895,20 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
         )
         self.post_init()
         self.apply_frozen_parts()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also declares the `trace-prediction` pipeline in config.json and saves its code beside the model's, so
+        `pipeline("trace-prediction", model=folder, trust_remote_code=True)` works where mu0 is not installed."""
+        from .pipeline_mu0 import TASK, Mu0TracePredictionPipeline
+
+        self.config.custom_pipelines = {
+            TASK: {"impl": "pipeline_mu0.Mu0TracePredictionPipeline", "pt": ["AutoModel"], "type": "multimodal"}
+        }
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            del self.config.custom_pipelines  # an in-memory model keeps using the registered pipeline
+        custom_object_save(Mu0TracePredictionPipeline, save_directory)
 
     @property
     def backbone_dtype(self) -> torch.dtype:
