@@ -1,8 +1,8 @@
 """`pipeline("trace-prediction")`: one image, an instruction and query points in, future traces out.
 
-Saved beside every μ0 checkpoint (it imports nothing from mu0), so `pipeline("trace-prediction", model=repo,
-trust_remote_code=True)` works where mu0 is not installed; with mu0 imported the task is also registered for
-models built in code.
+Saved beside every μ0 checkpoint (it needs only numpy, torch and transformers), so
+`pipeline("trace-prediction", model=repo, trust_remote_code=True)` works where mu0 is not installed; with mu0
+imported the task is also registered for models built in code.
 """
 
 import numpy as np
