@@ -13,6 +13,9 @@ _SOURCES = {
     "Mu0Config": ".configuration_mu0",
     "Mu0ActionConfig": ".configuration_mu0_action",
     "Mu0ForTracePrediction": ".modeling_mu0",
+    "Mu0ForDenseTracePrediction": ".modeling_mu0",
+    "Mu0ForTraceRegression": ".modeling_mu0",
+    "Mu0Model": ".modeling_mu0",
     "Mu0PreTrainedModel": ".modeling_mu0",
     "Mu0TraceOutput": ".modeling_mu0",
     "Mu0TracePrediction": ".modeling_mu0",
@@ -32,7 +35,12 @@ def _register_auto_classes() -> None:
 
     from .configuration_mu0 import Mu0Config
     from .configuration_mu0_action import Mu0ActionConfig
-    from .modeling_mu0 import Mu0ForTracePrediction
+    from .modeling_mu0 import (
+        Mu0ForDenseTracePrediction,
+        Mu0ForDenseTraceRegression,
+        Mu0ForTracePrediction,
+        Mu0ForTraceRegression,
+    )
     from .modeling_mu0_action import Mu0ForActionPrediction
     from .pipeline_mu0 import TASK, Mu0TracePredictionPipeline
     from .processing import Mu0ActionProcessor, Mu0ImageProcessor, Mu0Processor
@@ -49,7 +57,8 @@ def _register_auto_classes() -> None:
 
     # save_pretrained also writes the code, so checkpoints load with trust_remote_code where mu0 is not installed.
     Mu0Config.register_for_auto_class()
-    Mu0ForTracePrediction.register_for_auto_class("AutoModel")
+    for trace_model in (Mu0ForTracePrediction, Mu0ForDenseTracePrediction, Mu0ForTraceRegression, Mu0ForDenseTraceRegression):
+        trace_model.register_for_auto_class("AutoModel")  # a saved baseline's auto_map names its own class
     Mu0ActionConfig.register_for_auto_class()
     Mu0ForActionPrediction.register_for_auto_class("AutoModel")
     Mu0ImageProcessor.register_for_auto_class("AutoImageProcessor")

@@ -11,6 +11,7 @@ import copy
 import math
 import re
 import numbers
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -211,6 +212,49 @@ def sinusoidal_time_embedding(time: torch.Tensor, dim: int, min_period: float, m
     period = min_period * (max_period / min_period) ** fraction
     angles = time.to(dtype)[:, None] * (2 * math.pi / period)[None, :]
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+def rigidity_loss(clean_control_points: torch.Tensor, cluster_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Variance over the control-point (or step) index of pairwise distances between same-cluster queries.
+
+    A rigid part keeps its points' mutual distances through time, so a prediction that stretches it pays. As
+    released: the mean over a cluster's pairs, then the mean over every (sample, cluster) with two or more
+    valid queries, so a large cluster weighs as much as a small one.
+    """
+    points = clean_control_points.transpose(1, 2)  # (B, D, N, 3)
+    distances = (points[:, :, :, None, :] - points[:, :, None, :, :]).norm(dim=-1)  # (B, D, N, N)
+    member = valid & (cluster_ids >= 0)
+    same = (cluster_ids[:, :, None] == cluster_ids[:, None, :]) & member[:, :, None] & member[:, None, :]
+    pairs = same & ~torch.eye(same.shape[-1], dtype=torch.bool, device=same.device)[None]
+    cluster_size = same.sum(-1).to(distances.dtype)  # (B, N): valid members of each query's cluster
+    # Each unordered pair appears twice in `pairs`; a cluster of size K has K (K - 1) ordered pairs.
+    pair_weight = pairs / (cluster_size * (cluster_size - 1)).clamp(min=1)[:, :, None]
+    num_clusters = (member & (cluster_size >= 2)).to(distances.dtype) / cluster_size.clamp(min=1)
+    variance = distances.var(dim=1, unbiased=False)
+    return (variance * pair_weight).sum() / num_clusters.sum().clamp(min=1)
+
+
+def history_visible(history: torch.Tensor | None, history_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Queries whose history token is shown: those with at least one valid past step (None without history)."""
+    if history is None:
+        return None
+    if history_mask is None:
+        return torch.ones(history.shape[:2], dtype=torch.bool, device=history.device)
+    return history_mask.bool().any(-1)
+
+
+def flow_scheduler(sampler: str, num_steps: int):
+    """The diffusers flow-matching scheduler of `sampler` ("euler" or "heun") over `num_steps` from t=1 to 0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+
+    if sampler == "heun":
+        scheduler = FlowMatchHeunDiscreteScheduler(shift=1.0)
+        scheduler.set_timesteps(num_steps)
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+        # Uniform Euler from t=1 to 0 (sigmas 1, 1 - 1/n, ..., 1/n, then the terminal 0).
+        scheduler.set_timesteps(sigmas=[1.0 - step / num_steps for step in range(num_steps)])
+    return scheduler
 
 
 def zero_initialised(linear: nn.Linear, bias: float = 0.0) -> nn.Linear:
@@ -460,6 +504,23 @@ def checked_backbone_config(config: Mu0Config, **loading_kwargs) -> Mu0Config:
     for key in ("model_type", "transformers_version", "architectures"):
         settings.pop(key, None)
     return Mu0Config(**settings)
+
+
+def load_backbone_weights(model: "Mu0Model", **loading_kwargs) -> None:
+    """Pretrained VLM and DINOv2 weights (`config.backbone_checkpoint`, `dino_checkpoint`) into a fresh `Mu0Model`,
+    and the pretrained patch convolution into its depth stem; the depth LoRA keeps its initialisation."""
+    config = model.config
+    for module, checkpoint in ((model.vlm, config.backbone_checkpoint), (model.dino, config.dino_checkpoint)):
+        if module is None:
+            continue
+        pretrained = AutoModel.from_pretrained(checkpoint, **loading_kwargs)
+        missing, _ = module.load_state_dict(pretrained.state_dict(), strict=False)
+        missing = [key for key in missing if ".lora_" not in key]
+        if missing:
+            raise ValueError(f"{checkpoint} lacks weights for {len(missing)} parameters, e.g. {missing[:3]}.")
+    if model.depth_patch_embedding is not None:
+        owner, name = _patch_embedding_owner(model.vision_tower)
+        model.depth_patch_embedding.load_state_dict(getattr(owner, name).state_dict())
 
 
 # ------------------------------------------------------------------------------------------ checkpoint layout
@@ -831,15 +892,6 @@ class Mu0Model(Mu0PreTrainedModel):
         positions = prefix.attention_mask.long().sum(-1, keepdim=True)
         return rotary_embedding(positions, self.head_dim, self.config.rope_max_wavelength, self.expert_dtype)
 
-    @staticmethod
-    def history_visible(history: torch.Tensor | None, history_mask: torch.Tensor | None) -> torch.Tensor | None:
-        """Queries whose history token is shown: those with at least one valid past step (None without history)."""
-        if history is None:
-            return None
-        if history_mask is None:
-            return torch.ones(history.shape[:2], dtype=torch.bool, device=history.device)
-        return history_mask.bool().any(-1)
-
     def forward(
         self,
         prefix: Mu0Prefix,
@@ -865,7 +917,7 @@ class Mu0Model(Mu0PreTrainedModel):
             )
         hidden_states = self.embed_suffix(noisy_traces, query_mask, fourier, dino_features, history)
         condition = self.time_embedder(time)
-        mask = self.suffix_attention_mask(prefix.attention_mask, query_mask, self.history_visible(history, history_mask))
+        mask = self.suffix_attention_mask(prefix.attention_mask, query_mask, history_visible(history, history_mask))
         cos, sin = self.suffix_rotary(prefix)
         for layer, keys, values in zip(self.expert_layers, prefix.keys, prefix.values):
             layer_mask = mask if layer.joint else mask[..., : keys.shape[2]]
@@ -876,14 +928,29 @@ class Mu0Model(Mu0PreTrainedModel):
 class Mu0ForTracePrediction(Mu0PreTrainedModel):
     """Predicts the future 3D traces of query points from one image, an instruction and optional depth/history.
 
-    [`Mu0Model`] gives the future tokens' expert states; the velocity head (clean values for the regression
-    objective) and the done head read them. This class owns the flow-matching targets and losses and the sampler.
+    [`Mu0Model`] gives the future tokens' expert states; the velocity and done heads read them. This class owns the
+    flow-matching targets and losses over B-spline control points and the sampler. The baselines of
+    `trace_objective` / `trace_parameterisation` are its subclasses, and `Mu0ForTracePrediction(config)` (so
+    `from_pretrained` and the Auto classes too) builds the one the config names (`trace_model_class`).
     """
 
     _legacy_key_mapping = legacy_key_mapping()
 
+    def __new__(cls, config: Mu0Config | None = None, *args, **kwargs):
+        if cls is Mu0ForTracePrediction and config is not None:
+            cls = trace_model_class(config)
+        return super().__new__(cls)
+
     def __init__(self, config: Mu0Config):
         super().__init__(config)
+        # The first μ0 class up the MRO: remote-code loading wraps the class in a subclass of its own.
+        built = next(cls for cls in type(self).__mro__ if cls in TRACE_MODEL_CLASSES.values())
+        if built is not trace_model_class(config):
+            raise ValueError(
+                f"{built.__name__} does not train trace_objective={config.trace_objective!r} with "
+                f"trace_parameterisation={config.trace_parameterisation!r}: build Mu0ForTracePrediction(config), which "
+                f"picks {trace_model_class(config).__name__}."
+            )
         hidden = config.expert_hidden_size
         self.model = Mu0Model(config, defer_weight_init=True)
         self.trace_velocity_head = nn.Linear(hidden, 3 * config.trace_length)
@@ -990,10 +1057,8 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
         noise, time: optional fixed flow-matching noise (B, N, D, 3) and times (B,), for reproducible losses.
         """
         query_mask = validate_queries(pixel_values, query_points, query_mask, self.config.max_queries, input_ids=input_ids, labels=labels)
-        batch_size, num_queries = query_points.shape[:2]
         prefix = self.model.compute_prefix(pixel_values, input_ids, attention_mask, depth_pixel_values, depth_mask)
         fourier, dino_features = self.model.point_context(query_points, dino_pixel_values)
-        control_shape = (batch_size, num_queries, self.config.trace_length, 3)
         if labels is None:
             if noise is None or time is None:
                 raise ValueError("Without labels, forward needs `noise` and `time` to evaluate the velocity field.")
@@ -1008,27 +1073,10 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
         # Targets are fitted in fp32 even under bf16 autocast: half precision moves control points by up to 6e-3.
         with torch.autocast(device_type=labels.device.type, enabled=False):
             targets, trained = self.trace_targets(labels.float(), labels_mask, query_mask)
-        if self.config.trace_objective == "regression":
-            time = torch.ones(batch_size, device=labels.device)
-            velocity, done_logits = self.denoise_step(
-                prefix, torch.zeros(control_shape, device=labels.device), time, query_mask, fourier, dino_features,
-                history, history_mask,
-            )
-            clean, error = velocity, velocity - targets
-        else:
-            noise = torch.randn(control_shape, device=labels.device) if noise is None else noise.float()
-            time = self.sample_time(batch_size, labels.device) if time is None else time.float()
-            expanded_time = time[:, None, None, None]
-            noisy = expanded_time * noise + (1 - expanded_time) * targets
-            velocity, done_logits = self.denoise_step(
-                prefix, noisy, time, query_mask, fourier, dino_features, history, history_mask
-            )
-            clean, error = noisy - expanded_time * velocity, velocity - (noise - targets)
-        # Squared error summed over a query's trace values (30 for D=10), averaged over trained queries, as released.
-        if self.config.trace_parameterisation == "dense":  # only valid steps have a target
-            per_query = ((error**2).sum(-1) * labels_mask).sum(-1)
-        else:
-            per_query = (error**2).sum(dim=(-1, -2))
+        velocity, done_logits, clean, error = self.objective_outputs(
+            prefix, targets, noise, time, query_mask, fourier, dino_features, history, history_mask
+        )
+        per_query = self.trace_error(error, labels_mask)
         flow_loss = (per_query * trained).sum() / trained.sum().clamp(min=1)
         if done_logits is None:
             done_loss = velocity.new_zeros(())
@@ -1048,16 +1096,40 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
             done_logits=done_logits,
         )
 
+    def objective_outputs(
+        self,
+        prefix: Mu0Prefix,
+        targets: torch.Tensor,
+        noise: torch.Tensor | None,
+        time: torch.Tensor | None,
+        query_mask: torch.Tensor,
+        fourier: torch.Tensor,
+        dino_features: torch.Tensor | None,
+        history: torch.Tensor | None,
+        history_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Flow matching: the expert sees the targets noised to `time` (drawn when None) and predicts the velocity
+        noise - targets. Returns that velocity, the done logits, the clean values it implies (for the rigidity loss)
+        and its error."""
+        noise = torch.randn_like(targets) if noise is None else noise.float()
+        time = self.sample_time(targets.shape[0], targets.device) if time is None else time.float()
+        expanded_time = time[:, None, None, None]
+        noisy = expanded_time * noise + (1 - expanded_time) * targets
+        velocity, done_logits = self.denoise_step(
+            prefix, noisy, time, query_mask, fourier, dino_features, history, history_mask
+        )
+        return velocity, done_logits, noisy - expanded_time * velocity, velocity - (noise - targets)
+
+    @staticmethod
+    def trace_error(error: torch.Tensor, labels_mask: torch.Tensor) -> torch.Tensor:
+        """Squared error summed over a query's trace values (30 for D=10), (B, N), as released."""
+        return (error**2).sum(dim=(-1, -2))
+
     def trace_targets(
         self, labels: torch.Tensor, labels_mask: torch.Tensor, query_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the expert learns to generate, (B, N, trace_length, 3), and which queries it is trained on.
-
-        B-spline: control points fitted to the valid steps (a query needs at least D of them). Dense: the steps
-        themselves, invalid ones zero (masked out of the loss), for every query with a valid step.
-        """
-        if self.config.trace_parameterisation == "dense":
-            return labels * labels_mask[..., None], query_mask & labels_mask.any(-1)
+        """What the expert learns to generate, (B, N, D, 3), and which queries it is trained on: control points
+        fitted to the valid steps (a query needs at least D of them)."""
         control_points, fit_ok = fit_control_points(
             labels,
             labels_mask,
@@ -1071,39 +1143,9 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
         # noisy tokens, so they must not carry an extrapolated fit into the other queries' attention.
         return control_points * trained[..., None, None], trained
 
-    @staticmethod
-    def rigidity_loss(clean_control_points: torch.Tensor, cluster_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Variance over the control-point (or step) index of pairwise distances between same-cluster queries.
-
-        A rigid part keeps its points' mutual distances through time, so a prediction that stretches it pays. As
-        released: the mean over a cluster's pairs, then the mean over every (sample, cluster) with two or more
-        valid queries, so a large cluster weighs as much as a small one.
-        """
-        points = clean_control_points.transpose(1, 2)  # (B, D, N, 3)
-        distances = (points[:, :, :, None, :] - points[:, :, None, :, :]).norm(dim=-1)  # (B, D, N, N)
-        member = valid & (cluster_ids >= 0)
-        same = (cluster_ids[:, :, None] == cluster_ids[:, None, :]) & member[:, :, None] & member[:, None, :]
-        pairs = same & ~torch.eye(same.shape[-1], dtype=torch.bool, device=same.device)[None]
-        cluster_size = same.sum(-1).to(distances.dtype)  # (B, N): valid members of each query's cluster
-        # Each unordered pair appears twice in `pairs`; a cluster of size K has K (K - 1) ordered pairs.
-        pair_weight = pairs / (cluster_size * (cluster_size - 1)).clamp(min=1)[:, :, None]
-        num_clusters = (member & (cluster_size >= 2)).to(distances.dtype) / cluster_size.clamp(min=1)
-        variance = distances.var(dim=1, unbiased=False)
-        return (variance * pair_weight).sum() / num_clusters.sum().clamp(min=1)
+    rigidity_loss = staticmethod(rigidity_loss)
 
     # -------------------------------------------------------------------------------------------- inference
-    def make_scheduler(self, num_steps: int):
-        from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
-
-        if self.config.sampler == "heun":
-            scheduler = FlowMatchHeunDiscreteScheduler(shift=1.0)
-            scheduler.set_timesteps(num_steps)
-        else:
-            scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
-            # Uniform Euler from t=1 to 0 (sigmas 1, 1 - 1/n, ..., 1/n, then the terminal 0).
-            scheduler.set_timesteps(sigmas=[1.0 - step / num_steps for step in range(num_steps)])
-        return scheduler
-
     @torch.no_grad()
     def predict_traces(
         self,
@@ -1128,41 +1170,51 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
 
         The backbone prefix is computed once and reused at every step unless `use_prefix_cache=False`, which
         recomputes it per step (same result; kept to measure and test the cache). Best-of-N = `num_samples` noises.
-        Regression models make one deterministic pass and repeat it `num_samples` times.
+        The regression baseline ([`Mu0ForTraceRegression`]) makes one deterministic pass and repeats it.
         """
         query_mask = validate_queries(pixel_values, query_points, query_mask, self.config.max_queries, input_ids=input_ids)
         num_steps = sampling_steps(num_steps, self.config.num_inference_steps, num_samples=num_samples)
         batch_size, num_queries = query_points.shape[:2]
         shape = (batch_size, num_samples, num_queries, self.config.trace_length, 3)
-        if self.config.trace_objective == "regression":
-            if noise is not None:
-                raise ValueError("A regression model (trace_objective='regression') is deterministic: do not pass noise.")
-            return self._regress_traces(
-                shape, pixel_values, input_ids, query_points, attention_mask, query_mask, history, history_mask,
-                depth_pixel_values, depth_mask, dino_pixel_values,
-            )
-        if noise is None:
-            noise = torch.randn(shape, generator=generator, device=pixel_values.device, dtype=torch.float32)
-        elif tuple(noise.shape) != shape:
-            raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}.")
+        noise = self.initial_noise(shape, noise, generator, pixel_values.device)
 
-        def prefix_for_samples() -> Mu0Prefix:
-            prefix = self.model.compute_prefix(pixel_values, input_ids, attention_mask, depth_pixel_values, depth_mask)
-            return prefix.repeat_interleave(num_samples)
-
-        def repeat(tensor: torch.Tensor | None) -> torch.Tensor | None:
-            return None if tensor is None else tensor.repeat_interleave(num_samples, dim=0)
+        def encode_prefix() -> Mu0Prefix:
+            return self.model.compute_prefix(pixel_values, input_ids, attention_mask, depth_pixel_values, depth_mask)
 
         fourier, dino_features = self.model.point_context(query_points, dino_pixel_values)
         context = dict(
-            query_mask=repeat(query_mask),
-            fourier=repeat(fourier),
-            dino_features=repeat(dino_features),
-            history=repeat(history),
-            history_mask=repeat(history_mask),
+            query_mask=query_mask, fourier=fourier, dino_features=dino_features, history=history, history_mask=history_mask
         )
+        return self.trace_prediction(*self.generate(encode_prefix, context, noise, num_steps, use_prefix_cache))
+
+    def initial_noise(
+        self, shape: tuple[int, ...], noise: torch.Tensor | None, generator: torch.Generator | None, device: torch.device
+    ) -> torch.Tensor:
+        """The flow's starting point (B, S, N, D, 3): `noise` after checking its shape, else drawn from `generator`."""
+        if noise is None:
+            return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+        if tuple(noise.shape) != shape:
+            raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}.")
+        return noise
+
+    def generate(
+        self,
+        encode_prefix: Callable[[], Mu0Prefix],
+        context: dict[str, torch.Tensor | None],
+        noise: torch.Tensor,
+        num_steps: int,
+        use_prefix_cache: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Trace values (B, S, N, D, 3) and the last done logits, integrating the flow of every sample from `noise`
+        (t=1) to data (t=0). `context` holds the per-query inputs of `denoise_step` for the B images."""
+        num_samples = noise.shape[1]
+
+        def prefix_for_samples() -> Mu0Prefix:
+            return encode_prefix().repeat_interleave(num_samples)
+
+        context = {name: None if value is None else value.repeat_interleave(num_samples, dim=0) for name, value in context.items()}
         prefix = prefix_for_samples() if use_prefix_cache else None
-        scheduler = self.make_scheduler(num_steps)
+        scheduler = flow_scheduler(self.config.sampler, num_steps)
         sample = noise.flatten(0, 1)
         done_logits = None
         for index, timestep in enumerate(scheduler.timesteps):
@@ -1173,36 +1225,21 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
             require_finite(f"denoising step {index + 1} of {len(scheduler.timesteps)} (flow time {time[0].item():.3f})",
                            velocity, done_logits)
             sample = scheduler.step(velocity, timestep, sample).prev_sample
-        return self.trace_prediction(sample.view(shape), done_logits)
+        return sample.view(noise.shape), done_logits
 
-    def _regress_traces(
-        self, shape, pixel_values, input_ids, query_points, attention_mask, query_mask, history, history_mask,
-        depth_pixel_values, depth_mask, dino_pixel_values,
-    ) -> Mu0TracePrediction:
-        """The regression baseline's single pass: zero trace values at flow time 1 in, clean values out."""
-        prefix = self.model.compute_prefix(pixel_values, input_ids, attention_mask, depth_pixel_values, depth_mask)
-        fourier, dino_features = self.model.point_context(query_points, dino_pixel_values)
-        values, done_logits = self.denoise_step(
-            prefix, query_points.new_zeros((shape[0], *shape[2:]), dtype=torch.float32),
-            query_points.new_ones(shape[0], dtype=torch.float32), query_mask, fourier, dino_features, history,
-            history_mask,
-        )
-        require_finite("the regression pass", values, done_logits)
-        num_samples = shape[1]
-        if done_logits is not None:
-            done_logits = done_logits.repeat_interleave(num_samples, dim=0)
-        return self.trace_prediction(values[:, None].expand(shape), done_logits)
-
-    def trace_prediction(self, values: torch.Tensor, done_logits: torch.Tensor | None) -> Mu0TracePrediction:
-        """Generated values (B, S, N, trace_length, 3) -> traces, with the done head's stop (or none without one)."""
+    def alive(self, values: torch.Tensor, done_logits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Done probabilities and alive mask (B, S, N, H): the trace stops where the done head first drops below 0.5
+        (every step is alive without a done head)."""
         batch_size, num_samples, num_queries = values.shape[:3]
         if done_logits is None:
             done_probs = values.new_ones(batch_size, num_samples, num_queries, self.config.horizon)
         else:
             done_probs = torch.sigmoid(done_logits).view(batch_size, num_samples, num_queries, -1)
-        alive_mask = torch.cumprod((done_probs >= 0.5).long(), dim=-1).bool()
-        if self.config.trace_parameterisation == "dense":
-            return Mu0TracePrediction(traces=values, done_probs=done_probs, alive_mask=alive_mask)
+        return done_probs, torch.cumprod((done_probs >= 0.5).long(), dim=-1).bool()
+
+    def trace_prediction(self, values: torch.Tensor, done_logits: torch.Tensor | None) -> Mu0TracePrediction:
+        """Generated control points (B, S, N, D, 3) -> traces rendered through the spline basis, with their stop."""
+        done_probs, alive_mask = self.alive(values, done_logits)
         traces = render_traces(values, self.spline_basis.to(values.dtype))
         return Mu0TracePrediction(traces=traces, done_probs=done_probs, alive_mask=alive_mask, control_points=values)
 
@@ -1218,22 +1255,101 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
         """
         config = checked_backbone_config(config or Mu0Config(), **loading_kwargs)
         model = cls(config)
-        for module, checkpoint in ((model.model.vlm, config.backbone_checkpoint), (model.model.dino, config.dino_checkpoint)):
-            if module is None:
-                continue
-            pretrained = AutoModel.from_pretrained(checkpoint, **loading_kwargs)
-            missing, _ = module.load_state_dict(pretrained.state_dict(), strict=False)
-            missing = [key for key in missing if ".lora_" not in key]
-            if missing:
-                raise ValueError(f"{checkpoint} lacks weights for {len(missing)} parameters, e.g. {missing[:3]}.")
-        if model.model.depth_patch_embedding is not None:
-            owner, name = _patch_embedding_owner(model.model.vision_tower)
-            model.model.depth_patch_embedding.load_state_dict(getattr(owner, name).state_dict())
+        load_backbone_weights(model.model, **loading_kwargs)
         model.apply_frozen_parts()
         return model
 
 
+
+class Mu0ForDenseTracePrediction(Mu0ForTracePrediction):
+    """The no-spline baseline: flow matching over all `horizon` steps directly, loss on valid steps only."""
+
+    def trace_targets(
+        self, labels: torch.Tensor, labels_mask: torch.Tensor, query_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The steps themselves, invalid ones zero (out of the loss), for every query with a valid step."""
+        return labels * labels_mask[..., None], query_mask & labels_mask.any(-1)
+
+    @staticmethod
+    def trace_error(error: torch.Tensor, labels_mask: torch.Tensor) -> torch.Tensor:
+        """Squared error summed over a query's valid steps: only they have a target."""
+        return ((error**2).sum(-1) * labels_mask).sum(-1)
+
+    def trace_prediction(self, values: torch.Tensor, done_logits: torch.Tensor | None) -> Mu0TracePrediction:
+        """The generated steps are the traces (no control points)."""
+        done_probs, alive_mask = self.alive(values, done_logits)
+        return Mu0TracePrediction(traces=values, done_probs=done_probs, alive_mask=alive_mask)
+
+
+class Mu0ForTraceRegression(Mu0ForTracePrediction):
+    """The deterministic baseline with μ0's backbone and expert: zero trace values at flow time 1 in, the clean
+    values out of the velocity head, a masked L2 loss, and sampling in one pass."""
+
+    def objective_outputs(
+        self,
+        prefix: Mu0Prefix,
+        targets: torch.Tensor,
+        noise: torch.Tensor | None,
+        time: torch.Tensor | None,
+        query_mask: torch.Tensor,
+        fourier: torch.Tensor,
+        dino_features: torch.Tensor | None,
+        history: torch.Tensor | None,
+        history_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """The clean values, the done logits, the clean values again and their error (`noise`, `time` unused)."""
+        values, done_logits = self.denoise_step(
+            prefix, torch.zeros_like(targets), torch.ones(targets.shape[0], device=targets.device), query_mask, fourier,
+            dino_features, history, history_mask,
+        )
+        return values, done_logits, values, values - targets
+
+    def initial_noise(
+        self, shape: tuple[int, ...], noise: torch.Tensor | None, generator: torch.Generator | None, device: torch.device
+    ) -> torch.Tensor:
+        if noise is not None:
+            raise ValueError("A regression model (trace_objective='regression') is deterministic: do not pass noise.")
+        return torch.zeros(shape, device=device)  # the one pass reads zero trace values
+
+    def generate(
+        self,
+        encode_prefix: Callable[[], Mu0Prefix],
+        context: dict[str, torch.Tensor | None],
+        noise: torch.Tensor,
+        num_steps: int,
+        use_prefix_cache: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One pass for the B images, repeated for every sample."""
+        batch_size, num_samples = noise.shape[:2]
+        values, done_logits = self.denoise_step(
+            encode_prefix(), noise[:, 0], torch.ones(batch_size, device=noise.device), **context
+        )
+        require_finite("the regression pass", values, done_logits)
+        if done_logits is not None:
+            done_logits = done_logits.repeat_interleave(num_samples, dim=0)
+        return values[:, None].expand(noise.shape), done_logits
+
+
+class Mu0ForDenseTraceRegression(Mu0ForTraceRegression, Mu0ForDenseTracePrediction):
+    """Both baselines at once: every step regressed directly."""
+
+
+# (regression objective, dense parameterisation) -> the class that trains and samples it.
+TRACE_MODEL_CLASSES = {
+    (False, False): Mu0ForTracePrediction,
+    (False, True): Mu0ForDenseTracePrediction,
+    (True, False): Mu0ForTraceRegression,
+    (True, True): Mu0ForDenseTraceRegression,
+}
+
+
+def trace_model_class(config: Mu0Config) -> type[Mu0ForTracePrediction]:
+    """The class that trains and samples the config's `trace_objective` and `trace_parameterisation`."""
+    return TRACE_MODEL_CLASSES[config.trace_objective == "regression", config.trace_parameterisation == "dense"]
+
+
 __all__ = [
-    "Mu0PreTrainedModel", "Mu0Model", "Mu0ForTracePrediction", "Mu0ModelOutput", "Mu0TraceOutput", "Mu0TracePrediction",
-    "Mu0Prefix",
+    "Mu0PreTrainedModel", "Mu0Model", "Mu0ForTracePrediction", "Mu0ForDenseTracePrediction", "Mu0ForTraceRegression",
+    "Mu0ForDenseTraceRegression", "Mu0ModelOutput", "Mu0TraceOutput", "Mu0TracePrediction", "Mu0Prefix",
+    "trace_model_class",
 ]

@@ -1,5 +1,7 @@
 """Baselines behind μ0's prediction interface, and Mu0Config's ablation switches."""
 
+import json
+
 import pytest
 import torch
 from conftest import inference_inputs, make_processor, random_batch
@@ -235,3 +237,34 @@ def test_ablation_switches_change_what_they_should(processor):
 def test_invalid_switches_raise(overrides, message):
     with pytest.raises(ValueError, match=message):
         preset_config("tiny", **overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"trace_objective": "regression"}, "Mu0ForTraceRegression"),
+        ({"trace_parameterisation": "dense"}, "Mu0ForDenseTracePrediction"),
+        ({"trace_objective": "regression", "trace_parameterisation": "dense"}, "Mu0ForDenseTraceRegression"),
+    ],
+)
+def test_baselines_are_their_own_classes_on_every_loading_path(tmp_path, rgb_config, processor, overrides, expected):
+    from transformers import AutoModel
+
+    import mu0.modeling_mu0 as modeling
+
+    config = preset_config("tiny", use_depth=False, **overrides)
+    model = build("mu0", config, **overrides).eval()
+    assert type(model).__name__ == expected and isinstance(model.model, modeling.Mu0Model)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["architectures"] == [expected] and saved["auto_map"]["AutoModel"] == f"modeling_mu0.{expected}"
+    inputs = inference_inputs(random_batch(processor, with_depth=False))
+    reference = model.predict_traces(**inputs, generator=torch.Generator().manual_seed(0)).traces
+    for loaded in (Mu0ForTracePrediction.from_pretrained(tmp_path), AutoModel.from_pretrained(tmp_path),
+                   AutoModel.from_pretrained(tmp_path, trust_remote_code=True)):
+        assert type(loaded).__name__ == expected
+        traces = loaded.eval().predict_traces(**inputs, generator=torch.Generator().manual_seed(0)).traces
+        torch.testing.assert_close(traces, reference)
+    with pytest.raises(ValueError, match="does not train trace_objective='flow_matching'"):
+        getattr(modeling, expected)(rgb_config)
+    assert type(Mu0ForTracePrediction(rgb_config)) is Mu0ForTracePrediction
