@@ -541,7 +541,7 @@ def legacy_key(key: str) -> str:
     return key.removeprefix("model.")
 
 
-class Mu0FrozenPartsMixin:
+class Mu0LoadingMixin:
     """Loading rules shared by μ0 models.
 
     - Which parameters train is a function of the config: `from_pretrained` rebuilds parameters from the checkpoint
@@ -580,7 +580,7 @@ class Mu0FrozenPartsMixin:
         return (model, loading_info) if wants_loading_info else model
 
 
-class Mu0PreTrainedModel(Mu0FrozenPartsMixin, PreTrainedModel):
+class Mu0PreTrainedModel(Mu0LoadingMixin, PreTrainedModel):
     config: Mu0Config
     config_class = Mu0Config
     base_model_prefix = "model"

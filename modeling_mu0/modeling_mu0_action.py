@@ -21,7 +21,7 @@ from .modeling_mu0 import (
     Mu0ExpertAttention,
     Mu0ExpertMLP,
     Mu0ForTracePrediction,
-    Mu0FrozenPartsMixin,
+    Mu0LoadingMixin,
     Mu0Prefix,
     sample_flow_time,
     sampling_steps,
@@ -138,7 +138,7 @@ class Mu0ActionExpert(nn.Module):
         self.velocity_head = nn.Linear(width, config.action_dim)
 
 
-class Mu0ActionPreTrainedModel(Mu0FrozenPartsMixin, PreTrainedModel):
+class Mu0ActionPreTrainedModel(Mu0LoadingMixin, PreTrainedModel):
     config: Mu0ActionConfig
     config_class = Mu0ActionConfig
     base_model_prefix = "mu0_action"
