@@ -9,8 +9,8 @@ through adaLN-Zero, so the frozen backbone stream is never modulated.
 
 import copy
 import math
-import re
 import numbers
+import re
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
