@@ -1059,12 +1059,13 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
         query_mask = validate_queries(pixel_values, query_points, query_mask, self.config.max_queries, input_ids=input_ids, labels=labels)
         prefix = self.model.compute_prefix(pixel_values, input_ids, attention_mask, depth_pixel_values, depth_mask)
         fourier, dino_features = self.model.point_context(query_points, dino_pixel_values)
+        context = dict(
+            query_mask=query_mask, fourier=fourier, dino_features=dino_features, history=history, history_mask=history_mask
+        )
         if labels is None:
             if noise is None or time is None:
                 raise ValueError("Without labels, forward needs `noise` and `time` to evaluate the velocity field.")
-            velocity, done_logits = self.denoise_step(
-                prefix, noise, time, query_mask, fourier, dino_features, history, history_mask
-            )
+            velocity, done_logits = self.denoise_step(prefix, noise, time, **context)
             return Mu0TraceOutput(velocity=velocity, done_logits=done_logits)
 
         if labels_mask is None:
@@ -1073,9 +1074,7 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
         # Targets are fitted in fp32 even under bf16 autocast: half precision moves control points by up to 6e-3.
         with torch.autocast(device_type=labels.device.type, enabled=False):
             targets, trained = self.trace_targets(labels.float(), labels_mask, query_mask)
-        velocity, done_logits, clean, error = self.objective_outputs(
-            prefix, targets, noise, time, query_mask, fourier, dino_features, history, history_mask
-        )
+        velocity, done_logits, clean, error = self.objective_outputs(prefix, targets, noise, time, context)
         per_query = self.trace_error(error, labels_mask)
         flow_loss = (per_query * trained).sum() / trained.sum().clamp(min=1)
         if done_logits is None:
@@ -1097,27 +1096,16 @@ class Mu0ForTracePrediction(Mu0PreTrainedModel):
         )
 
     def objective_outputs(
-        self,
-        prefix: Mu0Prefix,
-        targets: torch.Tensor,
-        noise: torch.Tensor | None,
-        time: torch.Tensor | None,
-        query_mask: torch.Tensor,
-        fourier: torch.Tensor,
-        dino_features: torch.Tensor | None,
-        history: torch.Tensor | None,
-        history_mask: torch.Tensor | None,
+        self, prefix: Mu0Prefix, targets: torch.Tensor, noise: torch.Tensor | None, time: torch.Tensor | None, context: dict
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Flow matching: the expert sees the targets noised to `time` (drawn when None) and predicts the velocity
         noise - targets. Returns that velocity, the done logits, the clean values it implies (for the rigidity loss)
-        and its error."""
+        and its error. `context` holds the per-query inputs of `denoise_step`."""
         noise = torch.randn_like(targets) if noise is None else noise.float()
         time = self.sample_time(targets.shape[0], targets.device) if time is None else time.float()
         expanded_time = time[:, None, None, None]
         noisy = expanded_time * noise + (1 - expanded_time) * targets
-        velocity, done_logits = self.denoise_step(
-            prefix, noisy, time, query_mask, fourier, dino_features, history, history_mask
-        )
+        velocity, done_logits = self.denoise_step(prefix, noisy, time, **context)
         return velocity, done_logits, noisy - expanded_time * velocity, velocity - (noise - targets)
 
     @staticmethod
@@ -1286,22 +1274,11 @@ class Mu0ForTraceRegression(Mu0ForTracePrediction):
     values out of the velocity head, a masked L2 loss, and sampling in one pass."""
 
     def objective_outputs(
-        self,
-        prefix: Mu0Prefix,
-        targets: torch.Tensor,
-        noise: torch.Tensor | None,
-        time: torch.Tensor | None,
-        query_mask: torch.Tensor,
-        fourier: torch.Tensor,
-        dino_features: torch.Tensor | None,
-        history: torch.Tensor | None,
-        history_mask: torch.Tensor | None,
+        self, prefix: Mu0Prefix, targets: torch.Tensor, noise: torch.Tensor | None, time: torch.Tensor | None, context: dict
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """The clean values, the done logits, the clean values again and their error (`noise`, `time` unused)."""
-        values, done_logits = self.denoise_step(
-            prefix, torch.zeros_like(targets), torch.ones(targets.shape[0], device=targets.device), query_mask, fourier,
-            dino_features, history, history_mask,
-        )
+        ones = torch.ones(targets.shape[0], device=targets.device)
+        values, done_logits = self.denoise_step(prefix, torch.zeros_like(targets), ones, **context)
         return values, done_logits, values, values - targets
 
     def initial_noise(
