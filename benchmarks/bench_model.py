@@ -6,6 +6,8 @@ batches (random image, depth map, history and future per query point), so nothin
 - train step (forward + backward + AdamW step) at batch 2 for each number of query points N;
 - `predict_traces` (batch 1, one sample) for each N and number of Euler steps, with the backbone prefix computed
   once (`use_prefix_cache=True`) and recomputed at every step (`False`), and the cached speed-up;
+- `predict_traces` in the RGB-only headline mode (batch 1, default steps) with the depth panel passed and masked
+  (`depth_mask` False) and with the depth keys left out, which give the same traces and now cost the same;
 - peak resident memory of one extra, untimed call of each configuration (torch's CPU allocator is invisible to
   `tracemalloc`, and `ru_maxrss` never goes down, so RSS is sampled every 5 ms by a thread instead);
 - parameter counts.
@@ -209,12 +211,29 @@ def bench_predict(
     return result
 
 
+def bench_masked_depth(model: Mu0ForTracePrediction, processor: Mu0Processor, num_queries: int, repeats: int) -> dict:
+    """The RGB-only headline mode two ways: the depth panel passed with `depth_mask` False, and left out.
+
+    They give the same traces (tests/test_modeling.py); the first once also ran the depth tower on the masked panel.
+    """
+    batch = synthetic_batch(processor, 1, num_queries, with_future=False)
+    masked = dict(batch, depth_mask=torch.zeros(1, dtype=torch.bool))
+    omitted = {key: value for key, value in batch.items() if key not in ("depth_pixel_values", "depth_mask")}
+
+    def sampler(inputs: dict) -> Callable[[], object]:
+        return lambda: model.predict_traces(**inputs, num_samples=1, generator=torch.Generator().manual_seed(0))
+
+    result = measure({"depth_masked": sampler(masked), "depth_omitted": sampler(omitted)}, repeats)
+    result["masked_over_omitted"] = result["depth_masked"]["median_s"] / result["depth_omitted"]["median_s"]
+    return result
+
+
 def bench_size(size: str, queries: list[int], steps: list[int], repeats: int) -> dict:
     config = preset_config(size, max_queries=MAX_QUERIES)
     torch.manual_seed(0)
     model = Mu0ForTracePrediction(config).eval()
     processor = make_processor(config)
-    report = {"size": size, "parameters": parameter_counts(model), "train": [], "predict": []}
+    report = {"size": size, "parameters": parameter_counts(model), "train": [], "predict": [], "masked_depth": []}
     for num_queries in queries:
         row = bench_train(model, processor, num_queries, repeats)
         report["train"].append({"queries": num_queries, "batch_size": TRAIN_BATCH_SIZE, **row})
@@ -224,6 +243,10 @@ def bench_size(size: str, queries: list[int], steps: list[int], repeats: int) ->
             report["predict"].append({"queries": num_queries, "steps": num_steps, "batch_size": 1, **row})
             print(f"  {size} predict N={num_queries} steps={num_steps}: cached {row['cached']['median_s'] * 1e3:.1f} ms, "
                   f"uncached {row['uncached']['median_s'] * 1e3:.1f} ms", flush=True)
+        row = bench_masked_depth(model, processor, num_queries, repeats)
+        report["masked_depth"].append({"queries": num_queries, "steps": config.num_inference_steps, **row})
+        print(f"  {size} RGB-only N={num_queries}: depth masked {row['depth_masked']['median_s'] * 1e3:.1f} ms, "
+              f"depth omitted {row['depth_omitted']['median_s'] * 1e3:.1f} ms", flush=True)
     return report
 
 
@@ -309,6 +332,15 @@ def print_tables(reports: list[dict]) -> None:
                   f"{uncached['peak_rss_delta_mib']:.1f} |")
 
 
+def print_masked_depth(reports: list[dict]) -> None:
+    print("\n| size | N | steps | depth masked (ms) | depth omitted (ms) | masked / omitted |")
+    print("|---|---|---|---|---|---|")
+    for report in reports:
+        for row in report["masked_depth"]:
+            print(f"| {report['size']} | {row['queries']} | {row['steps']} | {row['depth_masked']['median_s'] * 1e3:.1f} | "
+                  f"{row['depth_omitted']['median_s'] * 1e3:.1f} | {row['masked_over_omitted']:.2f}× |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=["tiny", "small"])
@@ -349,6 +381,7 @@ def main() -> None:
         return
     reports = [bench_size(size, args.queries, args.steps, args.repeats) for size in args.sizes]
     print_tables(reports)
+    print_masked_depth(reports)
     # Other processes on the same cores inflate CPU timings several-fold: keep the load next to the numbers.
     machine["load_average_after"] = os.getloadavg()
     results = {

@@ -469,6 +469,37 @@ def extract_episode(raw: RawEpisode, settings: ExtractionSettings) -> ExtractedE
     return finish_episode(state, settings)
 
 
+def frame_times(frame: int, num_steps: int, direction: int, num_frames: int) -> np.ndarray:
+    """Frame times frame ± 1, ± 2, ..., ± num_steps (nearest first), NaN outside the episode: steps of one frame."""
+    times = frame + direction * np.arange(1, num_steps + 1, dtype=np.float64)
+    times[(times < 0) | (times > num_frames - 1)] = np.nan
+    return times
+
+
+def camera_sample(
+    traces: np.ndarray, valid: np.ndarray, frame: int, future_times: np.ndarray, history_times: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The per-query part of a sample at frame t, shared by every source (procedural, MuJoCo, video).
+
+    `traces` (T, n, 3) are the world tracks projected through camera t (`project_to_camera`), which removes camera
+    motion, so the model only has to predict how the scene moves. Future and history are read at fractional frame
+    times (`frame_times`, or arc-length `retarget_times`), nearest first: the history runs backwards in time (t-1,
+    t-2, ...), which `Mu0Processor` reverses. Returns query_uv (n, 2) pixels and query_z (n,) depth at t, and
+    future / history (n, S, 3) (u, v, z) with their validity (n, S), zero where invalid (outside the episode,
+    behind the camera, or untracked).
+    """
+    future, future_valid = interpolate_at(traces, valid, future_times)
+    history, history_valid = interpolate_at(traces, valid, history_times)
+    return {
+        "query_uv": traces[frame, :, :2],
+        "query_z": traces[frame, :, 2],
+        "future": future,
+        "future_valid": future_valid,
+        "history": history,
+        "history_valid": history_valid,
+    }
+
+
 def episode_samples(episode: ExtractedEpisode, settings: ExtractionSettings):
     """One sample per frame t (every `frame_stride`): tracks visible at t, projected through camera t.
 
@@ -487,25 +518,21 @@ def episode_samples(episode: ExtractedEpisode, settings: ExtractionSettings):
             episode.world[:, query], episode.world_valid[:, query], episode.extrinsics[frame], episode.intrinsics
         )
         speed = robust_speed(path_coordinates(traces, episode.image_size), valid)
-        future, future_valid = interpolate_at(traces, valid, retarget_times(speed, frame, settings.retarget_steps, 1, settings.retarget_step))
-        if not future_valid.any():
+        sample = camera_sample(
+            traces, valid, frame,
+            retarget_times(speed, frame, settings.retarget_steps, 1, settings.retarget_step),
+            retarget_times(speed, frame, settings.history, -1, settings.retarget_step),
+        )
+        if not sample["future_valid"].any():
             continue  # nothing moves after t: a retargeted future does not exist
-        history, history_valid = interpolate_at(traces, valid, retarget_times(speed, frame, settings.history, -1, settings.retarget_step))
-        raw_steps = frame + np.arange(1, settings.horizon + 1, dtype=np.float64)
-        raw_steps[raw_steps > num_frames - 1] = np.nan
-        raw_future, raw_future_valid = interpolate_at(traces, valid, raw_steps)
+        raw_future, raw_future_valid = interpolate_at(traces, valid, frame_times(frame, settings.horizon, 1, num_frames))
         yield {
             "episode_id": episode.episode_id,
             "frame_index": frame,
             "image": episode.frames[frame],
             "depth": None if episode.depth is None else episode.depth[frame],
             "intrinsics": episode.intrinsics,
-            "query_uv": traces[frame, :, :2],
-            "query_z": traces[frame, :, 2],
-            "history": history,
-            "history_valid": history_valid,
-            "future": future,
-            "future_valid": future_valid,
+            **sample,
             "future_raw": raw_future,
             "future_raw_valid": raw_future_valid,
             "track_ids": np.flatnonzero(query),
@@ -524,10 +551,12 @@ __all__ = [
     "EpisodeState",
     "ExtractedEpisode",
     "ExtractionSettings",
+    "camera_sample",
     "entity_coverage",
     "episode_samples",
     "extract_episode",
     "finish_episode",
+    "frame_times",
     "learned_stages",
     "stage_model",
 ]

@@ -21,6 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .extraction import camera_sample, frame_times
+from .trace_ops import project_to_camera
+
 TASK_TYPES = ("push", "pick_place", "stack", "rotate")
 
 # Albedos in linear [0, 1] RGB; the names are the words used in the instructions.
@@ -227,8 +230,8 @@ def episode_to_samples(
 ) -> list[dict[str, np.ndarray | int | str]]:
     """Turn an episode into model samples: one per frame t, with traces expressed in camera t.
 
-    Projecting every world track through frame t's camera removes camera motion, so the model only has to
-    predict how the scene moves. Each sample holds, for the points visible at t:
+    The per-query fields come from `extraction.camera_sample`, the builder every source's samples share, with
+    steps of one frame instead of TraceExtract's arc-length steps. Each sample holds, for the points visible at t:
         query_uv (n, 2) pixels and query_z (n,) depth at t; future (n, horizon, 3) (u, v, z) at t+1..t+horizon
         with future_valid (n, horizon); history (n, history, 3) at t-1, t-2, ..., t-history (most recent first)
         with history_valid; image, depth and intrinsics of frame t; cluster_ids, moving, point_indices (into
@@ -258,20 +261,16 @@ def episode_to_samples(
         if num_queries is not None:
             point_indices = _choose_queries(point_indices, episode.moving, num_queries, rng)
 
-        uv, z = project_points(
-            episode.tracks_world[:, point_indices], episode.extrinsics[frame_index], episode.intrinsics
+        traces, valid = project_to_camera(
+            episode.tracks_world[:, point_indices], np.ones(episode.tracks_world.shape[:1] + point_indices.shape, dtype=bool),
+            episode.extrinsics[frame_index], episode.intrinsics,
         )
-        traces = np.concatenate([uv, z[..., None]], axis=-1)  # (T, n, 3) in camera frame_index
-        future, future_valid = _gather_steps(traces, frame_index + np.arange(1, horizon + 1))
-        past, history_valid = _gather_steps(traces, frame_index - np.arange(1, history + 1))
         samples.append(
             {
-                "query_uv": traces[frame_index, :, :2].astype(np.float32),
-                "query_z": traces[frame_index, :, 2].astype(np.float32),
-                "future": future,
-                "future_valid": future_valid,
-                "history": past,
-                "history_valid": history_valid,
+                **camera_sample(
+                    traces, valid, frame_index, frame_times(frame_index, horizon, 1, num_frames),
+                    frame_times(frame_index, history, -1, num_frames),
+                ),
                 "image": episode.frames[frame_index],
                 "depth": episode.depth[frame_index],
                 "intrinsics": episode.intrinsics,
@@ -283,14 +282,6 @@ def episode_to_samples(
             }
         )
     return samples
-
-
-def _gather_steps(traces: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pick (T, n, 3) traces at `steps` -> (n, S, 3) values and (n, S) validity, zeroing invalid steps."""
-    exists = (steps >= 0) & (steps < traces.shape[0])
-    values = traces[np.clip(steps, 0, traces.shape[0] - 1)].transpose(1, 0, 2)
-    valid = exists[None, :] & (values[..., 2] > 0)
-    return np.where(valid[..., None], values, 0.0).astype(np.float32), valid
 
 
 def _choose_queries(

@@ -1,6 +1,9 @@
 """μ0 model configuration."""
 
 import math
+import numbers
+import types
+import typing
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
@@ -165,6 +168,7 @@ class Mu0Config(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        self.validate_field_types()
         text_config = self.vlm_config.get_text_config()
         if self.num_vlm_layers is None:
             self.num_vlm_layers = text_config.num_hidden_layers
@@ -176,6 +180,19 @@ class Mu0Config(PreTrainedConfig):
         # Keep only the first layers: pretrained checkpoints load with the extra layers ignored.
         text_config.num_hidden_layers = self.num_vlm_layers
         self.validate_mu0()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """A saved config names its backbones: without `vlm_config` (or `dino_config` with DINO on) the defaults
+        would silently build the 2.2 B SmolVLM2 (or DINOv2-base) instead of the saved model's backbone."""
+        required = ["vlm_config"] + (["dino_config"] if config_dict.get("use_dino", cls.use_dino) else [])
+        missing = [name for name in required if config_dict.get(name) is None]
+        if missing:
+            raise ValueError(
+                f"The saved {cls.__name__} lacks {missing}: it does not say which backbone the weights belong to. "
+                "Re-save the config with save_pretrained, or build it in code (Mu0Config() is the default model)."
+            )
+        return super().from_dict(config_dict, **kwargs)
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict, dict]:
@@ -202,6 +219,31 @@ class Mu0Config(PreTrainedConfig):
     def expert_intermediate_size(self) -> int:
         """SwiGLU width of 8/3 x hidden rounded up to a multiple of 256, as in the released recipe (1024 -> 2816)."""
         return 256 * math.ceil(int(2 * self.expert_hidden_size / 3) * 4 / 256)
+
+    def validate_field_types(self) -> None:
+        """Every int, float, bool and str field holds that type, so a hand-edited config.json with
+        `"horizon": "32"`, `"use_depth": "no"` or `"max_queries": 64.5` fails here, naming the field."""
+        for cls in type(self).__mro__:
+            if not issubclass(cls, Mu0Config):
+                continue  # transformers' own fields are its business
+            for name, annotation in vars(cls).get("__annotations__", {}).items():
+                allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+                value = getattr(self, name, None)
+                if value is None and type(None) in allowed:
+                    continue
+                if bool in allowed:
+                    ok = isinstance(value, bool)
+                elif int in allowed:
+                    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+                elif float in allowed:
+                    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+                elif str in allowed:
+                    ok = isinstance(value, str)
+                else:
+                    continue  # sub-configs: checked by their own classes
+                if not ok:
+                    expected = " or ".join("None" if kind is type(None) else kind.__name__ for kind in allowed)
+                    raise ValueError(f"{type(self).__name__}.{name} must be {expected}, got {value!r}.")
 
     def validate_mu0(self) -> None:
         """Reject combinations the model cannot build, naming the field and the fix."""

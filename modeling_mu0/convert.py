@@ -36,30 +36,30 @@ KEY_RULES = (
     ("lm_head_unused", r"model\.vlm_with_expert\.vlm\.lm_head\.weight", None),
     ("action_time_mlp_unused", r"model\.action_time_mlp_(?:in|out)\.(?:weight|bias)", None),
     ("depth_lora", RELEASED_VISION + r"(encoder\.layers\.\d+\.[\w.]+)\.lora_(A|B)\.default\.weight",
-     r"vlm.vision_model.\1.lora_\2.weight"),
-    ("vision_embeddings", RELEASED_VISION + r"(embeddings\.[\w.]+)", r"vlm.vision_model.\1"),
+     r"model.vlm.vision_model.\1.lora_\2.weight"),
+    ("vision_embeddings", RELEASED_VISION + r"(embeddings\.[\w.]+)", r"model.vlm.vision_model.\1"),
     ("vision_encoder_layers", RELEASED_VISION + r"(encoder\.layers\.\d+\.[\w.]+?)(?:\.base_layer)?\.(weight|bias)",
-     r"vlm.vision_model.\1.\2"),
-    ("vision_post_layernorm", RELEASED_VISION + r"(post_layernorm\.(?:weight|bias))", r"vlm.vision_model.\1"),
-    ("depth_patch_stem", r"model\.vlm_with_expert\._depth_patch_embedding\.(weight|bias)", r"depth_patch_embedding.\1"),
-    ("connector", re.escape(RELEASED_VLM) + r"(connector\.[\w.]+)", r"vlm.\1"),
-    ("text_embed_tokens", re.escape(RELEASED_VLM) + r"(text_model\.embed_tokens\.weight)", r"vlm.\1"),
-    ("vlm_text_layers", re.escape(RELEASED_VLM) + r"(text_model\.layers\.\d+\.[\w.]+)", r"vlm.\1"),
-    ("vlm_text_final_norm", re.escape(RELEASED_VLM) + r"(text_model\.norm\.weight)", r"vlm.\1"),
-    ("expert_layers", RELEASED_EXPERT + r"layers\.(\d+)\.self_attn\.([\w.]+)", r"expert_layers.\1.attention.\2"),
+     r"model.vlm.vision_model.\1.\2"),
+    ("vision_post_layernorm", RELEASED_VISION + r"(post_layernorm\.(?:weight|bias))", r"model.vlm.vision_model.\1"),
+    ("depth_patch_stem", r"model\.vlm_with_expert\._depth_patch_embedding\.(weight|bias)", r"model.depth_patch_embedding.\1"),
+    ("connector", re.escape(RELEASED_VLM) + r"(connector\.[\w.]+)", r"model.vlm.\1"),
+    ("text_embed_tokens", re.escape(RELEASED_VLM) + r"(text_model\.embed_tokens\.weight)", r"model.vlm.\1"),
+    ("vlm_text_layers", re.escape(RELEASED_VLM) + r"(text_model\.layers\.\d+\.[\w.]+)", r"model.vlm.\1"),
+    ("vlm_text_final_norm", re.escape(RELEASED_VLM) + r"(text_model\.norm\.weight)", r"model.vlm.\1"),
+    ("expert_layers", RELEASED_EXPERT + r"layers\.(\d+)\.self_attn\.([\w.]+)", r"model.expert_layers.\1.attention.\2"),
     ("expert_layers", RELEASED_EXPERT + r"layers\.(\d+)\.((?:mlp|input_layernorm|post_attention_layernorm)\.[\w.]+)",
-     r"expert_layers.\1.\2"),
-    ("expert_final_norm", RELEASED_EXPERT + r"norm\.weight", "expert_norm.weight"),
-    ("adaln_timestep_embedder", r"model\.trace_timestep_embedder\.mlp\.0\.(weight|bias)", r"time_embedder.mlp_in.\1"),
-    ("adaln_timestep_embedder", r"model\.trace_timestep_embedder\.mlp\.2\.(weight|bias)", r"time_embedder.mlp_out.\1"),
+     r"model.expert_layers.\1.\2"),
+    ("expert_final_norm", RELEASED_EXPERT + r"norm\.weight", "model.expert_norm.weight"),
+    ("adaln_timestep_embedder", r"model\.trace_timestep_embedder\.mlp\.0\.(weight|bias)", r"model.time_embedder.mlp_in.\1"),
+    ("adaln_timestep_embedder", r"model\.trace_timestep_embedder\.mlp\.2\.(weight|bias)", r"model.time_embedder.mlp_out.\1"),
     ("adaln_modulation_heads", r"model\.trace_adaln_modulation\.(\d+)\.1\.(weight|bias)",
-     r"expert_layers.\1.adaln_modulation.\2"),
-    ("suffix_in_proj_history", r"model\.trace_in_proj_history\.(weight|bias)", r"history_proj.\1"),
-    ("suffix_in_proj_future", r"model\.trace_in_proj_future\.(weight|bias)", r"future_proj.\1"),
-    ("suffix_uv_fourier_mlp", r"model\.trace_uv_pos_mlp\.0\.(weight|bias)", r"point_fourier.mlp_in.\1"),
-    ("suffix_uv_fourier_mlp", r"model\.trace_uv_pos_mlp\.2\.(weight|bias)", r"point_fourier.mlp_out.\1"),
-    ("dino_backbone", r"model\.dino\.([\w.]+)", r"dino.\1"),
-    ("dino_fusion_mlp", r"model\.trace_dino_fuse_(in|out)\.(weight|bias)", r"dino_fusion_\1.\2"),
+     r"model.expert_layers.\1.adaln_modulation.\2"),
+    ("suffix_in_proj_history", r"model\.trace_in_proj_history\.(weight|bias)", r"model.history_proj.\1"),
+    ("suffix_in_proj_future", r"model\.trace_in_proj_future\.(weight|bias)", r"model.future_proj.\1"),
+    ("suffix_uv_fourier_mlp", r"model\.trace_uv_pos_mlp\.0\.(weight|bias)", r"model.point_fourier.mlp_in.\1"),
+    ("suffix_uv_fourier_mlp", r"model\.trace_uv_pos_mlp\.2\.(weight|bias)", r"model.point_fourier.mlp_out.\1"),
+    ("dino_backbone", r"model\.dino\.([\w.]+)", r"model.dino.\1"),
+    ("dino_fusion_mlp", r"model\.trace_dino_fuse_(in|out)\.(weight|bias)", r"model.dino_fusion_\1.\2"),
     ("velocity_head", r"model\.trace_out_proj_future\.(weight|bias)", r"trace_velocity_head.\1"),
     ("done_head", r"model\.trace_done_proj_bsp\.(weight|bias)", r"trace_done_head.\1"),
 )
@@ -201,7 +201,7 @@ def convert_state_dict(
     if missing_group:
         raise ValueError(f"The released checkpoint lacks {missing_group} (the suffix group embeddings).")
     time_rows, segment_rows = (released[key] for key in GROUP_KEYS)
-    converted["group_embedding.weight"] = time_rows[: len(segment_rows)].float() + segment_rows.float()
+    converted["model.group_embedding.weight"] = time_rows[: len(segment_rows)].float() + segment_rows.float()
     report.mapped["suffix_group_embedding"] += 1
     report.mapped["suffix_segment_embedding"] += 1
     report.unused_group_rows = len(time_rows) - len(segment_rows)
@@ -255,6 +255,28 @@ def _find_stats(path: str) -> str:
     )
 
 
+def read_released_config(path: str) -> dict:
+    """The draccus config of a released step folder, after checking the folder is one (config.json of a SmolVLA
+    trace-mode policy beside model.safetensors); anything else is refused as "not a released checkpoint"."""
+    if not os.path.isdir(path):
+        raise ValueError(f"not a released checkpoint: {path} is not a folder (pass the release's final_ckpt/ step folder).")
+    absent = [name for name in ("config.json", "model.safetensors") if not os.path.isfile(os.path.join(path, name))]
+    if absent:
+        raise ValueError(f"not a released checkpoint: {path} has no {' or '.join(absent)} (pass the release's final_ckpt/).")
+    try:
+        with open(os.path.join(path, "config.json")) as handle:
+            released = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not a released checkpoint: {path}/config.json is not JSON ({error}).") from None
+    if not isinstance(released, dict) or released.get("type") != "smolvla" or not released.get("trace_mode"):
+        kind = released.get("model_type") or released.get("type") if isinstance(released, dict) else type(released).__name__
+        raise ValueError(
+            f"not a released checkpoint: {path}/config.json describes {kind!r}, not a SmolVLA policy in trace mode"
+            + (" (it is already a μ0 folder: load it with from_pretrained)." if kind == "mu0" else ".")
+        )
+    return released
+
+
 def convert_released_checkpoint(
     path: str,
     vlm_config: PreTrainedConfig | dict | None = None,
@@ -274,8 +296,7 @@ def convert_released_checkpoint(
 
     from .processing import Mu0ImageProcessor, Mu0Processor
 
-    with open(os.path.join(path, "config.json")) as handle:
-        released_config = json.load(handle)
+    released_config = read_released_config(path)
     config = mu0_config_from_released(released_config, vlm_config, dino_config)
     if not isinstance(normalizer_stats, dict):
         normalizer_stats = load_normalizer_stats(normalizer_stats or _find_stats(path))
@@ -318,24 +339,37 @@ def convert_released_checkpoint(
 
 
 # ----------------------------------------------------------------------------------------------------- batches
-def released_batch_to_inputs(batch: dict, mask_all_history: bool = False, dino_image_size: int = 518) -> dict:
-    """Keyword arguments of `forward` / `predict_traces` for a batch of the released data pipeline.
+def released_batch_to_inputs(
+    batch: dict, model: Mu0ForTracePrediction | Mu0Config, mask_all_history: bool = False
+) -> dict:
+    """Keyword arguments of `forward` / `predict_traces` of `model` (or a model of that config) for a batch of the
+    released data pipeline.
 
-    Images are (B, 3, S, S) in [0, 1]; the depth panel is dropped from the prefix where
+    Images are (B, 3, S, S) in [0, 1], S being the model's `image_size`; DINOv2 gets them resized to its
+    `dino_image_size`. The depth panel is dropped from the prefix where
     `observation.images.cam_front_depth_padding_mask` is False. `mask_all_history` hides every history token
     (the released `predict_trace(mask_all_history=True)`). Training keys (`traj_future`, `valid_future`,
     `cluster_ids`) become `labels` / `labels_mask` / `cluster_ids` when present.
     """
     from .processing.image_processing_mu0 import IMAGENET_MEAN, IMAGENET_STD
 
+    config = model if isinstance(model, Mu0Config) else getattr(model, "config", None)
+    if not isinstance(config, Mu0Config):
+        raise TypeError(f"released_batch_to_inputs needs the Mu0ForTracePrediction (or its Mu0Config) to feed, got {type(model).__name__}.")
     required = ("observation.images.cam_front", "observation.language.tokens", "current_kp", "key_pad_mask")
     absent = [key for key in required if key not in batch]
     if absent:
         raise ValueError(f"The released batch lacks {absent}.")
     image = batch["observation.images.cam_front"].float()
+    if tuple(image.shape[-2:]) != (config.image_size, config.image_size):
+        raise ValueError(
+            f"observation.images.cam_front is {tuple(image.shape[-2:])} but the model reads {config.image_size} px "
+            "square images (config.image_size): resize in the released pipeline (resize_imgs_with_padding)."
+        )
     mean = torch.tensor(IMAGENET_MEAN, dtype=image.dtype, device=image.device)[None, :, None, None]
     std = torch.tensor(IMAGENET_STD, dtype=image.dtype, device=image.device)[None, :, None, None]
-    dino = torch.nn.functional.interpolate((image - mean) / std, size=(dino_image_size, dino_image_size), mode="bilinear", align_corners=False)
+    size = (config.dino_image_size, config.dino_image_size)
+    dino = torch.nn.functional.interpolate((image - mean) / std, size=size, mode="bilinear", align_corners=False)
     current = batch["current_kp"].float()
     query_mask = batch["key_pad_mask"].bool()
     inputs = {
@@ -369,5 +403,6 @@ __all__ = [
     "convert_state_dict",
     "load_normalizer_stats",
     "mu0_config_from_released",
+    "read_released_config",
     "released_batch_to_inputs",
 ]

@@ -21,11 +21,13 @@ from .modeling_mu0 import (
     Mu0ExpertAttention,
     Mu0ExpertMLP,
     Mu0ForTracePrediction,
-    Mu0FrozenPartsMixin,
+    Mu0LoadingMixin,
     Mu0Prefix,
     sample_flow_time,
     sampling_steps,
     sinusoidal_time_embedding,
+    legacy_key,
+    legacy_key_mapping,
     zero_initialised,
 )
 
@@ -47,9 +49,11 @@ def uniform_grid(size: int, device: torch.device | None = None) -> torch.Tensor:
 
 def trace_fingerprint(trace_model: Mu0ForTracePrediction) -> str:
     """A cheap identity of a μ0's weights (names, shapes and leading values of every tensor), so an adapter can
-    refuse a base it was not trained on without hashing billions of parameters."""
+    refuse a base it was not trained on without hashing billions of parameters. Names are taken in the flat
+    layout of the first releases, so policies saved then still recognise their base."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(trace_model.state_dict().items()):
+    state = {legacy_key(name): tensor for name, tensor in trace_model.state_dict().items()}
+    for name, tensor in sorted(state.items()):
         head = tensor.detach().flatten()[:64].to(device="cpu", dtype=torch.float64).numpy()
         digest.update(f"{name}:{tuple(tensor.shape)}:".encode())
         digest.update(head.round(6).tobytes())
@@ -134,7 +138,7 @@ class Mu0ActionExpert(nn.Module):
         self.velocity_head = nn.Linear(width, config.action_dim)
 
 
-class Mu0ActionPreTrainedModel(Mu0FrozenPartsMixin, PreTrainedModel):
+class Mu0ActionPreTrainedModel(Mu0LoadingMixin, PreTrainedModel):
     config: Mu0ActionConfig
     config_class = Mu0ActionConfig
     base_model_prefix = "mu0_action"
@@ -155,6 +159,8 @@ class Mu0ActionPreTrainedModel(Mu0FrozenPartsMixin, PreTrainedModel):
 
 class Mu0ForActionPrediction(Mu0ActionPreTrainedModel):
     """Predicts chunks of robot actions from an image, an instruction and the robot state, reading μ0's motion tokens."""
+
+    _legacy_key_mapping = legacy_key_mapping("trace_model.")
 
     def __init__(self, config: Mu0ActionConfig):
         super().__init__(config)
@@ -203,14 +209,14 @@ class Mu0ForActionPrediction(Mu0ActionPreTrainedModel):
         device = prefix.attention_mask.device
         grid = uniform_grid(config.trace_grid_size, device).expand(batch_size, -1, -1)
         query_mask = torch.ones(grid.shape[:2], dtype=torch.bool, device=device)
-        fourier, dino_features = trace._point_context(grid, dino_pixel_values)
+        fourier, dino_features = trace.model.point_context(grid, dino_pixel_values)
         sample = torch.randn(
             (*grid.shape[:2], trace.config.num_control_points, 3), generator=generator, device=device
         )
         step = 1.0 / config.trace_schedule_steps
         for index in range(config.trace_denoise_steps):
             time = torch.full((batch_size,), 1.0 - index * step, device=device)
-            states = trace.future_token_states(prefix, sample, time, query_mask, fourier, dino_features)
+            states = trace.model(prefix, sample, time, query_mask, fourier, dino_features).last_hidden_state
             if index + 1 < config.trace_denoise_steps:
                 velocity = trace.trace_velocity_head(states).view(sample.shape).float()
                 sample = sample - step * velocity
@@ -223,7 +229,7 @@ class Mu0ForActionPrediction(Mu0ActionPreTrainedModel):
         dino_config = self.config.trace_config.dino_config
         grid_h = wrist_dino_pixel_values.shape[-2] // dino_config.patch_size
         grid_w = wrist_dino_pixel_values.shape[-1] // dino_config.patch_size
-        dino = self.trace_model.dino
+        dino = self.trace_model.model.dino
         tokens = dino(pixel_values=wrist_dino_pixel_values.to(dino.dtype)).last_hidden_state[:, -grid_h * grid_w :]
         feature_map = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, grid_h, grid_w)
         pooled = F.adaptive_avg_pool2d(feature_map.float(), self.config.wrist_pool_size).flatten(2).transpose(1, 2)
@@ -257,7 +263,7 @@ class Mu0ForActionPrediction(Mu0ActionPreTrainedModel):
         """What stays fixed while the action flow is integrated: backbone prefix, motion tokens, state/wrist tokens."""
         self._validate_context(pixel_values, state, wrist_dino_pixel_values)
         with torch.set_grad_enabled(self._trace_grad_enabled()):
-            prefix = self.trace_model.compute_prefix(pixel_values, input_ids, attention_mask, depth_pixel_values, depth_mask)
+            prefix = self.trace_model.model.compute_prefix(pixel_values, input_ids, attention_mask, depth_pixel_values, depth_mask)
             motion_states = self.motion_states(prefix, dino_pixel_values, generator) if self.config.use_trace else None
         expert = self.action_expert
         motion = None if motion_states is None else expert.motion_proj(motion_states.to(expert.motion_proj.weight.dtype))
@@ -291,7 +297,7 @@ class Mu0ForActionPrediction(Mu0ActionPreTrainedModel):
         num_suffix = hidden_states.shape[1]
         prefix_part = prefix.attention_mask[:, None, :].expand(-1, num_suffix, -1)
         mask = torch.cat([prefix_part, prefix_part.new_ones(prefix_part.shape[0], num_suffix, num_suffix)], dim=-1)
-        cos, sin = self.trace_model._suffix_rotary(prefix)
+        cos, sin = self.trace_model.model.suffix_rotary(prefix)
         for layer, keys, values in zip(expert.layers, prefix.keys, prefix.values):
             hidden_states = layer(hidden_states, condition, keys, values, mask, cos, sin, motion)
         normed, _ = expert.final_norm(hidden_states, condition)

@@ -1,5 +1,7 @@
 """Baselines behind μ0's prediction interface, and Mu0Config's ablation switches."""
 
+import json
+
 import pytest
 import torch
 from conftest import inference_inputs, make_processor, random_batch
@@ -78,7 +80,7 @@ def test_regression_trains_clean_values_at_fixed_time(rgb_config, processor):
 
 def test_dense_flow_generates_every_step_without_a_spline(rgb_config, processor):
     model = build("dense_flow", rgb_config).eval()
-    assert model.future_proj.in_features == 3 * rgb_config.horizon
+    assert model.model.future_proj.in_features == 3 * rgb_config.horizon
     assert model.trace_velocity_head.out_features == 3 * rgb_config.horizon
     inputs = inference_inputs(random_batch(processor, with_depth=False))
     noise = torch.randn(2, 1, 3, rgb_config.horizon, 3)
@@ -194,7 +196,7 @@ def test_ablation_switches_change_what_they_should(processor):
     reference = build("mu0", preset_config("tiny")).eval()
 
     no_history = build("mu0", preset_config("tiny", use_history=False)).eval()
-    assert no_history.history_proj is None
+    assert no_history.model.history_proj is None
     with torch.no_grad():
         hidden = dict(inputs, history_mask=torch.zeros_like(inputs["history_mask"]))
         noise = torch.randn(2, 1, 3, 10, 3)
@@ -215,9 +217,9 @@ def test_ablation_switches_change_what_they_should(processor):
     torch.testing.assert_close(dropped.loss, kept.loss - 5.0 * kept.rigidity_loss)
 
     no_dino = build("mu0", preset_config("tiny", use_dino=False))
-    assert no_dino.dino is None and no_dino.dino_fusion_in is None
+    assert no_dino.model.dino is None and no_dino.model.dino_fusion_in is None
     no_depth = build("mu0", preset_config("tiny", use_depth=False))
-    assert not no_depth._depth_lora_layers
+    assert not no_depth.model.depth_lora_layers
     for control_points in (4, 7):
         model = build("mu0", preset_config("tiny", num_control_points=control_points)).eval()
         assert model.predict_traces(**inputs).control_points.shape[-2] == control_points
@@ -235,3 +237,34 @@ def test_ablation_switches_change_what_they_should(processor):
 def test_invalid_switches_raise(overrides, message):
     with pytest.raises(ValueError, match=message):
         preset_config("tiny", **overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"trace_objective": "regression"}, "Mu0ForTraceRegression"),
+        ({"trace_parameterisation": "dense"}, "Mu0ForDenseTracePrediction"),
+        ({"trace_objective": "regression", "trace_parameterisation": "dense"}, "Mu0ForDenseTraceRegression"),
+    ],
+)
+def test_baselines_are_their_own_classes_on_every_loading_path(tmp_path, rgb_config, processor, overrides, expected):
+    from transformers import AutoModel
+
+    import mu0.modeling_mu0 as modeling
+
+    config = preset_config("tiny", use_depth=False, **overrides)
+    model = build("mu0", config, **overrides).eval()
+    assert type(model).__name__ == expected and isinstance(model.model, modeling.Mu0Model)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["architectures"] == [expected] and saved["auto_map"]["AutoModel"] == f"modeling_mu0.{expected}"
+    inputs = inference_inputs(random_batch(processor, with_depth=False))
+    reference = model.predict_traces(**inputs, generator=torch.Generator().manual_seed(0)).traces
+    for loaded in (Mu0ForTracePrediction.from_pretrained(tmp_path), AutoModel.from_pretrained(tmp_path),
+                   AutoModel.from_pretrained(tmp_path, trust_remote_code=True)):
+        assert type(loaded).__name__ == expected
+        traces = loaded.eval().predict_traces(**inputs, generator=torch.Generator().manual_seed(0)).traces
+        torch.testing.assert_close(traces, reference)
+    with pytest.raises(ValueError, match="does not train trace_objective='flow_matching'"):
+        getattr(modeling, expected)(rgb_config)
+    assert type(Mu0ForTracePrediction(rgb_config)) is Mu0ForTracePrediction

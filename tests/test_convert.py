@@ -149,19 +149,19 @@ def test_every_key_is_mapped_or_dropped_by_group(tmp_path, old_dino_names):
     # Tensors arrive unchanged under their new names, in the released dtypes.
     ours = model.state_dict()
     expert_k = "model.vlm_with_expert.lm_expert.layers.1.self_attn.k_proj.weight"
-    assert torch.equal(ours["expert_layers.1.attention.k_proj.weight"], state[expert_k])
+    assert torch.equal(ours["model.expert_layers.1.attention.k_proj.weight"], state[expert_k])
     lora = "model.vlm_with_expert.vlm.model.vision_model.base_model.model.encoder.layers.1.mlp.fc2.lora_B.default.weight"
-    assert torch.equal(ours["vlm.vision_model.encoder.layers.1.mlp.fc2.lora_B.weight"], state[lora])
+    assert torch.equal(ours["model.vlm.vision_model.encoder.layers.1.mlp.fc2.lora_B.weight"], state[lora])
     base = "model.vlm_with_expert.vlm.model.vision_model.base_model.model.encoder.layers.0.self_attn.q_proj.base_layer.bias"
-    assert torch.equal(ours["vlm.vision_model.encoder.layers.0.self_attn.q_proj.bias"], state[base])
-    torch.testing.assert_close(ours["group_embedding.weight"], state["model.trace_time_embedding.weight"][:2].float()
+    assert torch.equal(ours["model.vlm.vision_model.encoder.layers.0.self_attn.q_proj.bias"], state[base])
+    torch.testing.assert_close(ours["model.group_embedding.weight"], state["model.trace_time_embedding.weight"][:2].float()
                                + state["model.trace_seg_embedding.weight"].float(), rtol=0, atol=0)
     for name, tensor in ours.items():
-        backbone = name.startswith(("vlm.", "dino.", "depth_patch_embedding.")) and ".lora_" not in name
+        backbone = name.startswith(("model.vlm.", "model.dino.", "model.depth_patch_embedding.")) and ".lora_" not in name
         assert tensor.dtype == (torch.bfloat16 if backbone else torch.float32), name
     trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
-    assert "vlm.vision_model.encoder.layers.0.mlp.fc1.lora_A.weight" in trainable
-    assert not any(name.startswith(("vlm.text_model", "dino.")) for name in trainable)
+    assert "model.vlm.vision_model.encoder.layers.0.mlp.fc1.lora_A.weight" in trainable
+    assert not any(name.startswith(("model.vlm.text_model", "model.dino.")) for name in trainable)
 
     config = model.config
     assert (config.num_vlm_layers, config.history_length, config.horizon, config.image_size) == (3, 8, 32, 64)
@@ -192,6 +192,23 @@ def test_unknown_keys_shape_mismatches_and_unsupported_configs_fail_by_name(tmp_
         convert_released_checkpoint(str(broken))
 
 
+def test_folders_that_are_not_released_checkpoints_are_refused(tmp_path, converted):
+    """A missing folder, an empty one, a μ0 folder and a non-trace policy: each once failed with a bare
+    FileNotFoundError or KeyError from deep inside the converter."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ours = tmp_path / "ours"
+    converted[0].save_pretrained(ours)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"type": "smolvla", "trace_mode": False}))
+    save_file({"x": torch.zeros(1)}, other / "model.safetensors")
+    for folder, detail in ((tmp_path / "absent", "is not a folder"), (empty, "has no config.json or model.safetensors"),
+                           (ours, "already a μ0 folder"), (other, "not a SmolVLA policy in trace mode")):
+        with pytest.raises(ValueError, match=f"not a released checkpoint: .*{detail}"):
+            convert_released_checkpoint(str(folder))
+
+
 # ---------------------------------------------------------------------------------------------------- parity
 def fp32_pair(release, converted):
     _, cfg, state, vlm, dino = release
@@ -205,7 +222,7 @@ def test_predict_traces_matches_the_released_sampler(release, converted, headlin
     batch = released_batch(cfg, with_depth=not headline)
     noise = torch.randn(2, 5, cfg["trace_bspline_n_ctrl"], 3, generator=torch.Generator().manual_seed(1))
     expected = reference.sample_traces(batch, noise, num_steps=4, mask_all_history=headline)
-    inputs = released_batch_to_inputs(batch, mask_all_history=headline, dino_image_size=cfg["dino_input_size"])
+    inputs = released_batch_to_inputs(batch, model, mask_all_history=headline)
     predicted = model.predict_traces(**inputs, noise=noise[:, None], num_steps=4)
     real = batch["key_pad_mask"]
     traces_error = (predicted.traces[:, 0] - expected["traces"])[real].abs().max().item()
@@ -213,6 +230,19 @@ def test_predict_traces_matches_the_released_sampler(release, converted, headlin
     print(f"parity {'headline' if headline else 'depth+history'}: traces {traces_error:.2e}, done_prob {done_error:.2e}")
     assert expected["traces"][real].abs().mean() > 0.1  # the comparison is not between near-zero outputs
     assert traces_error < 1e-4 and done_error < 1e-4
+
+
+def test_released_batches_are_sized_by_the_model_they_feed(release, converted):
+    """The DINOv2 input size comes from the model's config: a default of 518 px fed this 56-px model a wrong grid."""
+    cfg, _, model = fp32_pair(release, converted)
+    batch = released_batch(cfg)
+    inputs = released_batch_to_inputs(batch, model)
+    assert inputs["dino_pixel_values"].shape[-2:] == (56, 56) == (cfg["dino_input_size"],) * 2
+    assert "history" in inputs  # the model is not taken for mask_all_history
+    torch.testing.assert_close(released_batch_to_inputs(batch, model.config)["dino_pixel_values"], inputs["dino_pixel_values"])
+    small = dict(batch, **{"observation.images.cam_front": batch["observation.images.cam_front"][..., :32, :32]})
+    with pytest.raises(ValueError, match="image_size"):
+        released_batch_to_inputs(small, model)
 
 
 def test_training_loss_matches_the_released_loss(release, converted):
@@ -224,7 +254,7 @@ def test_training_loss_matches_the_released_loss(release, converted):
     time = torch.tensor([0.3, 0.8])
     expected = reference.loss(batch, noise, time)
     with torch.no_grad():
-        output = model(**released_batch_to_inputs(batch, dino_image_size=cfg["dino_input_size"]), noise=noise, time=time)
+        output = model(**released_batch_to_inputs(batch, model), noise=noise, time=time)
     relative = abs(output.loss.item() - expected["loss"].item()) / expected["loss"].item()
     print(f"parity loss: ours {output.loss.item():.6f}, released {expected['loss'].item():.6f}, relative {relative:.2e}")
     assert expected["rigidity"] > 0 and expected["done"] > 0

@@ -16,7 +16,7 @@ def expected_trainable(model: Mu0ForTracePrediction) -> int:
     """Everything but the backbone and DINOv2, plus the depth LoRA and the depth patch stem, counted by name."""
     total = 0
     for name, parameter in model.named_parameters():
-        in_backbone = name.startswith(("vlm.", "dino."))
+        in_backbone = name.startswith(("model.vlm.", "model.dino."))
         if not in_backbone or ".lora_" in name:
             total += parameter.numel()
     return total
@@ -24,9 +24,9 @@ def expected_trainable(model: Mu0ForTracePrediction) -> int:
 
 def test_fresh_model_trains_only_the_expert_lora_and_depth_stem(tiny_model):
     assert trainable(tiny_model) == expected_trainable(tiny_model)
-    assert tiny_model.depth_patch_embedding.weight.requires_grad
-    assert not tiny_model.vlm.get_input_embeddings().weight.requires_grad
-    assert not any(p.requires_grad for p in tiny_model.dino.parameters())
+    assert tiny_model.model.depth_patch_embedding.weight.requires_grad
+    assert not tiny_model.model.vlm.get_input_embeddings().weight.requires_grad
+    assert not any(p.requires_grad for p in tiny_model.model.dino.parameters())
 
 
 def test_from_pretrained_keeps_the_backbone_frozen(tiny_model, tmp_path):
@@ -47,10 +47,10 @@ def test_from_backbones_keeps_the_backbone_frozen_and_copies_the_stem(tmp_path, 
     config = preset_config("tiny", backbone_checkpoint=str(tmp_path / "vlm"), dino_checkpoint=str(tmp_path / "dino"))
     model = Mu0ForTracePrediction.from_backbones(config)
     assert trainable(model) == expected_trainable(model)
-    torch.testing.assert_close(model.vlm.get_input_embeddings().weight, vlm.get_input_embeddings().weight)
-    stem = model.vision_tower.embeddings.patch_embedding
-    torch.testing.assert_close(model.depth_patch_embedding.weight, stem.weight)  # starts as the pretrained stem
-    assert model.depth_patch_embedding.weight.data_ptr() != stem.weight.data_ptr()
+    torch.testing.assert_close(model.model.vlm.get_input_embeddings().weight, vlm.get_input_embeddings().weight)
+    stem = model.model.vision_tower.embeddings.patch_embedding
+    torch.testing.assert_close(model.model.depth_patch_embedding.weight, stem.weight)  # starts as the pretrained stem
+    assert model.model.depth_patch_embedding.weight.data_ptr() != stem.weight.data_ptr()
 
 
 def test_action_policy_from_pretrained_keeps_mu0_frozen(tmp_path, tiny_model):

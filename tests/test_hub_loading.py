@@ -2,10 +2,12 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from conftest import inference_inputs, make_model, random_batch
 from transformers import AutoConfig, AutoModel, AutoProcessor
@@ -87,3 +89,106 @@ def test_trust_remote_code_without_mu0_gives_identical_predictions(tmp_path, tin
     torch.testing.assert_close(remote["pixel_values"], batch["pixel_values"])
     torch.testing.assert_close(remote["traces"], local.traces)
     assert local.traces.abs().max() > 0
+
+
+def test_a_checkpoint_holding_nan_or_inf_is_refused_naming_the_tensor(tmp_path, tiny_config, tiny_processor):
+    from safetensors.torch import load_file, save_file
+
+    save_checkpoint(tmp_path, tiny_config, tiny_processor)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    for key, bad in (("model.expert_layers.1.mlp.up_proj.weight", float("nan")), ("trace_done_head.bias", float("inf"))):
+        broken = dict(weights)
+        broken[key] = broken[key].clone()
+        broken[key].view(-1)[3] = bad
+        save_file(broken, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+        with pytest.raises(ValueError, match=re.escape(repr(key))):
+            Mu0ForTracePrediction.from_pretrained(tmp_path)
+
+
+def test_an_incomplete_checkpoint_is_refused_naming_the_missing_weights(tmp_path, tiny_config, tiny_processor):
+    """transformers fills missing weights with random ones and only logs it; a real save holds every weight."""
+    from safetensors.torch import load_file, save_file
+
+    save_checkpoint(tmp_path, tiny_config, tiny_processor)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    _, info = Mu0ForTracePrediction.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"]
+    del weights["trace_velocity_head.weight"]
+    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"incomplete Mu0ForTracePrediction checkpoint: 1 weights are missing.*trace_velocity_head\.weight"):
+        Mu0ForTracePrediction.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="trace_velocity_head.weight"):
+        AutoModel.from_pretrained(tmp_path)
+
+
+PIPELINE_WITHOUT_MU0 = textwrap.dedent(
+    """
+    import sys
+    sys.modules["mu0"] = None  # only the code saved beside the weights may be used
+    import numpy as np, torch
+    from transformers import pipeline
+    path, out = sys.argv[1], sys.argv[2]
+    predictor = pipeline(model=path, trust_remote_code=True)  # the task comes from config.json's custom_pipelines
+    assert predictor.task == "trace-prediction" and not type(predictor).__module__.startswith("mu0")
+    data = np.load(path + "/inputs.npz")
+    result = predictor({"image": data["image"], "text": "push the block", "query_points": data["points"]},
+                       num_samples=2, seed=7)
+    torch.save(result, out)
+    """
+)
+
+
+def reference_pixels(model, processor, image, points, seed):
+    batch = processor(images=[image], text="push the block", query_points=[points])
+    prediction = model.predict_traces(**batch, num_samples=2, generator=torch.Generator().manual_seed(seed))
+    traces = processor.post_process_traces(prediction.traces, batch["query_points"], batch["image_sizes"])
+    return traces["pixels"][0], prediction.alive_mask[0]
+
+
+def test_trace_prediction_pipeline_from_a_saved_folder_and_in_memory(tmp_path, tiny_config, tiny_processor):
+    from transformers import pipeline
+
+    model = save_checkpoint(tmp_path, tiny_config, tiny_processor).eval()
+    assert json.loads((tmp_path / "config.json").read_text())["custom_pipelines"]["trace-prediction"]["impl"] == (
+        "pipeline_mu0.Mu0TracePredictionPipeline"
+    )
+    assert (tmp_path / "pipeline_mu0.py").exists() and not hasattr(model.config, "custom_pipelines")
+    image = (torch.rand(48, 64, 3, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8).numpy()
+    points = [[10.0, 20.0], [30.5, 40.0], [60.0, 5.0]]
+    pixels, alive = reference_pixels(model, tiny_processor, image, points, seed=7)
+    assert pixels.shape == (2, 3, tiny_config.horizon, 2)
+    for predictor in (pipeline("trace-prediction", model=model, processor=tiny_processor),
+                      pipeline("trace-prediction", model=str(tmp_path), trust_remote_code=True)):
+        result = predictor(image, text="push the block", query_points=points, num_samples=2, seed=7)
+        torch.testing.assert_close(result["pixels"], pixels)
+        assert torch.equal(result["alive"], alive)
+
+
+def test_trace_prediction_pipeline_through_trust_remote_code_without_mu0(tmp_path, tiny_config, tiny_processor):
+    import numpy as np
+
+    model = save_checkpoint(tmp_path, tiny_config, tiny_processor).eval()
+    image = (torch.rand(48, 64, 3, generator=torch.Generator().manual_seed(2)) * 255).to(torch.uint8).numpy()
+    points = np.array([[12.0, 30.0], [50.0, 10.0]])
+    np.savez(tmp_path / "inputs.npz", image=image, points=points)
+    script = tmp_path / "pipeline.py"
+    script.write_text(PIPELINE_WITHOUT_MU0)
+    out = tmp_path / "remote.pt"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, str(script), str(tmp_path), str(out)], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = torch.load(out, weights_only=True)
+    pixels, alive = reference_pixels(model, tiny_processor, image, points, seed=7)
+    torch.testing.assert_close(remote["pixels"], pixels)
+    assert torch.equal(remote["alive"], alive)
+
+
+def test_pushed_model_cards_declare_the_trace_prediction_pipeline(tiny_model, tiny_processor):
+    from huggingface_hub import ModelCard
+
+    from mu0.training.publishing import render_model_card
+
+    card = render_model_card(tiny_model, tiny_processor, "user/mu0-tiny", datasets=["user/traces"], metrics={}, recipe="tiny-cpu")
+    data = ModelCard(card).data
+    assert data.pipeline_tag == "trace-prediction" and {"mu0", "robotics"} <= set(data.tags)
+    assert 'pipeline("trace-prediction", model="user/mu0-tiny", trust_remote_code=True)' in card

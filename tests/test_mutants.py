@@ -157,7 +157,7 @@ def test_dino_features_are_read_at_the_query_pixel(tiny_config, tiny_processor):
         return torch.tensor([[[(2 * column + 1) / grid - 1, (2 * row + 1) / grid - 1]]])
 
     def velocity(query: torch.Tensor, hot_patch) -> torch.Tensor:
-        model.dino = HotPatchDino(tiny_config.dino_config.hidden_size, grid, hot_patch)
+        model.model.dino = HotPatchDino(tiny_config.dino_config.hidden_size, grid, hot_patch)
         return model(**{**inputs, "query_points": query}, noise=noise, time=torch.full((1,), 0.5)).velocity
 
     on_hot, on_mirror = centre(*hot), centre(hot[1], hot[0])

@@ -217,8 +217,8 @@ def test_a_recipe_can_keep_the_backbone_in_bf16_beside_an_fp32_expert():
     recipe = load_recipe("tiny-cpu")
     recipe["model"]["backbone_dtype"] = "bfloat16"
     model, _ = build_model_and_processor(recipe, {"delta_scale": [0.1, 0.1, 0.05], "depth_log_range": [-1.0, 1.5]})
-    assert model.backbone_dtype == torch.bfloat16 and model.dino.dtype == torch.bfloat16
-    assert model.expert_dtype == torch.float32 and model._depth_lora_layers[0].lora_A.weight.dtype == torch.float32
+    assert model.backbone_dtype == torch.bfloat16 and model.model.dino.dtype == torch.bfloat16
+    assert model.expert_dtype == torch.float32 and model.model.depth_lora_layers[0].lora_A.weight.dtype == torch.float32
     assert load_recipe("mu0-smolvlm2-2.2b")["model"]["backbone_dtype"] == "bfloat16"
     from conftest import inference_inputs, make_processor, random_batch
 

@@ -22,7 +22,7 @@ from ..processing.processing_mu0_action import Mu0ActionProcessor
 
 # LoRA on the trace expert's attention and MLP projections; the frozen backbone and DINOv2 are left alone.
 DEFAULT_LORA_TARGETS = (
-    r"trace_model\.expert_layers\.\d+\.(attention\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
+    r"trace_model\.model\.expert_layers\.\d+\.(attention\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
 )
 # Trained in full and saved beside the LoRA weights (peft matches this name as a module-path suffix).
 NEW_MODULES = ["action_expert"]

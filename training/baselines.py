@@ -3,9 +3,11 @@
 Every trained baseline takes the same processed batches as [`Mu0ForTracePrediction`] (so the same collator and
 `Mu0Trainer` recipe train it), returns its loss from `forward(**batch)`, and answers
 `predict_traces(..., num_samples, generator)` with traces (B, S, N, H, 3) in normalised anchor-relative units, so
-`trainer.sampler` and `trainer.evaluate_predictors` score all of them alike. Where a baseline is the same model
-with a different objective or output it is a `Mu0Config` switch ([`BASELINE_OVERRIDES`]); the tokenized VLM, which
-decodes through the backbone's language-model head instead of the trace expert, is its own model here.
+`trainer.sampler` and `trainer.evaluate_predictors` score all of them alike. Where a baseline is μ0's backbone and
+expert with another objective or output it is a subclass of [`Mu0ForTracePrediction`] over the same `Mu0Model`
+(`Mu0ForTraceRegression`, `Mu0ForDenseTracePrediction`), named by a `Mu0Config` switch ([`BASELINE_OVERRIDES`]) so
+that every loading path builds it; the tokenized VLM, which decodes through the backbone's language-model head
+instead of the trace expert, is its own model here.
 
 Not included: a TraceGen-style model decoding a fixed 20x20 query grid jointly. It needs dense grid tracks for its
 targets, and TraceExtract samples carry tracks at selected keypoints only.

@@ -64,7 +64,7 @@ def render_model_card(
         backbone=config.backbone_checkpoint or f"random {config.vlm_config.model_type}",
         num_vlm_layers=config.num_vlm_layers,
         dino=config.dino_checkpoint or ("random" if config.use_dino else "disabled"),
-        expert_layers=len(model.expert_layers),
+        expert_layers=len(model.model.expert_layers),
         expert_width=config.expert_hidden_size,
         horizon=config.horizon,
         history=config.history_length,
