@@ -123,8 +123,8 @@ def track_points_support(
     every frame pair up to `num_support` corners (Shi–Tomasi, at least `support_spacing` px apart) are tracked as
     well, and those that pass a forward–backward check of `fb_threshold` px form a sparse motion field. A query
     point's predicted step is the Gaussian-weighted median of the support steps around it (sigma = 2 ·
-    `support_spacing`), robust to the few supports on another object. LK starts from that prediction, and its
-    result is kept where it passes the same check; otherwise the point moves by the prediction. So no point is
+    `support_spacing`), robust to the few supports on another object. The point's own LK step is kept where it
+    passes the same check; otherwise the point moves by the prediction. So no point is
     ever frozen, and a hidden point moves on with its surroundings until it reappears.
 
     Args:
@@ -148,9 +148,9 @@ def track_points_support(
             the 9x9 patch it lands on matches the point's patch in `source` better (smaller mean squared
             difference). The prediction is the median step of the reliable corners around, and around a fast hand
             those are the still background: its corners fail the check while it moves, so a fingertip would stay
-            behind. On an EgoDex episode (all hand joints, 1/3 scale) this lifts δ_avg from 0.417 to 0.436
-            (plain LK 0.397), but on the SceneTracker clip, where the support is right where LK disagrees, it
-            costs 0.027 at 540 rows and 0.013 at 224, so it is off by default.
+            behind. On the EgoDex episode's 15 fingertips (1/3 scale) this lifts δ_avg from 0.223 to 0.259 (plain
+            LK 0.279), but on the SceneTracker clip, where the support is mostly right where the two disagree, it
+            costs 0.027 at 540 rows and 0.010 at 224, so it is off by default (benchmarks/bench_extract.py).
     """
     return _track(
         frames,
