@@ -117,6 +117,22 @@ def mean_rows(rows: list[dict]) -> dict:
     return {name: {key: float(np.mean([row[name][key] for row in rows])) for key in rows[0][name]} for name in rows[0]}
 
 
+def visibility_reliability(result: TrackResult, truth_visible: np.ndarray) -> dict:
+    """Reliability diagram (bins of 0.1) of the default tracker's visibility probability over the frames after
+    frame 0, its Brier score beside that of calling every point visible, and its occlusion accuracy at 0.5."""
+    probability, seen = result.visibility_probability[1:].ravel(), truth_visible[1:].ravel()
+    bins = np.minimum((probability * 10).astype(int), 9)
+    return {
+        "bins": [{"range": [index / 10, (index + 1) / 10], "count": int((bins == index).sum()),
+                  "mean_probability": float(probability[bins == index].mean()),
+                  "seen_fraction": float(seen[bins == index].mean())} for index in np.unique(bins)],
+        "brier": float(np.mean((probability - seen) ** 2)),
+        "brier_all_visible": float(np.mean((1.0 - seen) ** 2)),
+        "occlusion_accuracy_at_half": float(((probability > 0.5) == seen).mean()),
+        "occlusion_accuracy_all_visible": float(seen.mean()),
+    }
+
+
 def bench_scenetracker(cotracker, height: int | None = None) -> dict | None:
     """The SceneTracker clip at its 960x540, or resized to `height` rows (ground truth scaled alike)."""
     import cv2
@@ -130,7 +146,10 @@ def bench_scenetracker(cotracker, height: int | None = None) -> dict | None:
         frames = np.stack([cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA) for frame in frames])
         truth = (truth + 0.5) * np.array([width / raw.image_size[1], height / raw.image_size[0]]) - 0.5
     queries = np.column_stack([np.zeros(truth.shape[1]), truth[0]])
-    return scored(tracker_runs(frames, queries, cotracker), truth, raw.track_visible, frames.shape[1:3])
+    runs = tracker_runs(frames, queries, cotracker)
+    rows = scored(runs, truth, raw.track_visible, frames.shape[1:3])
+    rows["support_lk"]["visibility_reliability"] = visibility_reliability(runs["support_lk"][0], raw.track_visible)
+    return rows
 
 
 def bench_generated(generate, num_episodes: int, image_size: int, num_frames: int, cotracker) -> dict:
@@ -318,6 +337,16 @@ def main() -> None:
     print(f"machine: {results['machine']}")
     print_tap_table("SceneTracker clip (960x540, 256 points from frame 0)", results["scenetracker"])
     print_tap_table("SceneTracker clip resized to 398x224", results["scenetracker_224_rows"])
+    if results["scenetracker"] is not None:
+        reliability = results["scenetracker"]["support_lk"]["visibility_reliability"]
+        print(f"\nVisibility probability of support_lk on the SceneTracker clip: Brier {reliability['brier']:.4f} "
+              f"(all visible: {reliability['brier_all_visible']:.4f}); occlusion accuracy at 0.5 "
+              f"{reliability['occlusion_accuracy_at_half']:.3f} (all visible: "
+              f"{reliability['occlusion_accuracy_all_visible']:.3f})\n| probability | observations | mean probability | "
+              "seen fraction |\n|---|---|---|---|")
+        for row in reliability["bins"]:
+            print(f"| {row['range'][0]:.1f}–{row['range'][1]:.1f} | {row['count']} | {row['mean_probability']:.2f} | "
+                  f"{row['seen_fraction']:.2f} |")
     print_tap_table(f"procedural, 128 px, mean of {episodes} episodes", results["procedural_128px"])
     print_tap_table(f"MuJoCo, 128 px, mean of {episodes} episodes", results["mujoco_128px"])
     print("\n| tracker | fps at 224², 256 points | frames per CPU-second | fps, one OpenCV thread |\n|---|---|---|---|")
