@@ -13,7 +13,7 @@ adds query points at chunk starts of long videos, where the existing tracks no l
 
 Every backend returns a position in every frame (also while a point is hidden or the tracker unsure, as TAP
 trackers do) and visibility as a separate output; for the LK backends visibility compares each point's patch
-with its query-frame patch (`_Appearance`).
+with its query-frame patch (`_Appearance`), as a yes/no judgement and as a calibrated probability.
 
 Pixels follow the project convention: pixel (row i, column j) has its centre at (x, y) = (j, i), which is also
 OpenCV's convention for sub-pixel coordinates, so no half-pixel shift is needed anywhere.
@@ -134,8 +134,8 @@ def track_points_support(
     well, and those that pass a forward–backward check of `fb_threshold` px form a sparse motion field. A query
     point's predicted step is the Gaussian-weighted median of the support steps around it (sigma = 2 ·
     `support_spacing`), robust to the few supports on another object. The point's own LK step is kept where it
-    passes the same check; otherwise the point moves by the prediction. So no point is
-    ever frozen, and a hidden point moves on with its surroundings until it reappears.
+    passes the same check; otherwise the point moves by the prediction. So no point is ever frozen, and a hidden
+    point moves on with its surroundings until it reappears.
 
     Args:
         frames, queries: as for `track_points_lk`.
