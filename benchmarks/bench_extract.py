@@ -285,6 +285,17 @@ def bench_egodex(folder: str, cotracker) -> dict:
     return clips
 
 
+def print_tap_table(title: str, rows: dict | None) -> None:
+    if rows is None:
+        print(f"\n{title}: not available\n")
+        return
+    print(f"\n{title}\n| tracker | δ_avg | AJ | OA | median err (px) | track fps | frames per CPU-s |\n"
+          "|---|---|---|---|---|---|---|")
+    for name, row in rows.items():
+        print(f"| {name} | {row['delta_avg']:.3f} | {row['average_jaccard']:.3f} | {row['occlusion_accuracy']:.3f} | "
+              f"{row['median_error_px']:.2f} | {row['track_fps']:.1f} | {row['track_fps_per_cpu_second']:.1f} |")
+
+
 def print_egodex_tables(clips: dict) -> None:
     print("\n| EgoDex clip | frames | samples | coverage | extraction s |\n|---|---|---|---|---|")
     for clip, row in clips.items():
