@@ -6,10 +6,12 @@ same run. TAP-Vid metrics at 256-px scale over the frames after each point's que
 positions within 1/2/4/8/16 px, averaged), average Jaccard (AJ) and occlusion accuracy (OA); plus tracking fps.
 Sources: the SceneTracker clip in ../shared/data (if present; 960x540, 256 points queried at frame 0), procedural
 and MuJoCo-rendered episodes (moving camera, exact tracks; lifted to 3D with their given depth too), and with
-`--egodex DIR` a folder of EgoDex clips (`.mp4` + `.hdf5`), run end to end through the `egodex` source and
-tracked from each joint's first visible frame against the given joints. Then frames per second of the whole
-extraction at 224² and 480x640. Prints tables and writes JSON. The MuJoCo rows need `pip install "mu0[sim]"` and
-an offscreen GL (MUJOCO_GL=egl).
+`--egodex DIR` a folder of EgoDex clips (`.mp4` + `.hdf5`), run end to end through the `egodex` source, and their
+fingertip joints tracked under the protocol of the shared episode's README (1/3 scale, queried at frame 0), and
+all hand joints queried every 40 frames (δ_avg only: EgoDex has no occlusion labels). `support_lk, appearance_choice` is the default tracker with its own LK step
+chosen by appearance where its check fails; `lk` is the fast setting (plain LK steps with the visibility test).
+Then frames per second of the whole extraction at 224² and 480x640. Prints tables and writes JSON. The MuJoCo rows
+need `pip install "mu0[sim]"` and an offscreen GL (MUJOCO_GL=egl).
 
     python benchmarks/bench_extract.py [--episodes 6] [--quick] [--egodex DIR]
         [--cotracker-repo DIR --cotracker-checkpoint FILE] [--output benchmarks/results/bench_extract.json]
@@ -79,10 +81,15 @@ def tap_metrics(result: TrackResult, truth: np.ndarray, truth_visible: np.ndarra
     }
 
 
+# `support_lk` with its own LK step chosen by appearance where the check fails (see `track_points_support`).
+APPEARANCE_CHOICE = "support_lk, appearance_choice"
+
+
 def tracker_runs(frames: np.ndarray, queries: np.ndarray, cotracker) -> dict[str, tuple[TrackResult, float, float]]:
     """Every backend, the variants and plain LK on the same clip: result, wall seconds and process CPU seconds
     (all threads; on a shared machine frames per CPU-second shows what the code needs, whatever the load)."""
     trackers = {name: (name, {}) for name in LK_BACKENDS}
+    trackers[APPEARANCE_CHOICE] = ("support_lk", {"appearance_choice": True})
     if cotracker is not None:
         trackers["cotracker"] = ("cotracker", {"model": cotracker})
     runs = {}
@@ -110,6 +117,22 @@ def mean_rows(rows: list[dict]) -> dict:
     return {name: {key: float(np.mean([row[name][key] for row in rows])) for key in rows[0][name]} for name in rows[0]}
 
 
+def visibility_reliability(result: TrackResult, truth_visible: np.ndarray) -> dict:
+    """Reliability diagram (bins of 0.1) of the default tracker's visibility probability over the frames after
+    frame 0, its Brier score beside that of calling every point visible, and its occlusion accuracy at 0.5."""
+    probability, seen = result.visibility_probability[1:].ravel(), truth_visible[1:].ravel()
+    bins = np.minimum((probability * 10).astype(int), 9)
+    return {
+        "bins": [{"range": [index / 10, (index + 1) / 10], "count": int((bins == index).sum()),
+                  "mean_probability": float(probability[bins == index].mean()),
+                  "seen_fraction": float(seen[bins == index].mean())} for index in np.unique(bins)],
+        "brier": float(np.mean((probability - seen) ** 2)),
+        "brier_all_visible": float(np.mean((1.0 - seen) ** 2)),
+        "occlusion_accuracy_at_half": float(((probability > 0.5) == seen).mean()),
+        "occlusion_accuracy_all_visible": float(seen.mean()),
+    }
+
+
 def bench_scenetracker(cotracker, height: int | None = None) -> dict | None:
     """The SceneTracker clip at its 960x540, or resized to `height` rows (ground truth scaled alike)."""
     import cv2
@@ -123,7 +146,10 @@ def bench_scenetracker(cotracker, height: int | None = None) -> dict | None:
         frames = np.stack([cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA) for frame in frames])
         truth = (truth + 0.5) * np.array([width / raw.image_size[1], height / raw.image_size[0]]) - 0.5
     queries = np.column_stack([np.zeros(truth.shape[1]), truth[0]])
-    return scored(tracker_runs(frames, queries, cotracker), truth, raw.track_visible, frames.shape[1:3])
+    runs = tracker_runs(frames, queries, cotracker)
+    rows = scored(runs, truth, raw.track_visible, frames.shape[1:3])
+    rows["support_lk"]["visibility_reliability"] = visibility_reliability(runs["support_lk"][0], raw.track_visible)
+    return rows
 
 
 def bench_generated(generate, num_episodes: int, image_size: int, num_frames: int, cotracker) -> dict:
@@ -192,9 +218,39 @@ def bench_end_to_end(height: int, width: int, num_frames: int) -> dict:
     }
 
 
+# The tracking protocol of the EgoDex episode's README: frames at 1/3 scale, every joint whose name contains "Tip"
+# queried at frame 0 where confident and in view, scored where it is in front, in view and confident. Its handful of
+# points makes it noisy, so every hand joint is also queried every `EGODEX_QUERY_STRIDE` frames.
+EGODEX_SCALE = 3
+EGODEX_QUERY_STRIDE = 40
+EGODEX_BODY_PARTS = ("Arm", "Forearm", "Shoulder")  # named left*/right* but not part of the hand
+
+
+def egodex_tracking_clip(raw, query_frames) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(frames, queries, truth, truth_seen) for an EgoDex episode loaded with the joints to track, each joint
+    queried at each of `query_frames` where it is seen there."""
+    import cv2
+
+    height, width = (side // EGODEX_SCALE for side in raw.image_size)
+    frames = np.stack([cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA) for frame in raw.frames])
+    truth = (raw.tracks + 0.5) / EGODEX_SCALE - 0.5
+    with np.errstate(invalid="ignore"):
+        seen = raw.track_visible & (truth[..., 0] >= -0.5) & (truth[..., 0] < width - 0.5) & \
+            (truth[..., 1] >= -0.5) & (truth[..., 1] < height - 0.5)
+    joints = [np.flatnonzero(seen[frame]) for frame in query_frames]
+    queries = np.concatenate([np.column_stack([np.full(len(ids), frame), truth[frame, ids]])
+                              for frame, ids in zip(query_frames, joints)])
+    joints = np.concatenate(joints)
+    return frames, queries, np.nan_to_num(truth[:, joints]), seen[:, joints]
+
+
 def bench_egodex(folder: str, cotracker) -> dict:
-    """Each EgoDex clip end to end (given 3D joints, no depth map) and the projected joints tracked by every
-    backend from each joint's first visible frame."""
+    """Each EgoDex clip end to end (given 3D joints, no depth map: samples and coverage), and its joints tracked by
+    every tracker: the fingertips under the README protocol, and every hand joint from strided query frames.
+    EgoDex has confidences but no occlusion labels, so only δ_avg and frames per second are reported for tracking
+    (AJ and occlusion accuracy need occlusion ground truth)."""
+    import h5py
+
     from mu0.dataset_builders.extraction import EpisodeRejected
     from mu0.dataset_builders.robot_sources import egodex_refs, load_egodex
 
@@ -209,14 +265,22 @@ def bench_egodex(folder: str, cotracker) -> dict:
         except EpisodeRejected as error:
             num_samples, coverage, rejected = 0, None, str(error)
         row = {"frames": len(raw.frames), "samples": num_samples, "coverage": coverage, "rejected": rejected,
-               "seconds": time.perf_counter() - start}
-        seen = raw.track_visible & np.isfinite(raw.tracks).all(-1)
-        tracked = seen.any(0)
-        first = seen[:, tracked].argmax(0)
-        truth = raw.tracks[:, tracked]
-        queries = np.column_stack([first, truth[first, np.arange(tracked.sum())]])
-        runs = tracker_runs(raw.frames, queries, cotracker)
-        row["trackers"] = scored(runs, np.nan_to_num(truth), seen[:, tracked], raw.image_size)
+               "seconds": time.perf_counter() - start, "tracking": {}}
+        with h5py.File(ref.location, "r") as handle:
+            hand = [name for name in handle["transforms"]
+                    if name.startswith(("left", "right")) and not name.endswith(EGODEX_BODY_PARTS)]
+        protocols = {
+            "fingertips from frame 0": ([name for name in hand if "Tip" in name], [0]),
+            f"hand joints every {EGODEX_QUERY_STRIDE} frames": (hand, range(0, len(raw.frames), EGODEX_QUERY_STRIDE)),
+        }
+        for protocol, (joints, query_frames) in protocols.items():
+            frames, queries, truth, seen = egodex_tracking_clip(load_egodex(ref, joints=tuple(joints)), query_frames)
+            scores = scored(tracker_runs(frames, queries, cotracker), truth, seen, frames.shape[1:3])
+            row["tracking"][protocol] = {
+                "points": len(queries),
+                "trackers": {name: {"delta_avg": score["delta_avg"], "median_error_px": score["median_error_px"],
+                                    "track_fps": score["track_fps"]} for name, score in scores.items()},
+            }
         clips[ref.episode_id] = row
     return clips
 
@@ -230,6 +294,19 @@ def print_tap_table(title: str, rows: dict | None) -> None:
     for name, row in rows.items():
         print(f"| {name} | {row['delta_avg']:.3f} | {row['average_jaccard']:.3f} | {row['occlusion_accuracy']:.3f} | "
               f"{row['median_error_px']:.2f} | {row['track_fps']:.1f} | {row['track_fps_per_cpu_second']:.1f} |")
+
+
+def print_egodex_tables(clips: dict) -> None:
+    print("\n| EgoDex clip | frames | samples | coverage | extraction s |\n|---|---|---|---|---|")
+    for clip, row in clips.items():
+        coverage = "rejected" if row["coverage"] is None else f"{row['coverage']:.2f}"
+        print(f"| {clip} | {row['frames']} | {row['samples']} | {coverage} | {row['seconds']:.1f} |")
+    for clip, row in clips.items():
+        for protocol, tracking in row["tracking"].items():
+            print(f"\n{clip}, {protocol}: {tracking['points']} queries at 1/{EGODEX_SCALE} scale (AJ: no occlusion "
+                  "labels)\n| tracker | δ_avg | median err (px) | track fps |\n|---|---|---|---|")
+            for name, score in tracking["trackers"].items():
+                print(f"| {name} | {score['delta_avg']:.3f} | {score['median_error_px']:.2f} | {score['track_fps']:.1f} |")
 
 
 def main() -> None:
@@ -271,6 +348,16 @@ def main() -> None:
     print(f"machine: {results['machine']}")
     print_tap_table("SceneTracker clip (960x540, 256 points from frame 0)", results["scenetracker"])
     print_tap_table("SceneTracker clip resized to 398x224", results["scenetracker_224_rows"])
+    if results["scenetracker"] is not None:
+        reliability = results["scenetracker"]["support_lk"]["visibility_reliability"]
+        print(f"\nVisibility probability of support_lk on the SceneTracker clip: Brier {reliability['brier']:.4f} "
+              f"(all visible: {reliability['brier_all_visible']:.4f}); occlusion accuracy at 0.5 "
+              f"{reliability['occlusion_accuracy_at_half']:.3f} (all visible: "
+              f"{reliability['occlusion_accuracy_all_visible']:.3f})\n| probability | observations | mean probability | "
+              "seen fraction |\n|---|---|---|---|")
+        for row in reliability["bins"]:
+            print(f"| {row['range'][0]:.1f}–{row['range'][1]:.1f} | {row['count']} | {row['mean_probability']:.2f} | "
+                  f"{row['seen_fraction']:.2f} |")
     print_tap_table(f"procedural, 128 px, mean of {episodes} episodes", results["procedural_128px"])
     print_tap_table(f"MuJoCo, 128 px, mean of {episodes} episodes", results["mujoco_128px"])
     print("\n| tracker | fps at 224², 256 points | frames per CPU-second | fps, one OpenCV thread |\n|---|---|---|---|")
@@ -280,12 +367,7 @@ def main() -> None:
     for size, row in results["extraction_throughput"].items():
         print(f"| {size} | {row['extract_fps']:.1f} | {row['samples_per_s']:.1f} | {row['end_to_end_fps']:.1f} |")
     if results["egodex"] is not None:
-        print("\n| EgoDex clip | frames | samples | coverage | seconds | " + " | ".join(
-            f"δ_avg {name}" for name in next(iter(results["egodex"].values()))["trackers"]) + " |")
-        for clip, row in results["egodex"].items():
-            coverage = "rejected" if row["coverage"] is None else f"{row['coverage']:.2f}"
-            deltas = " | ".join(f"{scores['delta_avg']:.3f}" for scores in row["trackers"].values())
-            print(f"| {clip} | {row['frames']} | {row['samples']} | {coverage} | {row['seconds']:.1f} | {deltas} |")
+        print_egodex_tables(results["egodex"])
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output + ".tmp", "w") as handle:
         json.dump(results, handle, indent=2)

@@ -13,7 +13,9 @@ class TraceStatistics:
     """Per-axis 95th percentile of |future - anchor| (u, v normalised to [-1, 1], z in metres), log-depth p1/p99,
     and the range of the frames seen (mean intensity p1/p99, sizes), against which the processor checks its inputs.
 
-    Percentiles are computed on a bounded random reservoir so memory stays flat over large datasets.
+    Log depth comes from a sample's depth map, or, for sources that give metric 3D points but no depth map (EgoDex's
+    hand joints), from its query points' depths: the only depths such a dataset knows. Percentiles are computed on a
+    bounded random reservoir so memory stays flat over large datasets.
     """
 
     def __init__(self, reservoir_size: int = 200_000, seed: int = 0):
@@ -30,7 +32,8 @@ class TraceStatistics:
 
     def add(self, query_uv, query_z, future, future_valid, image_size: tuple[int, int], depth=None, image=None) -> None:
         """One sample: pixel anchors (N, 2), depths (N,), future (N, H, 3) pixels + z, validity (N, H), (height, width),
-        and optionally the depth map and the uint8 RGB frame (for the ranges the processor checks inputs against)."""
+        and optionally the depth map (None: the anchors' depths stand for it) and the uint8 RGB frame (for the
+        ranges the processor checks inputs against)."""
         height, width = image_size
         if image is not None:
             self.images.append(np.array([[np.asarray(image, dtype=np.float64).mean() / 255.0, height, width]]))
@@ -39,11 +42,10 @@ class TraceStatistics:
         delta = (np.asarray(future) - anchors[:, None, :]) * scale
         valid = np.asarray(future_valid, dtype=bool) & np.isfinite(delta).all(-1)
         self.deltas.append(self._keep(np.abs(delta[valid])))
-        if depth is not None:
-            depth = np.asarray(depth, dtype=np.float64)
-            positive = depth[np.isfinite(depth) & (depth > 1e-3)]
-            if positive.size:
-                self.log_depths.append(self._keep(np.log(positive)))
+        depth = np.asarray(query_z if depth is None else depth, dtype=np.float64)
+        positive = depth[np.isfinite(depth) & (depth > 1e-3)]
+        if positive.size:
+            self.log_depths.append(self._keep(np.log(positive)))
 
     def compute(self) -> dict[str, list[float]]:
         if not self.deltas or not sum(len(d) for d in self.deltas):
@@ -53,8 +55,8 @@ class TraceStatistics:
         if (scale <= 0).any():
             raise ValueError(f"delta_scale has a zero axis ({scale.tolist()}): the data contains no motion on it.")
         statistics = {"delta_scale": [float(value) for value in scale]}
-        if self.log_depths:
-            log_depths = np.concatenate(self.log_depths)
+        log_depths = np.concatenate(self.log_depths) if self.log_depths else np.zeros(0)
+        if log_depths.size:  # reservoirs loaded from episodes without positive depths are empty
             statistics["depth_log_range"] = [float(np.percentile(log_depths, 1)), float(np.percentile(log_depths, 99))]
         if self.images:
             images = np.concatenate(self.images)

@@ -268,6 +268,21 @@ def test_egodex_folder_builds_a_samples_dataset_end_to_end(tmp_path, scene):
     assert not os.path.exists(os.path.join(str(tmp_path / "work"), "failures.jsonl"))
 
 
+def test_egodex_statistics_take_depth_from_the_given_3d_joints(tmp_path, scene):
+    """A source without depth maps gets its depth range from its 3D points: the joints' depths in the cameras
+    (the build used to die in `np.percentile` on an empty depth list)."""
+    from mu0.dataset_builders.trace_extract import TraceExtract
+
+    points = write_full_egodex_episode(tmp_path / "clips" / "move_blocks", scene)
+    builder = TraceExtract(config_name="samples", cache_dir=str(tmp_path / "cache"), work_dir=str(tmp_path / "work"),
+                           source="egodex", source_path=str(tmp_path / "clips"), settings=GIVEN_3D)
+    builder.download_and_prepare()
+    statistics = builder.compute_statistics()
+    camera = np.einsum("tij,tnj->tni", scene.extrinsics[:, :3, :3], points) + scene.extrinsics[:, None, :3, 3]
+    log_low, log_high = statistics["depth_log_range"]
+    assert np.log(camera[..., 2].min()) - 1e-4 <= log_low < log_high <= np.log(camera[..., 2].max()) + 1e-4
+
+
 def test_given_3d_tracks_need_the_given_tracker_and_camera(tmp_path, scene):
     from mu0.dataset_builders.extraction import ExtractionSettings, extract_episode
 

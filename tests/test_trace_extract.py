@@ -300,3 +300,19 @@ def test_statistics_survive_a_kill_between_cache_and_statistics(tmp_path):
     assert rebuilt.compute_statistics() == complete
     assert len(os.listdir(statistics)) == 3 and not any(name.endswith(".tmp") for name in os.listdir(statistics))
     assert "other-episode.npz.x1.tmp" in os.listdir(tmp_path / "work" / "episodes")
+
+
+def test_statistics_from_reservoirs_without_depth_have_no_depth_range(tmp_path):
+    """An episode that holds no positive depth (no depth map, and no query point in front of the camera) saves an
+    empty depth reservoir; aggregating it used to raise a bare IndexError from np.percentile."""
+    from mu0.dataset_builders.statistics import TraceStatistics, load_reservoirs, save_reservoirs
+
+    episode = TraceStatistics()
+    future = np.array([[[10.0, 12.0, 0.5], [12.0, 15.0, 1.0]]])  # one point at depth 0, two future steps
+    episode.add(np.array([[8.0, 9.0]]), np.zeros(1), future, np.ones((1, 2), bool), (64, 64))
+    save_reservoirs(episode, str(tmp_path / "episode.npz"))
+    aggregated = TraceStatistics()
+    load_reservoirs(aggregated, str(tmp_path / "episode.npz"))
+    statistics = aggregated.compute()
+    assert "depth_log_range" not in statistics
+    np.testing.assert_allclose(statistics["delta_scale"], [0.121875, 0.1828125, 0.975])  # p95 of two |deltas| per axis
