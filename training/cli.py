@@ -90,7 +90,9 @@ def require_readable_checkpoint(folder: str) -> None:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--resume {folder!r}: no such checkpoint folder.")
     weights = [name for name in os.listdir(folder) if name.endswith(".safetensors")]
-    if not weights:
+    # FSDP sharded weights: torch.distributed.checkpoint writes `.metadata` once every rank's shard is written
+    fsdp_shards = os.path.isfile(os.path.join(folder, "pytorch_model_fsdp_0", ".metadata"))
+    if not weights and not fsdp_shards:
         raise FileNotFoundError(f"--resume {folder!r} holds no .safetensors weights: not a checkpoint folder.")
     for name in weights:
         try:
