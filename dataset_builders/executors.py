@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -57,7 +58,7 @@ CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(TraceExtractConfig) if 
                       {f.name for f in dataclasses.fields(datasets.BuilderConfig)} | {"settings", "work_dir", "episode_ids"})
 SETTING_FIELDS = tuple(f.name for f in dataclasses.fields(ExtractionSettings))
 # what may differ between runs sharing a work folder: which episodes, not how each is extracted
-NOT_RECORDED = ("num_episodes", "shard_index", "num_shards")
+NOT_RECORDED = ("num_episodes", "episodes", "shard_index", "num_shards")
 
 
 def read_options(path: str) -> tuple[dict, dict]:
@@ -91,7 +92,7 @@ class EpisodeOutcome:
     episode_id: str
     num_frames: int  # 0 when the episode failed or was rejected
     failed: bool
-    worker: str  # host:pid that extracted (or found) it
+    worker: str  # host:pid[@Ray node id] that extracted (or found) it
 
 
 def make_builder(work_dir: str, config: dict, settings: dict, config_name: str = "episodes") -> TraceExtract:
@@ -100,7 +101,12 @@ def make_builder(work_dir: str, config: dict, settings: dict, config_name: str =
 
 
 def _worker() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """host:pid, and in a Ray process also @ its node's id: Ray nodes in containers or on one machine share host names."""
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        worker += f"@{ray.get_runtime_context().get_node_id()}"
+    return worker
 
 
 def record_failure(builder: TraceExtract, episode_id: str, error: Exception) -> EpisodeOutcome:
