@@ -113,7 +113,7 @@ REF_LISTERS = {
     "rgbd": lambda config: rgbd_refs(config.source_path),
     "scenetracker": lambda config: scenetracker_refs(config.source_path),
     "egodex": lambda config: egodex_refs(config.source_path),
-    "lerobot": lambda config: lerobot_refs(config.source_path, config.camera_key),
+    "lerobot": lambda config: lerobot_refs(config.source_path, config.camera_key, config.episodes),
 }
 LOADERS = {**SOURCES, **ROBOT_SOURCES}
 GENERATED_SOURCES = ("procedural", "mujoco")  # rendered from seeds: no source_path, generation options instead
@@ -144,6 +144,7 @@ class TraceExtractConfig(datasets.BuilderConfig):
     moving_camera: bool = False
     target_fps: float | None = None
     camera_key: str | None = None
+    episodes: list[int] | None = None  # lerobot: only these episode indices (of a Hub dataset, only their files)
     work_dir: str | None = None
     shard_index: int = 0
     num_shards: int = 1

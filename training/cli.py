@@ -452,13 +452,24 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 # the flags of `mu0 extract`: TraceExtractConfig fields, then ExtractionSettings fields (a test keeps both complete)
 EXTRACT_SOURCE_OPTIONS = ("source", "source_path", "num_episodes", "seed", "num_frames", "image_size", "moving_camera",
-                          "target_fps", "camera_key", "shard_index", "num_shards")
+                          "target_fps", "camera_key", "episodes", "shard_index", "num_shards")
 EXTRACT_SETTING_OPTIONS = {"depth": str, "camera": str, "keypoints": str, "tracker": str, "captions": str,
                            "num_keypoints": int, "lk_window": int, "depth_model": str, "field_of_view": float,
                            "dino_model": str, "cotracker_model": str, "cotracker_repo": str,
                            "cotracker_checkpoint": str, "caption_model": str, "min_coverage": float,
                            "history": int, "horizon": int, "retarget_steps": int, "retarget_step": float,
                            "frame_stride": int, "static_queries": bool}
+
+
+def episode_indices(text: str) -> list[int]:
+    """argparse type for `--episodes 0,3,10-19`: indices and inclusive ranges."""
+    indices = []
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        if not first.isdigit() or not (last == "" or last.isdigit()) or (last and int(last) < int(first)):
+            raise argparse.ArgumentTypeError(f"{part!r} is not an episode index or a range like 10-19")
+        indices.extend(range(int(first), int(last or first) + 1))
+    return indices
 
 
 def stage_values(pairs: list[str] | None, kind: type, flag: str) -> dict | None:
@@ -514,7 +525,7 @@ def add_extract_parser(commands) -> None:
     parser.add_argument("--output-dir", default="outputs/extract")
     parser.add_argument("--work-dir", default=None, help="per-episode cache (default: OUTPUT_DIR/work); rerun to resume")
     parser.add_argument("--source", choices=["procedural", "mujoco", "video_folder", "rgbd", "scenetracker", "egodex", "lerobot"])
-    parser.add_argument("--source-path", help="the folder the source reads")
+    parser.add_argument("--source-path", help="the folder the source reads (lerobot: or a Hub dataset repo id)")
     parser.add_argument("--num-episodes", type=int, help="generated sources: how many episodes")
     parser.add_argument("--seed", type=int, help="generated sources: the first episode's seed")
     parser.add_argument("--num-frames", type=int, help="generated sources: frames per episode")
@@ -522,6 +533,8 @@ def add_extract_parser(commands) -> None:
     parser.add_argument("--moving-camera", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--target-fps", type=float, help="video_folder/egodex: subsample the decoded video")
     parser.add_argument("--camera-key", help="lerobot: which camera")
+    parser.add_argument("--episodes", type=episode_indices, metavar="0,3,10-19",
+                        help="lerobot: only these episode indices (from a Hub dataset, only their files are downloaded)")
     parser.add_argument("--shard-index", type=int, help="this machine's shard of --num-shards")
     parser.add_argument("--num-shards", type=int)
     for name, kind in EXTRACT_SETTING_OPTIONS.items():
