@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -93,6 +94,8 @@ class EpisodeOutcome:
     num_frames: int  # 0 when the episode failed or was rejected
     failed: bool
     worker: str  # host:pid[@Ray node id] that extracted (or found) it
+    # on Ray: seconds spent in each stage ("decode", the `STAGES`, "write"), for sizing the pools (bench_extract_ray)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
 def make_builder(work_dir: str, config: dict, settings: dict, config_name: str = "episodes") -> TraceExtract:
@@ -149,6 +152,7 @@ class EpisodeInFlight:
     ref: EpisodeRef
     state: EpisodeState | None = None
     outcome: EpisodeOutcome | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
 def pipeline_steps(settings: ExtractionSettings) -> list[tuple[str, ...]]:
@@ -179,17 +183,22 @@ def advance(row: dict, stages: tuple[str, ...], work_dir: str, config: dict, set
         for stage in stages:
             if flight.outcome is not None:  # found in the cache
                 break
-            if stage == "decode":  # a previous run may have finished it
-                cached = builder.cached_episode(flight.ref)
-                if cached is None:
-                    flight.state = EpisodeState(builder._load_raw(flight.ref))
+            start = time.perf_counter()
+            try:
+                if stage == "decode":  # a previous run may have finished it
+                    cached = builder.cached_episode(flight.ref)
+                    if cached is None:
+                        flight.state = EpisodeState(builder._load_raw(flight.ref))
+                    else:
+                        flight.outcome = EpisodeOutcome(flight.ref.episode_id, len(cached.frames), False, _worker())
+                elif stage == "write":
+                    episode = builder.commit_episode(finish_episode(flight.state, builder.config.extraction))
+                    flight.state = None
+                    flight.outcome = EpisodeOutcome(episode.episode_id, len(episode.frames), False, _worker())
                 else:
-                    flight.outcome = EpisodeOutcome(flight.ref.episode_id, len(cached.frames), False, _worker())
-            elif stage == "write":
-                episode = builder.commit_episode(finish_episode(flight.state, builder.config.extraction))
-                flight.state, flight.outcome = None, EpisodeOutcome(episode.episode_id, len(episode.frames), False, _worker())
-            else:
-                STAGES[stage](flight.state, builder.config.extraction)
+                    STAGES[stage](flight.state, builder.config.extraction)
+            finally:  # a stage that rejects its episode took its time too
+                flight.stage_seconds[stage] = time.perf_counter() - start
     except Exception as error:
         flight.state, flight.outcome = None, record_failure(builder, flight.ref.episode_id, error)
     return row
@@ -330,6 +339,7 @@ class RayExecutor:
         done = set()
         for row in episodes.iter_rows():
             outcome = row["episode"].outcome
+            outcome.stage_seconds = row["episode"].stage_seconds
             done.add(outcome.episode_id)
             yield outcome
         lost = [ref for ref in refs if ref.episode_id not in done]
