@@ -113,3 +113,17 @@ def test_fsdp2_trains_like_ddp_and_resumes_from_its_sharded_checkpoint(samples_f
             torch.testing.assert_close(parameter, initial_weights[name], rtol=0, atol=0, msg=name)
     name = "expert_layers.0.mlp.up_proj.weight"
     assert not torch.equal(dict(trained.named_parameters())[name], initial_weights[name])
+
+
+def test_a_launch_that_would_not_distribute_is_refused(samples_folder, tmp_path):  # noqa: F811
+    """Without GPUs and without `use_cpu`, the 2 launched processes used to train alone, into the same folder."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), "-m", "mu0.training.cli", "train", "--recipe",
+         str(write_recipe(tmp_path / "recipe.json")), "--dataset", samples_folder, "--max-steps", "1",
+         "--eval-samples", "0", "--output-dir", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, env=environment)
+    assert result.returncode != 0
+    assert "Launched as 2 processes, but training would run as 1" in result.stderr
+    assert not (tmp_path / "out" / "model.safetensors").exists()

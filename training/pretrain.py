@@ -166,6 +166,11 @@ def make_trainer(
         eval_strategy="no",
         **arguments,
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.world_size != launched:  # e.g. a GPU accelerate config on a machine without GPUs
+        raise RuntimeError(f"Launched as {launched} processes, but training would run as {args.world_size}: each "
+                           "process would train alone and write the same output folder. On CPUs set \"use_cpu\": true "
+                           "in the recipe's training arguments (gloo); with GPUs check that torch sees them.")
     if streamed and train_dataset.num_shards < args.world_size:
         logger.warning("The stream has %d shards for %d processes: every process reads all of it and keeps its "
                        "part of each batch. Push the dataset with num_shards >= the number of processes.",
