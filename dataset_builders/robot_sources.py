@@ -240,7 +240,8 @@ class LeRobotSource:
 
 
 def _looks_like_a_path(location: str) -> bool:
-    return location.startswith((".", "/", "~")) or location.count("/") > 1 or os.sep in location.replace("/", "")
+    """Hub ids are `name` or `namespace/name`: anything absolute, relative to `.`/`~`, or deeper is meant as a folder."""
+    return location.startswith((".", "/", "~")) or location.count("/") > 1 or (os.sep != "/" and os.sep in location)
 
 
 def open_lerobot(location: str) -> LeRobotSource:

@@ -157,6 +157,8 @@ class TraceExtractConfig(datasets.BuilderConfig):
             raise ValueError(f"Unknown source {self.source!r}; choose from {sorted(LOADERS)}.")
         if self.source not in GENERATED_SOURCES and not self.source_path:
             raise ValueError(f"source={self.source!r} needs source_path (the folder to read).")
+        if self.episodes is not None and self.source != "lerobot":
+            raise ValueError(f"episodes picks LeRobot episode indices; source={self.source!r} has none to pick.")
         if not 0 <= self.shard_index < self.num_shards:
             raise ValueError(f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}.")
         require_checkpoints(self.extraction)  # validates the stage backends, and fails early on missing checkpoints

@@ -499,3 +499,5 @@ def test_extract_flags_pick_lerobot_episodes(tmp_path, episodes, capsys):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["extract", "--episodes", bad])
     assert "not an episode index or a range" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="episodes picks LeRobot episode indices"):
+        TraceExtractConfig(source="rgbd", source_path=str(tmp_path), episodes=[0]).validate()
