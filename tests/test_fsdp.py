@@ -33,10 +33,10 @@ def launch(command: list[str]) -> None:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
 
-def train_with_fsdp(recipe: Path, dataset: str, output_dir: Path, *extra: str) -> None:
-    """`mu0 train` under the package's FSDP2 configuration (2 processes, fp32: the CPU has no bf16 autocast here)."""
+def train_with_fsdp(recipe: Path, dataset: str, output_dir: Path, *extra: str, mixed_precision: str = "no") -> None:
+    """`mu0 train` under the package's FSDP2 configuration on 2 processes (fp32 unless `mixed_precision`)."""
     launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
-            "--num_processes", "2", "--mixed_precision", "no", "--main_process_ip", "127.0.0.1",
+            "--num_processes", "2", "--mixed_precision", mixed_precision, "--main_process_ip", "127.0.0.1",
             "--main_process_port", "0", str(CPU_FSDP_LAUNCHER),
             "train", "--recipe", str(recipe), "--dataset", dataset, "--max-steps", str(STEPS), "--eval-samples", "0",
             "--output-dir", str(output_dir), *extra])
@@ -113,6 +113,23 @@ def test_fsdp2_trains_like_ddp_and_resumes_from_its_sharded_checkpoint(samples_f
             torch.testing.assert_close(parameter, initial_weights[name], rtol=0, atol=0, msg=name)
     name = "expert_layers.0.mlp.up_proj.weight"
     assert not torch.equal(dict(trained.named_parameters())[name], initial_weights[name])
+
+
+def test_fsdp2_trains_a_bf16_backbone_beside_an_fp32_expert(samples_folder, tmp_path):  # noqa: F811
+    """The paper recipe's dtypes under the configuration's bf16 mixed precision (FSDP2 refuses mixed dtypes without)."""
+    recipe = small_recipe(per_device_train_batch_size=2, logging_steps=1, save_steps=2)
+    recipe["model"]["backbone_dtype"] = "bfloat16"
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    train_with_fsdp(tmp_path / "recipe.json", samples_folder, tmp_path / "run", mixed_precision="bf16")
+    weights = load_file(str(tmp_path / "run" / "model.safetensors"))
+    set_seed(0)
+    initial, _ = build_model_and_processor(recipe, load_statistics(samples_folder))
+    initial_weights = dict(initial.named_parameters())
+    trained = dict(Mu0ForTracePrediction.from_pretrained(str(tmp_path / "run")).named_parameters())
+    backbone, expert = "vlm.text_model.layers.0.self_attn.k_proj.weight", "expert_layers.0.mlp.up_proj.weight"
+    assert (weights[backbone].dtype, weights[expert].dtype) == (torch.bfloat16, torch.float32)
+    assert torch.equal(trained[backbone], initial_weights[backbone])
+    assert torch.isfinite(trained[expert]).all() and not torch.equal(trained[expert], initial_weights[expert])
 
 
 def test_a_launch_that_would_not_distribute_is_refused(samples_folder, tmp_path):  # noqa: F811
