@@ -93,7 +93,8 @@ def require_readable_checkpoint(folder: str) -> None:
     # FSDP sharded weights: torch.distributed.checkpoint writes `.metadata` once every rank's shard is written
     fsdp_shards = os.path.isfile(os.path.join(folder, "pytorch_model_fsdp_0", ".metadata"))
     if not weights and not fsdp_shards:
-        raise FileNotFoundError(f"--resume {folder!r} holds no .safetensors weights: not a checkpoint folder.")
+        raise FileNotFoundError(f"--resume {folder!r} holds no weights (.safetensors, or FSDP's pytorch_model_fsdp_0/): "
+                                "not a checkpoint folder.")
     for name in weights:
         try:
             with safe_open(os.path.join(folder, name), framework="pt"):  # checks the header covers the file
