@@ -7,6 +7,8 @@ Anything: locally, and on Ray with its depth stage in an actor pool of 1 and 2 a
 so the pools leave CPUs to the tasks). The model's inference is cheap, so those rows show what the staged pipeline
 costs (episodes shipped between the tasks and the actors), not the speed of a real depth model.
 Only the extraction is timed (the datasets are written from the cache the same way after either executor).
+For the Ray runs, each pipeline step (the CPU tasks, each learned stage's actor pool) gets its busy seconds, episodes
+per second of one of its workers and its utilisation: what docs/scaling_out.md sizes the pools from.
 "Start-up" is `ray.init` of a local instance plus the first tiny Ray Data job (worker processes starting and
 importing mu0). Prints a table and writes JSON. Needs `pip install "mu0[scale]"`.
 
@@ -24,7 +26,8 @@ import time
 
 import ray
 
-from mu0.dataset_builders.executors import LocalExecutor, RayExecutor
+from mu0.dataset_builders.executors import LocalExecutor, RayExecutor, learned_stages, pipeline_steps
+from mu0.dataset_builders.extraction import ExtractionSettings
 from mu0.dataset_builders.sources import procedural_refs
 
 CONFIG = {"source": "procedural", "num_frames": 48, "image_size": 128, "moving_camera": True}
@@ -53,9 +56,36 @@ def timed_extraction(executor, num_episodes: int, settings: dict) -> dict:
         shutil.rmtree(work_dir, ignore_errors=True)
     # after the first episode: the rate once workers and actors are up (and models loaded), which a long run sees
     steady = (len(outcomes) - 1) / (seconds - first) if len(outcomes) > 1 else float("nan")
-    return {"episodes": len(outcomes), "rejected": sum(outcome.failed for outcome in outcomes), "seconds": seconds,
-            "episodes_per_s": len(outcomes) / seconds, "first_episode_s": first, "after_first_episodes_per_s": steady,
-            "workers": len({outcome.worker for outcome in outcomes})}
+    row = {"episodes": len(outcomes), "rejected": sum(outcome.failed for outcome in outcomes), "seconds": seconds,
+           "episodes_per_s": len(outcomes) / seconds, "first_episode_s": first, "after_first_episodes_per_s": steady,
+           "workers": len({outcome.worker for outcome in outcomes})}
+    if isinstance(executor, RayExecutor):
+        row["steps"] = step_usage(executor, settings, outcomes, seconds)
+    return row
+
+
+def step_usage(executor: RayExecutor, settings: dict, outcomes: list, seconds: float) -> list[dict]:
+    """Per step of the Ray pipeline (the CPU tasks, or a learned stage's actor pool): the seconds its stages took
+    summed over the episodes ("busy"), episodes per second of one of its workers (episodes / busy), and its
+    utilisation: busy over what its workers could give in the run (workers x run seconds). The tasks of all
+    task steps share the CPUs that the pools leave (at most `num_workers` at a time), so their utilisation is
+    reported over those slots together with each step's share of the busy time."""
+    extraction = ExtractionSettings(**settings)
+    pools = learned_stages(extraction)
+    pool_cpus = sum(executor.pool_size(stage) for stage in pools) * executor.cpus_per_worker
+    task_slots = int((ray.cluster_resources()["CPU"] - pool_cpus) // executor.cpus_per_worker)
+    task_slots = min(task_slots, executor.num_workers or task_slots)
+    rows = []
+    for step in pipeline_steps(extraction):
+        busy = sum(outcome.stage_seconds.get(stage, 0.0) for outcome in outcomes for stage in step)
+        episodes = sum(any(stage in outcome.stage_seconds for stage in step) for outcome in outcomes)
+        pool = step[0] in pools
+        workers = executor.pool_size(step[0]) if pool else task_slots
+        rows.append({"step": "+".join(step), "runs_on": f"{workers} actors" if pool else f"{workers} task slots",
+                     "busy_s": busy, "episodes": episodes,
+                     "episodes_per_s_per_worker": episodes / busy if busy else float("nan"),
+                     "utilisation": busy / (workers * seconds)})
+    return rows
 
 
 def save_tiny_depth_model(folder: str) -> None:
@@ -112,6 +142,13 @@ def run(num_episodes: int, output: str) -> dict:
         row = results[name]
         print(f"| {name} | {depth} | {row['episodes_per_s']:.2f} | {row['after_first_episodes_per_s']:.2f} | "
               f"{row['seconds']:.1f} | {row['first_episode_s']:.1f} | {row['workers']} | {row['rejected']} |")
+    print("\nPer pipeline step (busy: seconds summed over episodes; utilisation: busy / (workers x run seconds), task "
+          "steps sharing the same task slots):")
+    print("| run | step | runs on | busy (s) | episodes/s per worker | utilisation |\n|---|---|---|---|---|---|")
+    for name in ("ray_2_workers", "ray_depth_pool_1_actors", "ray_depth_pool_2_actors"):
+        for step in results[name]["steps"]:
+            print(f"| {name} | {step['step']} | {step['runs_on']} | {step['busy_s']:.1f} | "
+                  f"{step['episodes_per_s_per_worker']:.2f} | {step['utilisation']:.0%} |")
     start_up = results["start_up"]
     print(f"\nRay start-up: ray.init {start_up['ray_init_s']:.1f} s, first job (workers start, import mu0) "
           f"{start_up['first_job_s']:.1f} s")

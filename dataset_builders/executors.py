@@ -18,6 +18,8 @@ import logging
 import os
 import shutil
 import socket
+import sys
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -57,7 +59,7 @@ CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(TraceExtractConfig) if 
                       {f.name for f in dataclasses.fields(datasets.BuilderConfig)} | {"settings", "work_dir", "episode_ids"})
 SETTING_FIELDS = tuple(f.name for f in dataclasses.fields(ExtractionSettings))
 # what may differ between runs sharing a work folder: which episodes, not how each is extracted
-NOT_RECORDED = ("num_episodes", "shard_index", "num_shards")
+NOT_RECORDED = ("num_episodes", "episodes", "shard_index", "num_shards")
 GENERATION_FIELDS = ("num_episodes", "seed", "num_frames", "image_size", "moving_camera")  # procedural/mujoco only
 
 
@@ -95,7 +97,9 @@ class EpisodeOutcome:
     episode_id: str
     num_frames: int  # 0 when the episode failed or was rejected
     failed: bool
-    worker: str  # host:pid that extracted (or found) it
+    worker: str  # host:pid[@Ray node id] that extracted (or found) it
+    # on Ray: seconds spent in each stage ("decode", the `STAGES`, "write"), for sizing the pools (bench_extract_ray)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
 def make_builder(work_dir: str, config: dict, settings: dict, config_name: str = "episodes") -> TraceExtract:
@@ -104,7 +108,12 @@ def make_builder(work_dir: str, config: dict, settings: dict, config_name: str =
 
 
 def _worker() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """host:pid, and in a Ray process also @ its node's id: Ray nodes in containers or on one machine share host names."""
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        worker += f"@{ray.get_runtime_context().get_node_id()}"
+    return worker
 
 
 def record_failure(builder: TraceExtract, episode_id: str, error: Exception) -> EpisodeOutcome:
@@ -147,6 +156,7 @@ class EpisodeInFlight:
     ref: EpisodeRef
     state: EpisodeState | None = None
     outcome: EpisodeOutcome | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
 def pipeline_steps(settings: ExtractionSettings) -> list[tuple[str, ...]]:
@@ -177,17 +187,22 @@ def advance(row: dict, stages: tuple[str, ...], work_dir: str, config: dict, set
         for stage in stages:
             if flight.outcome is not None:  # found in the cache
                 break
-            if stage == "decode":  # a previous run may have finished it
-                cached = builder.cached_episode(flight.ref)
-                if cached is None:
-                    flight.state = EpisodeState(builder._load_raw(flight.ref))
+            start = time.perf_counter()
+            try:
+                if stage == "decode":  # a previous run may have finished it
+                    cached = builder.cached_episode(flight.ref)
+                    if cached is None:
+                        flight.state = EpisodeState(builder._load_raw(flight.ref))
+                    else:
+                        flight.outcome = EpisodeOutcome(flight.ref.episode_id, len(cached.frames), False, _worker())
+                elif stage == "write":
+                    episode = builder.commit_episode(finish_episode(flight.state, builder.config.extraction))
+                    flight.state = None
+                    flight.outcome = EpisodeOutcome(episode.episode_id, len(episode.frames), False, _worker())
                 else:
-                    flight.outcome = EpisodeOutcome(flight.ref.episode_id, len(cached.frames), False, _worker())
-            elif stage == "write":
-                episode = builder.commit_episode(finish_episode(flight.state, builder.config.extraction))
-                flight.state, flight.outcome = None, EpisodeOutcome(episode.episode_id, len(episode.frames), False, _worker())
-            else:
-                STAGES[stage](flight.state, builder.config.extraction)
+                    STAGES[stage](flight.state, builder.config.extraction)
+            finally:  # a stage that rejects its episode took its time too
+                flight.stage_seconds[stage] = time.perf_counter() - start
     except Exception as error:
         flight.state, flight.outcome = None, record_failure(builder, flight.ref.episode_id, error)
     return row
@@ -328,6 +343,7 @@ class RayExecutor:
         done = set()
         for row in episodes.iter_rows():
             outcome = row["episode"].outcome
+            outcome.stage_seconds = row["episode"].stage_seconds
             done.add(outcome.episode_id)
             yield outcome
         lost = [ref for ref in refs if ref.episode_id not in done]

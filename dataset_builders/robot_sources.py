@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
@@ -187,13 +188,20 @@ def load_egodex(
     )
 
 
-# ------------------------------------------------------------------------------------------ LeRobot v3 layout
+# ------------------------------------------------------------------ LeRobot layouts v3.0 and v2.1, local or on the Hub
 LEROBOT_INFO_PATH = "meta/info.json"
-LEROBOT_TASKS_PATH = "meta/tasks.parquet"
-LEROBOT_EPISODES_DIR = "meta/episodes"
+LEROBOT_TASKS_PATH = "meta/tasks.parquet"  # v3: task text as the index, task_index
+LEROBOT_EPISODES_DIR = "meta/episodes"  # v3: chunked parquet files, one row per episode
+LEROBOT_V2_TASKS_PATH = "meta/tasks.jsonl"  # v2.1: {"task_index", "task"} per line
+LEROBOT_V2_EPISODES_PATH = "meta/episodes.jsonl"  # v2.1: {"episode_index", "tasks", "length"} per line
 LEROBOT_STATE_KEY = "observation.state"
 LEROBOT_ACTION_KEY = "action"
 _CHUNK_FILE = "chunk-{chunk_index:03d}/file-{file_index:03d}"
+LEROBOT_FILE_PATHS = {  # info.json's path templates of each layout
+    "v3.0": {"data_path": "data/" + _CHUNK_FILE + ".parquet", "video_path": "videos/{video_key}/" + _CHUNK_FILE + ".mp4"},
+    "v2.1": {"data_path": "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
+             "video_path": "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"},
+}
 _DEFAULT_FEATURES = {
     "timestamp": {"dtype": "float32", "shape": [1], "names": None},
     "frame_index": {"dtype": "int64", "shape": [1], "names": None},
@@ -203,40 +211,98 @@ _DEFAULT_FEATURES = {
 }
 
 
-def _lerobot_info(root: str) -> dict:
-    path = os.path.join(root, LEROBOT_INFO_PATH)
+@dataclass(frozen=True)
+class LeRobotSource:
+    """Where a LeRobot dataset's files are: a local folder, or a Hub dataset repo at one commit whose files are
+    fetched one by one, when first read, into the Hugging Face cache (`root` is that commit's snapshot folder)."""
+
+    root: str
+    name: str  # the dataset's name in episode ids
+    repo_id: str | None = None
+    revision: str | None = None  # the commit, so that every worker reads the files the refs were listed from
+
+    @property
+    def location(self) -> str:
+        """What a ref stores to reopen this source in another process or on another node."""
+        return self.root if self.repo_id is None else f"{self.repo_id}@{self.revision}"
+
+    def path(self, relative: str) -> str:
+        """The local path of one of the dataset's files, downloaded first when the dataset is on the Hub."""
+        if self.repo_id is None:
+            return os.path.join(self.root, relative)
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            return hf_hub_download(self.repo_id, relative, repo_type="dataset", revision=self.revision)
+        except EntryNotFoundError:
+            return os.path.join(self.root, relative)  # reported as a missing file by the caller, as for a folder
+
+
+def _looks_like_a_path(location: str) -> bool:
+    """Hub ids are `name` or `namespace/name`: anything absolute, relative to `.`/`~`, or deeper is meant as a folder."""
+    return location.startswith((".", "/", "~")) or location.count("/") > 1 or (os.sep != "/" and os.sep in location)
+
+
+def open_lerobot(location: str) -> LeRobotSource:
+    """A local LeRobot folder, or a Hub dataset `REPO_ID` (or `REPO_ID@REVISION`) of which only `meta/` is fetched
+    here; a loader then fetches the data and video files of its own episode and camera."""
+    if os.path.isdir(location) or _looks_like_a_path(location):
+        return LeRobotSource(location, os.path.basename(os.path.normpath(location)))
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+
+    repo_id, _, revision = location.partition("@")
+    try:
+        snapshot = snapshot_download(repo_id, repo_type="dataset", revision=revision or None, allow_patterns=["meta/**"])
+    except (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError) as error:
+        raise FileNotFoundError(f"LeRobot dataset {location!r} is no local folder, and the Hub dataset could not be "
+                                f"read: {error}") from error
+    # the snapshot folder is named after the commit it holds
+    return LeRobotSource(snapshot, repo_id.rsplit("/", 1)[-1], repo_id, os.path.basename(snapshot))
+
+
+def _lerobot_info(source: LeRobotSource) -> dict:
+    path = source.path(LEROBOT_INFO_PATH)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{root!r} is not a LeRobot dataset: {path!r} is missing.")
+        raise FileNotFoundError(f"{source.location!r} is not a LeRobot dataset: {path!r} is missing.")
     with open(path, encoding="utf-8") as handle:
         info = json.load(handle)
     missing = [key for key in ("fps", "features", "data_path", "video_path", "codebase_version") if key not in info]
     if missing:
         raise ValueError(f"LeRobot info {path!r} lacks {missing}.")
-    if not str(info["codebase_version"]).startswith("v3"):
+    if not str(info["codebase_version"]).startswith(("v3", "v2.1")):
         raise ValueError(
-            f"LeRobot dataset {root!r} is {info['codebase_version']}; only the v3 layout (multi-episode files) is "
-            "read here. Convert it with lerobot's convert_dataset_v21_to_v30 script."
+            f"LeRobot dataset {source.location!r} is {info['codebase_version']}; the v3 layout (multi-episode files) "
+            "and the v2.1 layout (one file per episode) are read here. Convert older ones with lerobot's scripts."
         )
+    if _is_v2(info) and "chunks_size" not in info:
+        raise ValueError(f"LeRobot info {path!r} lacks 'chunks_size', which v2.1 file paths need.")
     return info
+
+
+def _is_v2(info: dict) -> bool:
+    return str(info["codebase_version"]).startswith("v2")
 
 
 def _video_keys(info: dict) -> list[str]:
     return [key for key, feature in info["features"].items() if feature.get("dtype") == "video"]
 
 
-def _check_camera(info: dict, camera_key: str, root: str) -> str:
+def _check_camera(info: dict, camera_key: str, source: LeRobotSource) -> str:
     keys = _video_keys(info)
     if camera_key not in keys:
-        raise ValueError(f"LeRobot dataset {root!r} has no video feature {camera_key!r}; its cameras are {keys}.")
+        raise ValueError(f"LeRobot dataset {source.location!r} has no video feature {camera_key!r}; its cameras are {keys}.")
     return camera_key
 
 
-def _lerobot_episode_id(root: str, camera_key: str, episode_index: int) -> str:
-    return f"{os.path.basename(os.path.normpath(root))}-{camera_key}-{episode_index:06d}"
+def _lerobot_episode_id(source: LeRobotSource, camera_key: str, episode_index: int) -> str:
+    return f"{source.name}-{camera_key}-{episode_index:06d}"
 
 
-def _episode_files(root: str) -> list[str]:
-    folder = os.path.join(root, LEROBOT_EPISODES_DIR)
+def _episode_files(source: LeRobotSource) -> list[str]:
+    """v3 episode metadata files (fetched with the rest of `meta/` for a Hub dataset)."""
+    folder = os.path.join(source.root, LEROBOT_EPISODES_DIR)
     files = sorted(
         os.path.join(folder, chunk, name)
         for chunk in (sorted(os.listdir(folder)) if os.path.isdir(folder) else [])
@@ -245,35 +311,59 @@ def _episode_files(root: str) -> list[str]:
         if name.endswith(".parquet")
     )
     if not files:
-        raise FileNotFoundError(f"LeRobot dataset {root!r} has no episode metadata ({folder}/chunk-*/file-*.parquet).")
+        raise FileNotFoundError(
+            f"LeRobot dataset {source.location!r} has no episode metadata ({folder}/chunk-*/file-*.parquet).")
     return files
 
 
-def lerobot_refs(root: str, camera_key: str | None = None) -> list[EpisodeRef]:
-    """One ref per episode, seen through `camera_key` (default: the first video feature in `meta/info.json`).
+def _json_lines(source: LeRobotSource, relative: str) -> list[dict]:
+    path = source.path(relative)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"LeRobot dataset {source.location!r} has no {relative} ({path!r} is missing).")
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _episode_indices(source: LeRobotSource, info: dict) -> list[int]:
+    import pyarrow.parquet as pq
+
+    if _is_v2(info):
+        return sorted(int(row["episode_index"]) for row in _json_lines(source, LEROBOT_V2_EPISODES_PATH))
+    return sorted(
+        index
+        for path in _episode_files(source)
+        for index in pq.read_table(path, columns=["episode_index"]).column("episode_index").to_pylist()
+    )
+
+
+def lerobot_refs(location: str, camera_key: str | None = None, episodes: list[int] | None = None) -> list[EpisodeRef]:
+    """One ref per episode (or per episode index in `episodes`), seen through `camera_key` (default: the first video
+    feature in `meta/info.json`). `location` is a local folder or a Hub dataset repo id (`REPO_ID[@REVISION]`): of
+    a Hub dataset only `meta/` is fetched here, and each `load_lerobot` fetches its episode's data and video files.
 
     A ref's `seed` carries the episode index (refs have no other integer field, and these episodes need no seed);
     its id names the camera, which is how `load_lerobot(ref)` knows which one to decode.
     """
-    import pyarrow.parquet as pq
-
-    info = _lerobot_info(root)
+    source = open_lerobot(location)
+    info = _lerobot_info(source)
     keys = _video_keys(info)
     if not keys:
-        raise ValueError(f"LeRobot dataset {root!r} has no video features, so it has no frames to extract from.")
-    camera_key = _check_camera(info, camera_key, root) if camera_key is not None else keys[0]
-    indices = sorted(
-        index
-        for path in _episode_files(root)
-        for index in pq.read_table(path, columns=["episode_index"]).column("episode_index").to_pylist()
-    )
-    return [EpisodeRef("lerobot", _lerobot_episode_id(root, camera_key, i), root, int(i)) for i in indices]
+        raise ValueError(f"LeRobot dataset {location!r} has no video features, so it has no frames to extract from.")
+    camera_key = _check_camera(info, camera_key, source) if camera_key is not None else keys[0]
+    indices = _episode_indices(source, info)
+    if episodes is not None:
+        missing = sorted(set(episodes) - set(indices))
+        if missing:
+            raise ValueError(f"LeRobot dataset {location!r} has no episodes {missing}; it has {len(indices)} episodes, "
+                             f"indices {indices[0]} to {indices[-1]}.")
+        indices = sorted(set(episodes))
+    return [EpisodeRef("lerobot", _lerobot_episode_id(source, camera_key, i), source.location, int(i)) for i in indices]
 
 
-def _episode_row(root: str, episode_index: int, columns: list[str]) -> dict:
+def _episode_row(source: LeRobotSource, episode_index: int, columns: list[str]) -> dict:
     import pyarrow.parquet as pq
 
-    for path in _episode_files(root):
+    for path in _episode_files(source):
         present = pq.read_schema(path).names
         missing = [column for column in columns if column not in present]
         if missing:
@@ -281,16 +371,58 @@ def _episode_row(root: str, episode_index: int, columns: list[str]) -> dict:
         table = pq.read_table(path, columns=columns, filters=[("episode_index", "=", episode_index)])
         if table.num_rows:
             return {column: table.column(column)[0].as_py() for column in columns}
-    raise ValueError(f"LeRobot dataset {root!r} has no episode {episode_index} in {LEROBOT_EPISODES_DIR}.")
+    raise ValueError(f"LeRobot dataset {source.location!r} has no episode {episode_index} in {LEROBOT_EPISODES_DIR}.")
 
 
-def _task_names(root: str) -> dict[int, str]:
-    """task_index -> task text; lerobot stores the text as the index of the tasks table (named "task")."""
+@dataclass
+class _EpisodeFiles:
+    """Where one episode's rows and one camera's frames are: its files, and its span of a multi-episode video."""
+
+    data: str
+    video: str
+    length: int
+    start: float = float("-inf")
+    end: float = float("inf")
+
+
+def _episode_locations(source: LeRobotSource, info: dict, episode_index: int, camera_key: str) -> _EpisodeFiles:
+    """The relative paths of an episode's files: v3 from its row in `meta/episodes` (files shared by several
+    episodes, cut by timestamps), v2.1 from the path templates (one file per episode, chunked by index)."""
+    if _is_v2(info):
+        rows = [row for row in _json_lines(source, LEROBOT_V2_EPISODES_PATH) if row["episode_index"] == episode_index]
+        if not rows:
+            raise ValueError(f"LeRobot dataset {source.location!r} has no episode {episode_index} in "
+                             f"{LEROBOT_V2_EPISODES_PATH}.")
+        place = {"episode_chunk": episode_index // info["chunks_size"], "episode_index": episode_index}
+        return _EpisodeFiles(info["data_path"].format(**place), info["video_path"].format(video_key=camera_key, **place),
+                             int(rows[0]["length"]))
+    video = f"videos/{camera_key}/"
+    row = _episode_row(
+        source,
+        episode_index,
+        ["length", "data/chunk_index", "data/file_index"]
+        + [video + name for name in ("chunk_index", "file_index", "from_timestamp", "to_timestamp")],
+    )
+    half_frame = 0.5 / float(info["fps"])  # frame k of the episode sits at from_timestamp + k / fps, up to rounding
+    return _EpisodeFiles(
+        info["data_path"].format(chunk_index=row["data/chunk_index"], file_index=row["data/file_index"]),
+        info["video_path"].format(video_key=camera_key, chunk_index=row[video + "chunk_index"],
+                                  file_index=row[video + "file_index"]),
+        row["length"],
+        row[video + "from_timestamp"] - half_frame,
+        row[video + "to_timestamp"] - half_frame,
+    )
+
+
+def _task_names(source: LeRobotSource, info: dict) -> dict[int, str]:
+    """task_index -> task text; v3 stores the text as the index of the tasks table (named "task")."""
+    if _is_v2(info):
+        return {int(row["task_index"]): str(row["task"]) for row in _json_lines(source, LEROBOT_V2_TASKS_PATH)}
     import pandas as pd
 
-    path = os.path.join(root, LEROBOT_TASKS_PATH)
+    path = source.path(LEROBOT_TASKS_PATH)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"LeRobot dataset {root!r} has no task table ({path!r} is missing).")
+        raise FileNotFoundError(f"LeRobot dataset {source.location!r} has no task table ({path!r} is missing).")
     table = pd.read_parquet(path)
     texts = table["task"] if "task" in table.columns else table.index
     return {int(index): str(text) for index, text in zip(table["task_index"], texts)}
@@ -303,32 +435,25 @@ def _vectors(column: Any) -> np.ndarray:
 
 
 def load_lerobot(ref: EpisodeRef, camera_key: str | None = None) -> RawEpisode:
-    """Frames of one camera for one episode, cut from a possibly multi-episode mp4 by its [from, to) timestamps.
+    """Frames of one camera for one episode: cut from a multi-episode mp4 by its [from, to) timestamps (v3), or its
+    own mp4 (v2.1). For a Hub dataset only this episode's data file and this camera's video file are fetched.
 
     `camera_key` defaults to the camera the ref was listed with. `metadata` holds the per-frame `states`
     (observation.state) and `actions` as lists, when the dataset has them, for action-expert training.
     """
     import pyarrow.parquet as pq
 
-    root, episode_index = ref.location, ref.seed
-    info = _lerobot_info(root)
+    source, episode_index = open_lerobot(ref.location), ref.seed
+    info = _lerobot_info(source)
     if camera_key is None:
-        matches = [key for key in _video_keys(info) if _lerobot_episode_id(root, key, episode_index) == ref.episode_id]
+        matches = [key for key in _video_keys(info) if _lerobot_episode_id(source, key, episode_index) == ref.episode_id]
         if not matches:
-            raise ValueError(f"Ref {ref.episode_id!r} was not made by lerobot_refs({root!r}); pass camera_key.")
+            raise ValueError(f"Ref {ref.episode_id!r} was not made by lerobot_refs({ref.location!r}); pass camera_key.")
         camera_key = matches[0]
-    _check_camera(info, camera_key, root)
-    video = f"videos/{camera_key}/"
-    row = _episode_row(
-        root,
-        episode_index,
-        ["length", "data/chunk_index", "data/file_index"]
-        + [video + name for name in ("chunk_index", "file_index", "from_timestamp", "to_timestamp")],
-    )
+    _check_camera(info, camera_key, source)
+    files = _episode_locations(source, info, episode_index, camera_key)
 
-    data_path = os.path.join(
-        root, info["data_path"].format(chunk_index=row["data/chunk_index"], file_index=row["data/file_index"])
-    )
+    data_path = source.path(files.data)
     if not os.path.isfile(data_path):
         raise FileNotFoundError(f"LeRobot episode {episode_index}: data file {data_path!r} is missing.")
     present = pq.read_schema(data_path).names
@@ -341,34 +466,25 @@ def load_lerobot(ref: EpisodeRef, camera_key: str | None = None) -> RawEpisode:
         columns=["frame_index", "task_index", *vector_columns],
         filters=[("episode_index", "=", episode_index)],
     ).sort_by("frame_index")
-    if table.num_rows != row["length"]:
+    if table.num_rows != files.length:
         raise ValueError(
             f"LeRobot episode {episode_index}: {data_path!r} holds {table.num_rows} rows but the episode "
-            f"metadata says {row['length']}."
+            f"metadata says {files.length}."
         )
 
-    fps = float(info["fps"])
-    video_path = os.path.join(
-        root,
-        info["video_path"].format(
-            video_key=camera_key, chunk_index=row[video + "chunk_index"], file_index=row[video + "file_index"]
-        ),
-    )
-    half_frame = 0.5 / fps  # frame k of the episode sits at from_timestamp + k / fps, up to rounding
-    frames = read_video(
-        video_path, start=row[video + "from_timestamp"] - half_frame, end=row[video + "to_timestamp"] - half_frame
-    ).frames
-    if len(frames) != row["length"]:
+    video_path = source.path(files.video)
+    frames = read_video(video_path, start=files.start, end=files.end).frames
+    if len(frames) != files.length:
         raise ValueError(
             f"LeRobot episode {episode_index}: {video_path!r} has {len(frames)} frames in "
-            f"[{row[video + 'from_timestamp']}, {row[video + 'to_timestamp']}) s but the episode has {row['length']}."
+            f"[{files.start:g}, {files.end:g}) s but the episode has {files.length}."
         )
 
-    names = _task_names(root)
+    names = _task_names(source, info)
     task_indices = list(dict.fromkeys(table.column("task_index").to_pylist()))
     unknown = [index for index in task_indices if index not in names]
     if unknown:
-        raise ValueError(f"LeRobot episode {episode_index}: task indices {unknown} are not in {LEROBOT_TASKS_PATH}.")
+        raise ValueError(f"LeRobot episode {episode_index}: task indices {unknown} are not in the dataset's task table.")
     metadata: dict[str, Any] = {"episode_index": episode_index, "camera_key": camera_key}
     for key, name in ((LEROBOT_STATE_KEY, "states"), (LEROBOT_ACTION_KEY, "actions")):
         if key in vector_columns:
@@ -376,7 +492,7 @@ def load_lerobot(ref: EpisodeRef, camera_key: str | None = None) -> RawEpisode:
     return RawEpisode(
         episode_id=ref.episode_id,
         frames=frames,
-        fps=fps,
+        fps=float(info["fps"]),
         task="; ".join(names[index] for index in task_indices),
         metadata=metadata,
     )
@@ -429,13 +545,16 @@ def write_lerobot_episodes(
     camera_key: str = "observation.images.main",
     episodes_per_file: int = 100,
     chunks_size: int = 1000,
+    codebase_version: str = "v3.0",
 ) -> None:
     """Write episodes (dicts of `frames` (T, H, W, 3) uint8, `states` (T, S), `actions` (T, A), `task` str) as a
-    LeRobotDataset v3 folder that `lerobot_refs`/`load_lerobot` (and lerobot itself) read.
+    LeRobotDataset folder that `lerobot_refs`/`load_lerobot` (and lerobot itself, for v3.0) read.
 
-    Every `episodes_per_file` episodes share one data parquet and one mp4, as in v3; files roll over to a new
-    chunk folder after `chunks_size` files. The dataset is built in a temporary sibling folder and renamed into
-    place, so a crash never leaves a half-written dataset at `root`; an existing `root` is refused.
+    v3.0: every `episodes_per_file` episodes share one data parquet and one mp4; files roll over to a new chunk
+    folder after `chunks_size` files. v2.1: one parquet and one mp4 per episode, `chunks_size` episodes per chunk
+    folder, and the episode and task tables as JSON lines (no per-episode statistics: lerobot's own loader wants
+    those). The dataset is built in a temporary sibling folder and renamed into place, so a crash never leaves a
+    half-written dataset at `root`; an existing `root` is refused.
     """
     import pandas as pd
     import pyarrow as pa
@@ -448,6 +567,11 @@ def write_lerobot_episodes(
         raise ValueError("write_lerobot_episodes needs at least one episode.")
     if episodes_per_file < 1 or chunks_size < 1:
         raise ValueError(f"episodes_per_file and chunks_size must be >= 1, got {episodes_per_file}, {chunks_size}.")
+    if codebase_version not in LEROBOT_FILE_PATHS:
+        raise ValueError(f"codebase_version must be one of {list(LEROBOT_FILE_PATHS)}, got {codebase_version!r}.")
+    per_episode = codebase_version == "v2.1"
+    paths = LEROBOT_FILE_PATHS[codebase_version]
+    episodes_per_file = 1 if per_episode else episodes_per_file
     arrays = [_episode_arrays(index, episode) for index, episode in enumerate(episodes)]
     shapes = {(frames.shape[1:], states.shape[1], actions.shape[1]) for frames, states, actions, _ in arrays}
     if len(shapes) > 1:
@@ -465,7 +589,8 @@ def write_lerobot_episodes(
         for file_number, first in enumerate(range(0, len(arrays), episodes_per_file)):
             group = arrays[first : first + episodes_per_file]
             chunk_index, file_index = divmod(file_number, chunks_size)
-            location = _CHUNK_FILE.format(chunk_index=chunk_index, file_index=file_index)
+            place = dict(chunk_index=chunk_index, file_index=file_index, episode_chunk=chunk_index, episode_index=first,
+                         video_key=camera_key)
             columns: dict[str, list] = {key: [] for key in (*_DEFAULT_FEATURES, LEROBOT_STATE_KEY, LEROBOT_ACTION_KEY)}
             file_frames = 0
             for offset, (frames, states, actions, task) in enumerate(group):
@@ -504,20 +629,26 @@ def write_lerobot_episodes(
                     LEROBOT_ACTION_KEY: _fixed_size_lists(columns[LEROBOT_ACTION_KEY], action_size),
                 }
             )
-            data_path = os.path.join(staging, "data", location + ".parquet")
+            data_path = os.path.join(staging, paths["data_path"].format(**place))
             os.makedirs(os.path.dirname(data_path), exist_ok=True)
             pq.write_table(table, data_path)
-            video_path = os.path.join(staging, "videos", camera_key, location + ".mp4")
+            video_path = os.path.join(staging, paths["video_path"].format(**place))
             os.makedirs(os.path.dirname(video_path), exist_ok=True)
             _encode_video(video_path, [frames for frames, *_ in group], fps)
 
-        episodes_path = os.path.join(staging, LEROBOT_EPISODES_DIR, _CHUNK_FILE.format(chunk_index=0, file_index=0))
-        os.makedirs(os.path.dirname(episodes_path))
-        pq.write_table(pa.Table.from_pylist(episode_rows), episodes_path + ".parquet")
-        tasks = pd.DataFrame({"task_index": list(task_index.values())}, index=pd.Index(list(task_index), name="task"))
-        tasks.to_parquet(os.path.join(staging, LEROBOT_TASKS_PATH))
+        if per_episode:
+            _write_json_lines(os.path.join(staging, LEROBOT_V2_EPISODES_PATH),
+                              [{key: row[key] for key in ("episode_index", "tasks", "length")} for row in episode_rows])
+            _write_json_lines(os.path.join(staging, LEROBOT_V2_TASKS_PATH),
+                              [{"task_index": index, "task": task} for task, index in task_index.items()])
+        else:
+            episodes_path = os.path.join(staging, LEROBOT_EPISODES_DIR, _CHUNK_FILE.format(chunk_index=0, file_index=0))
+            os.makedirs(os.path.dirname(episodes_path))
+            pq.write_table(pa.Table.from_pylist(episode_rows), episodes_path + ".parquet")
+            tasks = pd.DataFrame({"task_index": list(task_index.values())}, index=pd.Index(list(task_index), name="task"))
+            tasks.to_parquet(os.path.join(staging, LEROBOT_TASKS_PATH))
         info = {
-            "codebase_version": "v3.0",
+            "codebase_version": codebase_version,
             "robot_type": None,
             "total_episodes": len(arrays),
             "total_frames": global_index,
@@ -527,8 +658,7 @@ def write_lerobot_episodes(
             "video_files_size_in_mb": 500,
             "fps": fps,
             "splits": {"train": f"0:{len(arrays)}"},
-            "data_path": "data/" + _CHUNK_FILE + ".parquet",
-            "video_path": "videos/{video_key}/" + _CHUNK_FILE + ".mp4",
+            **paths,
             "features": {
                 LEROBOT_STATE_KEY: {"dtype": "float32", "shape": [state_size], "names": None},
                 LEROBOT_ACTION_KEY: {"dtype": "float32", "shape": [action_size], "names": None},
@@ -556,6 +686,12 @@ def write_lerobot_episodes(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _write_json_lines(path: str, rows: list[dict]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def _fixed_size_lists(rows: list[np.ndarray], size: int) -> Any:

@@ -116,7 +116,7 @@ REF_LISTERS = {
     "rgbd": lambda config: rgbd_refs(config.source_path),
     "scenetracker": lambda config: scenetracker_refs(config.source_path),
     "egodex": lambda config: egodex_refs(config.source_path),
-    "lerobot": lambda config: lerobot_refs(config.source_path, config.camera_key),
+    "lerobot": lambda config: lerobot_refs(config.source_path, config.camera_key, config.episodes),
 }
 LOADERS = {**SOURCES, **ROBOT_SOURCES}
 GENERATED_SOURCES = ("procedural", "mujoco")  # rendered from seeds: no source_path, generation options instead
@@ -211,6 +211,7 @@ class TraceExtractConfig(datasets.BuilderConfig):
     moving_camera: bool = False
     target_fps: float | None = None
     camera_key: str | None = None
+    episodes: list[int] | None = None  # lerobot: only these episode indices (of a Hub dataset, only their files)
     work_dir: str | None = None
     shard_index: int = 0
     num_shards: int = 1
@@ -223,6 +224,8 @@ class TraceExtractConfig(datasets.BuilderConfig):
             raise ValueError(f"Unknown source {self.source!r}; choose from {sorted(LOADERS)}.")
         if self.source not in GENERATED_SOURCES and not self.source_path:
             raise ValueError(f"source={self.source!r} needs source_path (the folder to read).")
+        if self.episodes is not None and self.source != "lerobot":
+            raise ValueError(f"episodes picks LeRobot episode indices; source={self.source!r} has none to pick.")
         if not 0 <= self.shard_index < self.num_shards:
             raise ValueError(f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}.")
         require_checkpoints(self.extraction)  # validates the stage backends, and fails early on missing checkpoints

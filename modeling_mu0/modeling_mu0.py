@@ -681,9 +681,12 @@ class Mu0Model(Mu0PreTrainedModel):
     def vision_tower(self) -> nn.Module:
         return self.vlm.get_encoder(modality="image")
 
+    def get_input_embeddings(self) -> nn.Module:  # FSDP2 (accelerate) gives the token embeddings a unit of their own
+        return self.vlm.get_input_embeddings()
+
     @property
     def backbone_dtype(self) -> torch.dtype:
-        return self.vlm.get_input_embeddings().weight.dtype
+        return self.get_input_embeddings().weight.dtype
 
     @property
     def expert_dtype(self) -> torch.dtype:

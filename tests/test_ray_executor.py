@@ -195,3 +195,18 @@ def test_a_missing_model_stops_the_run_before_any_episode(ray_address, tmp_path)
         extract_to_folder({"source": "procedural", "num_episodes": 2}, settings, str(tmp_path / "out"),
                           RayExecutor(), progress=False)
     assert not (tmp_path / "out" / "work" / "episodes").exists()
+
+
+def test_ray_outcomes_time_each_stage_an_episode_went_through(ray_address, tmp_path):
+    """What bench_extract_ray sizes the pools from: the seconds of every stage, per episode."""
+    from mu0.dataset_builders.extraction import STAGES
+    from mu0.dataset_builders.sources import rgbd_refs
+
+    write_rgbd_folder(tmp_path / "videos", seeds=(3,))  # episode_5 too short: rejected by the check stage
+    config = {"source": "rgbd", "source_path": str(tmp_path / "videos")}
+    refs = [ref for ref in rgbd_refs(config["source_path"]) if ref.episode_id != "episode_9"]
+    outcomes = {outcome.episode_id: outcome
+                for outcome in RayExecutor(num_workers=2).run(str(tmp_path / "work"), config, TRACKED, refs)}
+    assert list(outcomes["episode_3"].stage_seconds) == ["decode", *STAGES, "write"]
+    assert all(seconds > 0 for seconds in outcomes["episode_3"].stage_seconds.values())
+    assert outcomes["episode_5"].failed and list(outcomes["episode_5"].stage_seconds) == ["decode", "check"]

@@ -1,4 +1,4 @@
-"""Tests for the EgoDex and LeRobotDataset v3 sources.
+"""Tests for the EgoDex and LeRobotDataset (v3.0, v2.1, local or on the Hub) sources.
 
 Fixtures are built from procedural episodes, whose cameras and 3D points are exact: an EgoDex episode's expected
 tracks are `project_points` of the very points written into its hdf5, and a LeRobot round trip must give back the
@@ -427,9 +427,65 @@ def test_lerobot_errors(tmp_path, episodes):
         load_lerobot(ref)
 
     info = json.loads((root / "meta" / "info.json").read_text())
-    (root / "meta" / "info.json").write_text(json.dumps({**info, "codebase_version": "v2.1"}))
-    with pytest.raises(ValueError, match="only the v3 layout"):
+    (root / "meta" / "info.json").write_text(json.dumps({**info, "codebase_version": "v2.0"}))
+    with pytest.raises(ValueError, match="is v2.0; the v3 layout .* and the v2.1 layout"):
         lerobot_refs(str(root))
+    (root / "meta" / "info.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=r"has no episodes \[5\]; it has 1 episodes"):
+        lerobot_refs(str(root), episodes=[0, 5])
+
+
+def assert_episode_read_back(episode, written):
+    assert episode.frames.shape == written["frames"].shape
+    assert mean_abs_diff(episode.frames, written["frames"]) < MAX_CODEC_ERROR
+    assert episode.task == written["task"]
+    np.testing.assert_array_equal(np.asarray(episode.metadata["states"], np.float32), written["states"])
+    np.testing.assert_array_equal(np.asarray(episode.metadata["actions"], np.float32), written["actions"])
+
+
+def test_lerobot_v21_layout_round_trip(tmp_path, episodes):
+    """v2.1: one parquet and one mp4 per episode, chunked by episode index; episode and task tables as JSON lines."""
+    root = tmp_path / "dataset"
+    write_lerobot_episodes(str(root), episodes, FPS, camera_key=CAMERA, chunks_size=2, codebase_version="v2.1")
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    assert files == ["data/chunk-000/episode_000000.parquet", "data/chunk-000/episode_000001.parquet",
+                     "data/chunk-001/episode_000002.parquet", "meta/episodes.jsonl", "meta/info.json",
+                     "meta/tasks.jsonl", f"videos/chunk-000/{CAMERA}/episode_000000.mp4",
+                     f"videos/chunk-000/{CAMERA}/episode_000001.mp4", f"videos/chunk-001/{CAMERA}/episode_000002.mp4"]
+    lines = [json.loads(line) for line in (root / "meta" / "episodes.jsonl").read_text().splitlines()]
+    assert lines == [{"episode_index": i, "tasks": [task], "length": n} for i, (n, task) in enumerate(zip(LENGTHS, TASKS))]
+    refs = lerobot_refs(str(root))
+    assert [ref.seed for ref in refs] == [0, 1, 2]
+    for ref, written in zip(refs, episodes):
+        assert_episode_read_back(load_lerobot(ref), written)
+    assert [ref.seed for ref in lerobot_refs(str(root), episodes=[2, 0])] == [0, 2]
+
+
+WRIST = "observation.images.wrist"  # a second camera in the Hub repo, never to be fetched
+
+
+@pytest.mark.parametrize("codebase_version", ["v3.0", "v2.1"])
+def test_lerobot_from_the_hub_fetches_only_the_requested_episode_and_camera(hub, tmp_path, episodes, codebase_version):
+    root = tmp_path / "dataset"
+    write_lerobot_episodes(str(root), episodes, FPS, camera_key=CAMERA, episodes_per_file=2,
+                           codebase_version=codebase_version)
+    files = {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    files.update({path.replace(CAMERA, WRIST): data for path, data in files.items() if path.endswith(".mp4")})
+    hub.upload("user/robot", files, repo_type="dataset")
+    before = len(hub.requests)
+
+    refs = lerobot_refs("user/robot", episodes=[1])
+    assert [(ref.episode_id, ref.seed) for ref in refs] == [(f"robot-{CAMERA}-000001", 1)]
+    assert_episode_read_back(load_lerobot(refs[0]), episodes[1])
+
+    fetched = {path.split("/resolve/", 1)[1].split("/", 1)[1] for method, path, status in hub.requests[before:]
+               if method == "GET" and "/resolve/" in path and status == 200}
+    metadata = {path for path in files if path.startswith("meta/")}
+    episode_files = ({"data/chunk-000/file-000.parquet", f"videos/{CAMERA}/chunk-000/file-000.mp4"}  # with episode 0
+                     if codebase_version == "v3.0" else
+                     {"data/chunk-000/episode_000001.parquet", f"videos/chunk-000/{CAMERA}/episode_000001.mp4"})
+    assert fetched == metadata | episode_files
+    assert not hub.unknown_requests and not hub.errors
 
 
 def test_lerobot_writer_validates_episodes(tmp_path, episodes):
@@ -442,3 +498,21 @@ def test_lerobot_writer_validates_episodes(tmp_path, episodes):
     with pytest.raises(ValueError, match="even image size"):
         write_lerobot_episodes(str(tmp_path / "c"), [odd], FPS)
     assert os.listdir(tmp_path) == []  # failed writes leave nothing behind
+
+
+def test_extract_flags_pick_lerobot_episodes(tmp_path, episodes, capsys):
+    from mu0.dataset_builders.trace_extract import REF_LISTERS, TraceExtractConfig
+    from mu0.training.cli import build_parser
+
+    root = tmp_path / "dataset"
+    write_lerobot_episodes(str(root), episodes, FPS, camera_key=CAMERA, codebase_version="v2.1")
+    args = build_parser().parse_args(["extract", "--source", "lerobot", "--source-path", str(root), "--episodes", "0,2-2"])
+    assert args.episodes == [0, 2]
+    config = TraceExtractConfig(source="lerobot", source_path=args.source_path, episodes=args.episodes)
+    assert [ref.seed for ref in REF_LISTERS["lerobot"](config)] == [0, 2]
+    for bad in ("3-1", "a", "1,,2"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["extract", "--episodes", bad])
+    assert "not an episode index or a range" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="episodes picks LeRobot episode indices"):
+        TraceExtractConfig(source="rgbd", source_path=str(tmp_path), episodes=[0]).validate()

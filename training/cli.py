@@ -160,8 +160,11 @@ def require_readable_checkpoint(folder: str) -> None:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--resume {folder!r}: no such checkpoint folder.")
     weights = [name for name in os.listdir(folder) if name.endswith(".safetensors")]
-    if not weights:
-        raise FileNotFoundError(f"--resume {folder!r} holds no .safetensors weights: not a checkpoint folder.")
+    # FSDP sharded weights: torch.distributed.checkpoint writes `.metadata` once every rank's shard is written
+    fsdp_shards = os.path.isfile(os.path.join(folder, "pytorch_model_fsdp_0", ".metadata"))
+    if not weights and not fsdp_shards:
+        raise FileNotFoundError(f"--resume {folder!r} holds no weights (.safetensors, or FSDP's pytorch_model_fsdp_0/): "
+                                "not a checkpoint folder.")
     for name in weights:
         try:
             with safe_open(os.path.join(folder, name), framework="pt"):  # checks the header covers the file
@@ -581,12 +584,23 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._format_action(action)
 
 
+def episode_indices(text: str) -> list[int]:
+    """argparse type for `--episodes 0,3,10-19`: indices and inclusive ranges."""
+    indices = []
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        if not first.isdigit() or not (last == "" or last.isdigit()) or (last and int(last) < int(first)):
+            raise argparse.ArgumentTypeError(f"{part!r} is not an episode index or a range like 10-19")
+        indices.extend(range(int(first), int(last or first) + 1))
+    return indices
+
+
 # the flags of `mu0 extract`: TraceExtractConfig fields, then ExtractionSettings fields, each with its type and range
 # (upper bounds are sanity limits far above real use); a test keeps both complete, and the backend choices and
 # defaults equal ExtractionSettings'.
 EXTRACT_SOURCE_OPTIONS = {"source": str, "source_path": str, "num_episodes": Number(int, 1, 1_000_000),
                           "seed": seed_int, "num_frames": Number(int, 2, 10_000), "image_size": Number(int, 16, 2048),
-                          "moving_camera": bool, "target_fps": positive_float, "camera_key": str,
+                          "moving_camera": bool, "target_fps": positive_float, "camera_key": str, "episodes": episode_indices,
                           "shard_index": non_negative_int, "num_shards": Number(int, 1, 1_000_000)}
 EXTRACT_SETTING_OPTIONS = {"depth": str, "camera": str, "keypoints": str, "tracker": str, "captions": str,
                            "num_keypoints": Number(int, 1, 65_536), "lk_window": Number(int, 3, 255, odd=True), "depth_model": str,
@@ -609,13 +623,14 @@ EXTRACT_SETTING_DEFAULTS = {"depth": "given", "camera": "given", "keypoints": "g
                             "horizon": 32, "retarget_steps": 128, "retarget_step": 0.05, "frame_stride": 1,
                             "static_queries": False, "seed": 0}
 EXTRACT_SOURCE_HELP = {
-    "source_path": "the folder the source reads (video_folder: also a single video file)",
+    "source_path": "the folder the source reads (video_folder: also a single video file; lerobot: or a Hub dataset repo id)",
     "num_episodes": "generated sources: how many episodes (default: 8)",
     "seed": "generated sources: the first episode's seed (default: 0)",
     "num_frames": "generated sources: frames per episode (default: 48)",
     "image_size": "generated sources: frame side in pixels (default: 128)",
     "moving_camera": "generated sources: a camera that moves", "target_fps": "video_folder/egodex: subsample the video",
     "camera_key": "lerobot: which camera (default: the first video feature)",
+    "episodes": "lerobot: only these episode indices, e.g. 0,3,10-19 (from a Hub dataset, only their files are downloaded)",
     "shard_index": "this machine's shard of --num-shards (default: 0)", "num_shards": "machines sharing the episodes",
 }
 EXTRACT_SETTING_HELP = {
@@ -667,6 +682,9 @@ def check_extract_options(config: dict, settings: dict, where: str) -> None:
                     rule.check(value)
                 except ValueError as error:
                     raise ValueError(f"{prefix}{name} in {where} {error}.") from None
+            elif rule is episode_indices:
+                if not (isinstance(value, list) and all(type(index) is int and index >= 0 for index in value)):
+                    raise ValueError(f"{prefix}{name} in {where} must be a list of episode indices, got {value!r}.")
             elif not isinstance(value, rule):
                 raise ValueError(f"{prefix}{name} in {where} must be a {rule.__name__}, got {value!r}.")
 

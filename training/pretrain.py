@@ -5,6 +5,7 @@ with pretrained backbones), the collator's sampling and augmentation, evaluation
 """
 
 import json
+import logging
 import os
 from importlib import resources
 
@@ -17,6 +18,8 @@ from ..dataset_builders.statistics import STATISTICS_FILE, load_statistics, save
 from ..presets import preset_config
 from .collator import Mu0TraceCollator
 from .trainer import Mu0Trainer
+
+logger = logging.getLogger(__name__)
 
 
 def available_recipes() -> list[str]:
@@ -150,6 +153,12 @@ def make_trainer(
         model, processor = build_model_and_processor(recipe, statistics)
     if max_steps is not None:
         arguments["max_steps"] = max_steps
+    streamed = not hasattr(train_dataset, "select")
+    if streamed:
+        # Each process streams its own shards: accelerate splits the stream by shard (`IterableDataset.shard`, the
+        # split `split_dataset_by_node` makes) instead of process 0 reading every row and sending each its batch.
+        # A stream split beforehand would be split a second time, so it is left whole here.
+        arguments["accelerator_config"] = {**arguments.get("accelerator_config", {}), "dispatch_batches": False}
     gradient_checkpointing = arguments.pop("gradient_checkpointing", False)
     if gradient_checkpointing:
         model.activation_checkpointing_enable()
@@ -160,6 +169,15 @@ def make_trainer(
         eval_strategy="no",
         **arguments,
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.world_size != launched:  # e.g. a GPU accelerate config on a machine without GPUs
+        raise RuntimeError(f"Launched as {launched} processes, but training would run as {args.world_size}: each "
+                           "process would train alone and write the same output folder. On CPUs set \"use_cpu\": true "
+                           "in the recipe's training arguments (gloo); with GPUs check that torch sees them.")
+    if streamed and train_dataset.num_shards < args.world_size:
+        logger.warning("The stream has %d shards for %d processes: every process reads all of it and keeps its "
+                       "part of each batch. Push the dataset with num_shards >= the number of processes.",
+                       train_dataset.num_shards, args.world_size)
     collator_settings = recipe.get("collator", {})
     evaluation = recipe.get("evaluation", {})
     config = model.config

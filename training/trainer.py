@@ -134,6 +134,37 @@ class CollatorEpochCallback(TrainerCallback):
             self.collator.epoch = math.floor(state.epoch + 1e-6)
 
 
+def unsharded_model(model: torch.nn.Module, state_dict: dict) -> torch.nn.Module:
+    """An FSDP2-sharded model rebuilt as its own class around its gathered `state_dict` (without a second copy)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    model_class = next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))
+    with torch.device("meta"):
+        unsharded = model_class(model.config)
+    unsharded.load_state_dict(state_dict, assign=True)
+    return unsharded
+
+
+def add_initial_adam_state(optimizer) -> None:
+    """Give each trainable parameter that has had no gradient yet (e.g. the depth LoRA before the first batch with a
+    depth image) the state Adam creates at its first step: step 0 and zero moments, so training is unchanged.
+
+    FSDP checkpoints load key by key into an optimizer that holds state for every trainable parameter, so a
+    checkpoint missing one fails to resume.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+        raise TypeError(f"FSDP checkpoints of Mu0Trainer support Adam/AdamW, not {type(inner).__name__}.")
+    for group in inner.param_groups:
+        for parameter in group["params"]:
+            if parameter.requires_grad and not inner.state[parameter]:
+                state = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(parameter),
+                         "exp_avg_sq": torch.zeros_like(parameter)}
+                if group["amsgrad"]:
+                    state["max_exp_avg_sq"] = torch.zeros_like(parameter)
+                inner.state[parameter] = state
+
+
 class Mu0Trainer(Trainer):
     """`Trainer` whose evaluation samples traces and reports ADE/FDE/DTW/Fréchet (and best-of-N) instead of a loss.
 
@@ -164,6 +195,25 @@ class Mu0Trainer(Trainer):
                            self.state.global_step, self.skipped_nonfinite_steps)
             model.zero_grad(set_to_none=True)
         return grad_norm
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under FSDP the final model is gathered and saved as its own class: `Trainer.save_model` writes no weights
+        for sharded state, and saving the sharded model itself would name torch's `FSDP...` class in `auto_map`.
+        Checkpoints (`_internal_call`) keep FSDP's sharded files."""
+        if not self.is_fsdp_enabled or _internal_call:
+            super().save_model(output_dir, _internal_call)
+            return
+        state_dict = self.accelerator.get_state_dict(self.model)  # every rank takes part in the gather
+        if self.args.should_save:
+            output_dir = output_dir or self.args.output_dir
+            unsharded_model(self.model, state_dict).save_pretrained(output_dir)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if self.is_fsdp_enabled:
+            add_initial_adam_state(self.optimizer)
+        super()._save_optimizer_and_scheduler(output_dir)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
