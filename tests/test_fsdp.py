@@ -70,8 +70,8 @@ def test_fsdp2_wraps_the_expert_and_backbone_layers_the_model_declares():
     wraps = fsdp2_prepare_auto_wrap_policy(plugin, model)
     wrapped = {type(module).__name__ for module in model.modules() if wraps(module)}
     assert {"Mu0ExpertLayer", "LlamaDecoderLayer", "Dinov2Layer"} <= wrapped
-    assert len([module for module in model.modules() if wraps(module)]) >= len(model.expert_layers) + len(
-        model.text_model.layers)
+    assert len([module for module in model.modules() if wraps(module)]) >= len(model.model.expert_layers) + len(
+        model.model.text_model.layers)
 
 
 def test_fsdp2_trains_like_ddp_and_resumes_from_its_sharded_checkpoint(samples_folder, tmp_path):  # noqa: F811
