@@ -8,10 +8,12 @@ from safetensors.torch import load_file
 
 from mu0 import Mu0ForActionPrediction, Mu0ForTracePrediction
 from mu0.modeling_mu0_action import trace_fingerprint
+from mu0.training.adaptation import load_adapter
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TRACE_DIR = FIXTURES / "mu0_tiny_legacy"
 ACTION_DIR = FIXTURES / "mu0_action_tiny_legacy"
+ADAPTER_DIR = FIXTURES / "mu0_lora_adapter_legacy"
 INFERENCE_KEYS = (
     "pixel_values", "input_ids", "attention_mask", "query_points", "query_mask", "history", "history_mask",
     "depth_pixel_values", "depth_mask", "dino_pixel_values",
@@ -59,6 +61,22 @@ def test_legacy_action_checkpoint_gives_identical_actions():
     saved = expected(ACTION_DIR)
     context = ("pixel_values", "input_ids", "attention_mask", "dino_pixel_values", "depth_pixel_values", "depth_mask")
     actions = policy.eval().predict_actions(
+        **{key: batch[key] for key in context}, state=saved["state"], noise=saved["action_noise"], num_steps=2,
+        generator=torch.Generator().manual_seed(4),
+    )
+    torch.testing.assert_close(actions, saved["actions"], rtol=0, atol=0)
+
+
+def test_legacy_lora_adapter_loads_its_lora_and_gives_identical_actions():
+    """A LoRA adapter saved before the split names `trace_model.expert_layers` in its target regex and weights."""
+    adapter = load_adapter(str(ADAPTER_DIR), base=Mu0ForTracePrediction.from_pretrained(TRACE_DIR))
+    lora = {name: parameter for name, parameter in adapter.named_parameters() if ".default." in name and "lora_" in name}
+    assert lora and all(".trace_model.model.expert_layers." in name for name in lora)
+    assert all(parameter.abs().sum() > 0 for name, parameter in lora.items() if "lora_B" in name)  # loaded, not fresh
+    batch = legacy_inputs(expected(TRACE_DIR))
+    saved = expected(ADAPTER_DIR)
+    context = ("pixel_values", "input_ids", "attention_mask", "dino_pixel_values", "depth_pixel_values", "depth_mask")
+    actions = adapter.predict_actions(
         **{key: batch[key] for key in context}, state=saved["state"], noise=saved["action_noise"], num_steps=2,
         generator=torch.Generator().manual_seed(4),
     )

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from huggingface_hub import HfApi, snapshot_download
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from .. import Mu0ActionConfig, Mu0ForActionPrediction, Mu0ForTracePrediction
+from ..modeling_mu0 import legacy_key_mapping
 from ..modeling_mu0_action import trace_fingerprint
 from ..processing.processing_mu0_action import Mu0ActionProcessor
 
@@ -24,6 +25,8 @@ from ..processing.processing_mu0_action import Mu0ActionProcessor
 DEFAULT_LORA_TARGETS = (
     r"trace_model\.model\.expert_layers\.\d+\.(attention\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
 )
+# The target of adapters saved before μ0's trace expert moved under `Mu0Model` (`trace_model.expert_layers`).
+LEGACY_LORA_TARGET = r"trace_model\.expert_layers"
 # Trained in full and saved beside the LoRA weights (peft matches this name as a module-path suffix).
 NEW_MODULES = ["action_expert"]
 ACTION_EXPERT_WEIGHTS = "action_expert.safetensors"
@@ -144,12 +147,22 @@ def load_adapter(
     policy.trace_model.load_state_dict(trace_model.state_dict())
     policy.eval()
     if os.path.exists(os.path.join(directory, ADAPTER_CONFIG)):
-        return PeftModel.from_pretrained(policy, directory).eval()
+        return _load_lora(policy, directory).eval()
     weights = os.path.join(directory, ACTION_EXPERT_WEIGHTS)
     if not os.path.exists(weights):
         raise FileNotFoundError(f"Adapter {adapter!r} has neither {ADAPTER_CONFIG} nor {ACTION_EXPERT_WEIGHTS}.")
     policy.action_expert.load_state_dict(load_file(weights))
     return policy
+
+
+def _load_lora(policy: Mu0ForActionPrediction, directory: str) -> PeftModel:
+    """The LoRA adapter of `directory` on `policy`; one saved before the `Mu0Model` split (its target regex and weight
+    keys name `trace_model.expert_layers`) is renamed to today's `trace_model.model.expert_layers` as it loads."""
+    config = PeftConfig.from_pretrained(directory)
+    targets = config.target_modules
+    if isinstance(targets, str) and LEGACY_LORA_TARGET in targets:
+        config.target_modules = targets.replace(LEGACY_LORA_TARGET, r"trace_model\.model\.expert_layers")
+    return PeftModel.from_pretrained(policy, directory, config=config, key_mapping=legacy_key_mapping("trace_model."))
 
 
 # ------------------------------------------------------------------------------------------------ training data
