@@ -107,11 +107,11 @@ def test_fsdp2_trains_like_ddp_and_resumes_from_its_sharded_checkpoint(samples_f
     initial, _ = build_model_and_processor(json.loads(recipe.read_text()), load_statistics(samples_folder))
     initial_weights = dict(initial.named_parameters())
     frozen = [name for name, parameter in trained.named_parameters() if not parameter.requires_grad]
-    assert any(name.startswith("vlm.text_model.layers") for name in frozen)
+    assert any(name.startswith("model.vlm.text_model.layers") for name in frozen)
     for name, parameter in trained.named_parameters():
         if name in frozen:
             torch.testing.assert_close(parameter, initial_weights[name], rtol=0, atol=0, msg=name)
-    name = "expert_layers.0.mlp.up_proj.weight"
+    name = "model.expert_layers.0.mlp.up_proj.weight"
     assert not torch.equal(dict(trained.named_parameters())[name], initial_weights[name])
 
 
@@ -126,7 +126,7 @@ def test_fsdp2_trains_a_bf16_backbone_beside_an_fp32_expert(samples_folder, tmp_
     initial, _ = build_model_and_processor(recipe, load_statistics(samples_folder))
     initial_weights = dict(initial.named_parameters())
     trained = dict(Mu0ForTracePrediction.from_pretrained(str(tmp_path / "run")).named_parameters())
-    backbone, expert = "vlm.text_model.layers.0.self_attn.k_proj.weight", "expert_layers.0.mlp.up_proj.weight"
+    backbone, expert = "model.vlm.text_model.layers.0.self_attn.k_proj.weight", "model.expert_layers.0.mlp.up_proj.weight"
     assert (weights[backbone].dtype, weights[expert].dtype) == (torch.bfloat16, torch.float32)
     assert torch.equal(trained[backbone], initial_weights[backbone])
     assert torch.isfinite(trained[expert]).all() and not torch.equal(trained[expert], initial_weights[expert])

@@ -279,12 +279,13 @@ def test_demo_on_a_full_disk_leaves_no_temp_folder(small_disk, capsys):
 
 # ------------------------------------------------------------------------------- command-line flags and configs
 def numeric_flags() -> list[tuple[str, str, object]]:
-    """(command, flag, type) of every flag of every `mu0` command that takes a number."""
-    from mu0.training.cli import build_parser
+    """(command, flag, type) of every flag of every `mu0` command that takes a number (`--episodes` takes a list of
+    indices and ranges, tested in test_robot_sources)."""
+    from mu0.training.cli import build_parser, episode_indices
 
     commands = build_parser()._subparsers._group_actions[0].choices
     return [(name, action.option_strings[-1], action.type) for name, parser in commands.items()
-            for action in parser._actions if action.option_strings and action.type not in (None, str)]
+            for action in parser._actions if action.option_strings and action.type not in (None, str, episode_indices)]
 
 
 REQUIRED = {"train": ["--dataset", "d"], "evaluate": ["--model", "m", "--dataset", "d"], "convert": ["s", "o"],

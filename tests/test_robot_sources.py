@@ -513,6 +513,6 @@ def test_extract_flags_pick_lerobot_episodes(tmp_path, episodes, capsys):
     for bad in ("3-1", "a", "1,,2"):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["extract", "--episodes", bad])
-    assert "not an episode index or a range" in capsys.readouterr().err
+    assert "argument --episodes: must be episode indices or ranges like 0,3,10-19" in capsys.readouterr().err
     with pytest.raises(ValueError, match="episodes picks LeRobot episode indices"):
         TraceExtractConfig(source="rgbd", source_path=str(tmp_path), episodes=[0]).validate()

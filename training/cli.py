@@ -590,7 +590,7 @@ def episode_indices(text: str) -> list[int]:
     for part in text.split(","):
         first, _, last = part.strip().partition("-")
         if not first.isdigit() or not (last == "" or last.isdigit()) or (last and int(last) < int(first)):
-            raise argparse.ArgumentTypeError(f"{part!r} is not an episode index or a range like 10-19")
+            raise argparse.ArgumentTypeError(f"must be episode indices or ranges like 0,3,10-19, got {part!r}")
         indices.extend(range(int(first), int(last or first) + 1))
     return indices
 
