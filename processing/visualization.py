@@ -372,3 +372,21 @@ def plot_traces_3d(traces: dict[str, np.ndarray], path: str, title: str = "") ->
 
 
 __all__ = ["draw_traces", "overlay_scale", "plot_traces_3d", "robust_limits", "time_colours", "to_rerun", "write_video"]
+
+
+def visible_trails(pixels: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Trails (M, T, 2) of the tracks valid at the window's last frame, from pixels (T, N, 2) and validity (T, N),
+    newest first: `draw_traces` marks a trace's first point, which here is where the point is now.
+
+    A trail starts where its track last became valid: earlier steps repeat that first position, so a point that
+    was hidden for part of the window is still drawn (with a shorter trail) instead of being left out.
+    Returns the trails and the (N,) mask of the tracks drawn.
+    """
+    pixels, valid = np.array(pixels, dtype=np.float32), np.array(valid, dtype=bool)
+    for step in range(len(pixels) - 2, -1, -1):
+        broken = ~(valid[step] & valid[step + 1])
+        pixels[step, broken] = pixels[step + 1, broken]
+        valid[step] &= valid[step + 1]
+    shown = valid[-1]
+    return pixels[::-1, shown].transpose(1, 0, 2), shown
+

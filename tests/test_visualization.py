@@ -193,3 +193,16 @@ def test_the_3d_reference_is_drawn_widest_and_on_top(tmp_path, monkeypatch):
     widest = max(lines, key=lambda collection: collection.get_linewidths()[0])
     assert not axes.computed_zorder and widest.get_linewidths()[0] > 2
     assert all(widest.get_zorder() > other.get_zorder() for other in lines if other.get_linewidths()[0] < 2)
+
+
+def test_visible_trails_start_where_a_track_became_visible_and_skip_hidden_ones():
+    from mu0.processing.visualization import visible_trails
+
+    steps = np.arange(4, dtype=np.float32)
+    pixels = np.stack([np.stack([steps, steps * 2], -1)] * 3, axis=1)  # (T=4, N=3, 2)
+    valid = np.array([[True, False, True], [True, False, True], [True, True, True], [True, True, False]])
+    trails, shown = visible_trails(pixels, valid)
+    assert shown.tolist() == [True, True, False]  # the third track is hidden at the last frame
+    np.testing.assert_array_equal(trails[0], pixels[::-1, 0])  # visible throughout: the whole trail, newest first
+    np.testing.assert_array_equal(trails[1], [[3, 6], [2, 4], [2, 4], [2, 4]])  # visible from step 2 on
+

@@ -536,7 +536,7 @@ def predict(args: argparse.Namespace) -> None:
 def view(args: argparse.Namespace) -> None:
     """Render one extracted episode's tracks (in each frame's own camera) over its frames to an MP4."""
     from ..dataset_builders.trace_ops import project_to_camera
-    from ..processing.visualization import draw_traces, write_video
+    from ..processing.visualization import draw_traces, visible_trails, write_video
     from .pretrain import load_episodes
 
     require_path_or_repo_id(args.dataset, "dataset")
@@ -552,17 +552,17 @@ def view(args: argparse.Namespace) -> None:
     world = np.asarray(row["tracks_world"], dtype=np.float64)
     visible = np.asarray(row["visible"], dtype=bool)
     extrinsics, intrinsics = np.asarray(row["extrinsics"]), np.asarray(row["intrinsics"])
-    frames = []
+    frames, drawn = [], []
     for t, image in enumerate(row["frames"]):
         start = max(0, t - args.trail)
-        window = visible[start : t + 1]
-        pixels, in_front = project_to_camera(world[start : t + 1], window, extrinsics[t], intrinsics)
-        shown = window[-1] & in_front.all(0)
-        trails = pixels[:, shown, :2].transpose(1, 0, 2)
+        pixels, in_front = project_to_camera(world[start : t + 1], visible[start : t + 1], extrinsics[t], intrinsics)
+        trails, shown = visible_trails(pixels[..., :2], in_front)
+        drawn.append(int(shown.sum()))
         frames.append(draw_traces(np.asarray(image), trails, scale=args.scale, legend=False))
     path = os.path.join(args.output_dir, f"episode_{args.episode}.mp4")
     os.makedirs(args.output_dir, exist_ok=True)
-    print(f"wrote {write_video(frames, path, fps=row['fps'] or 10.0)} ({len(frames)} frames, {int(shown.sum())} tracks)")
+    print(f"wrote {write_video(frames, path, fps=row['fps'] or 10.0)} ({len(frames)} frames, {world.shape[1]} tracks, "
+          f"{min(drawn)}–{max(drawn)} visible and drawn per frame)")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -919,7 +919,8 @@ def build_parser() -> argparse.ArgumentParser:
     view_parser = commands.add_parser("view", help="render an extracted episode's tracks over its frames to MP4")
     view_parser.add_argument("dataset", help="an episodes folder from save_to_disk or a Hub dataset repo")
     view_parser.add_argument("--episode", type=non_negative_int, default=0)
-    view_parser.add_argument("--trail", type=non_negative_int, default=8, help="frames of track history drawn behind each point")
+    view_parser.add_argument("--trail", type=non_negative_int, default=8,
+                             help="frames of track history drawn behind each point (marked where it is now, blue to red into the past)")
     view_parser.add_argument("--scale", type=positive_int, default=None,
                              help="frame upscale (default: enough for 480 px on the longer side, 1 for larger frames)")
     view_parser.add_argument("--output-dir", default="outputs/view")
