@@ -3,8 +3,9 @@
 `track_points(frames, queries, backend=None)` is the entry point; the backend is recorded in `TrackResult.backend`:
     * `support_lk` (the default): pyramidal Lucas–Kanade whose unreliable steps are carried by the motion of the
       reliably tracked corners around each point (`track_points_support`). CPU-only and weight-free; on the
-      SceneTracker clip it reaches δ_avg 0.665 where plain chained LK reaches 0.544, and it tracks 256 points at
-      224² at about 115 frames per second on 2 cores (benchmarks/bench_extract.py).
+      SceneTracker clip it reaches δ_avg 0.667 where plain chained LK reaches 0.544, on a real EgoDex episode's
+      fingertips 0.292 where plain LK reaches 0.279, and it tracks 256 points at 224² at about 100 frames per
+      second on 2 cores (benchmarks/bench_extract.py).
     * `lk`: plain chained pyramidal LK (`track_points_lk`), the classical baseline.
     * `cotracker`: Meta's CoTracker3 (or any `torch.hub`-style tracker with its interface), loaded by
       `load_hub_tracker` from a local clone of its repository and a local checkpoint file, so it runs offline.
@@ -170,11 +171,10 @@ def track_points_support(
             (10 px at 540 rows, about 4 px at 224), at least 3.
         appearance_choice: where a point's own LK step fails the check, still take it instead of the prediction if
             the 9x9 patch it lands on matches the point's patch in `source` better (smaller mean squared
-            difference). The prediction is the median step of the reliable corners around, and around a fast hand
-            those are the still background: its corners fail the check while it moves, so a fingertip would stay
-            behind. On the EgoDex episode's 15 fingertips (1/3 scale) this lifts δ_avg from 0.223 to 0.259 (plain
-            LK 0.279), but on the SceneTracker clip, where the support is mostly right where the two disagree, it
-            costs 0.027 at 540 rows and 0.010 at 224, so it is off by default (benchmarks/bench_extract.py).
+            difference). On the EgoDex episode (1/3 scale) this moves δ_avg from 0.292 to 0.299 on the 15
+            fingertips and from 0.444 to 0.441 on all hand joints, but on the SceneTracker clip, where the support
+            is mostly right where the two disagree, it costs 0.032 at 540 rows and 0.011 at 224, so it is off by
+            default (benchmarks/bench_extract.py).
         fine_window: LK window side (odd, >= 3) tried first for the query points' own steps; `window` where it fails
             the check. A small finger shares a large window with the background, which drags its step. None: the
             side in `FAST_WINDOWS` closest to half `window` where that is at least `MIN_FINE_WINDOW` (17 from 290
