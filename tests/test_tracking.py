@@ -488,6 +488,7 @@ def test_trackers_reject_bad_input(frames, queries, message, backend):
         ("support_lk", {"fb_threshold": 0.0}, "fb_threshold"),
         ("support_lk", {"num_support": 0}, "num_support"),
         ("support_lk", {"support_spacing": -2.0}, "support_spacing"),
+        ("support_lk", {"fine_window": 4}, "fine_window"),
         ("lk", {"fb_threshold": 1.0}, "Unknown option"),
         ("optical_flow", {}, "Unknown tracker backend"),
     ],
