@@ -64,7 +64,8 @@ SUPPORT_FB_PER_PX = 0.05
 # fraction of the own step's length where larger; the support median weighs corners by that agreement.
 MOTION_AGREEMENT_PX = 3.0
 MOTION_AGREEMENT_FRACTION = 0.5
-# Smallest fine window (`track_points_support`'s `fine_window`): 9 px windows measured worse at 224 rows.
+# Smallest default fine window (`track_points_support`'s `fine_window`): on the SceneTracker clip at 224 rows a
+# fine window of 9 px measured δ_avg 0.625 and one of 17 px 0.633, against 0.660 without.
 MIN_FINE_WINDOW = 17
 # Half side, in px, of the patch that decides between a point's own LK step and its support prediction
 # (`appearance_choice`): the point itself, not the window around it, which a small finger shares with the background.
@@ -178,7 +179,7 @@ def track_points_support(
         fine_window: LK window side (odd, >= 3) tried first for the query points' own steps; `window` where it fails
             the check. A small finger shares a large window with the background, which drags its step. None: the
             side in `FAST_WINDOWS` closest to half `window` where that is at least `MIN_FINE_WINDOW` (17 from 290
-            rows up), else no fine window; 0: no fine window.
+            rows up, where it costs about 10 % more time at 540 rows), else no fine window; 0: no fine window.
         motion_coherence: weigh the support corners by the agreement of their step with the point's own LK step
             (within `MOTION_AGREEMENT_PX` px or `MOTION_AGREEMENT_FRACTION` of the own step); False: by distance only.
     """
