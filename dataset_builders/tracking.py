@@ -557,7 +557,8 @@ class _SupportedStep:
         support, steps = corners[reliable], (corners_moved - corners)[reliable]
         moved, ok = self.lucas_kanade.checked(source, target, points, self.fb_threshold)
         if self.fine_window:
-            fine, fine_ok = self.lucas_kanade.checked(source, target, points, self.fb_threshold, window=self.fine_window)
+            fine, fine_ok = self.lucas_kanade.checked(source, target, points, self.fb_threshold,
+                                                      window=self.fine_window)
             moved, ok = np.where(fine_ok[:, None], fine, moved), ok | fine_ok
         own_steps = moved - points if self.motion_coherence else None
         prediction = points + _weighted_median_steps(points, support, steps, 2 * self.spacing, own_steps)
