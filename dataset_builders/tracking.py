@@ -3,8 +3,9 @@
 `track_points(frames, queries, backend=None)` is the entry point; the backend is recorded in `TrackResult.backend`:
     * `support_lk` (the default): pyramidal Lucas–Kanade whose unreliable steps are carried by the motion of the
       reliably tracked corners around each point (`track_points_support`). CPU-only and weight-free; on the
-      SceneTracker clip it reaches δ_avg 0.665 where plain chained LK reaches 0.544, and it tracks 256 points at
-      224² at about 115 frames per second on 2 cores (benchmarks/bench_extract.py).
+      SceneTracker clip it reaches δ_avg 0.667 where plain chained LK reaches 0.544, on a real EgoDex episode's
+      fingertips 0.292 where plain LK reaches 0.279, and it tracks 256 points at 224² at about 100 frames per
+      second on 2 cores (benchmarks/bench_extract.py).
     * `lk`: plain chained pyramidal LK (`track_points_lk`), the classical baseline.
     * `cotracker`: Meta's CoTracker3 (or any `torch.hub`-style tracker with its interface), loaded by
       `load_hub_tracker` from a local clone of its repository and a local checkpoint file, so it runs offline.
@@ -56,6 +57,16 @@ REDETECT_FB_THRESHOLD = 1.0
 REDETECT_MIN_NCC = 0.8
 # Support corners whose steps predict a query point's step.
 SUPPORT_NEIGHBOURS = 16
+# A support corner's round trip may grow by this many px per px of its step: a fast corner (a moving hand) loses
+# sub-pixel precision to blur and interpolation, and without the allowance only the still background supports.
+SUPPORT_FB_PER_PX = 0.05
+# Motion coherence: a corner's step counts as agreeing with a point's own LK step within this many px, or this
+# fraction of the own step's length where larger; the support median weighs corners by that agreement.
+MOTION_AGREEMENT_PX = 3.0
+MOTION_AGREEMENT_FRACTION = 0.5
+# Smallest default fine window (`track_points_support`'s `fine_window`): on the SceneTracker clip at 224 rows a
+# fine window of 9 px measured δ_avg 0.625 and one of 17 px 0.633, against 0.660 without.
+MIN_FINE_WINDOW = 17
 # Half side, in px, of the patch that decides between a point's own LK step and its support prediction
 # (`appearance_choice`): the point itself, not the window around it, which a small finger shares with the background.
 CHOICE_PATCH_RADIUS = 4
@@ -126,16 +137,21 @@ def track_points_support(
     num_support: int = 600,
     support_spacing: float | None = None,
     appearance_choice: bool = False,
+    fine_window: int | None = None,
+    motion_coherence: bool = True,
 ) -> TrackResult:
     """Lucas–Kanade whose unreliable steps are carried by the reliably tracked corners around each point.
 
     Chained LK fails on untextured surfaces, under motion blur and occlusion, and never undoes a wrong step. So at
     every frame pair up to `num_support` corners (Shi–Tomasi, at least `support_spacing` px apart) are tracked as
-    well, and those that pass a forward–backward check of `fb_threshold` px form a sparse motion field. A query
-    point's predicted step is the Gaussian-weighted median of the support steps around it (sigma = 2 ·
-    `support_spacing`), robust to the few supports on another object. The point's own LK step is kept where it
-    passes the same check; otherwise the point moves by the prediction. So no point is ever frozen, and a hidden
-    point moves on with its surroundings until it reappears.
+    well, and those that pass a forward–backward check of `fb_threshold` px (plus `SUPPORT_FB_PER_PX` per px of
+    their step) form a sparse motion field. A query point's predicted step is the weighted median of the support
+    steps around it: weighted by a Gaussian of the distance (sigma = 2 · `support_spacing`) and, with
+    `motion_coherence`, by how well each corner's step agrees with the point's own LK step, so that a fingertip
+    moving over a still background is carried by the corners on the moving hand, not by the background. The
+    point's own LK step is kept where it passes the check (first with the `fine_window`, then with `window`);
+    otherwise the point moves by the prediction. So no point is ever frozen, and a hidden point moves on with its
+    surroundings until it reappears.
 
     Args:
         frames, queries: as for `track_points_lk`.
@@ -156,11 +172,16 @@ def track_points_support(
             (10 px at 540 rows, about 4 px at 224), at least 3.
         appearance_choice: where a point's own LK step fails the check, still take it instead of the prediction if
             the 9x9 patch it lands on matches the point's patch in `source` better (smaller mean squared
-            difference). The prediction is the median step of the reliable corners around, and around a fast hand
-            those are the still background: its corners fail the check while it moves, so a fingertip would stay
-            behind. On the EgoDex episode's 15 fingertips (1/3 scale) this lifts δ_avg from 0.223 to 0.259 (plain
-            LK 0.279), but on the SceneTracker clip, where the support is mostly right where the two disagree, it
-            costs 0.027 at 540 rows and 0.010 at 224, so it is off by default (benchmarks/bench_extract.py).
+            difference). On the EgoDex episode (1/3 scale) this moves δ_avg from 0.292 to 0.299 on the 15
+            fingertips and from 0.444 to 0.441 on all hand joints, but on the SceneTracker clip, where the support
+            is mostly right where the two disagree, it costs 0.032 at 540 rows and 0.011 at 224, so it is off by
+            default (benchmarks/bench_extract.py).
+        fine_window: LK window side (odd, >= 3) tried first for the query points' own steps; `window` where it fails
+            the check. A small finger shares a large window with the background, which drags its step. None: the
+            side in `FAST_WINDOWS` closest to half `window` where that is at least `MIN_FINE_WINDOW` (17 from 290
+            rows up, where it costs about 10 % more time at 540 rows), else no fine window; 0: no fine window.
+        motion_coherence: weigh the support corners by the agreement of their step with the point's own LK step
+            (within `MOTION_AGREEMENT_PX` px or `MOTION_AGREEMENT_FRACTION` of the own step); False: by distance only.
     """
     return _track(
         frames,
@@ -173,6 +194,8 @@ def track_points_support(
         num_support=num_support,
         support_spacing=support_spacing,
         appearance_choice=appearance_choice,
+        fine_window=fine_window,
+        motion_coherence=motion_coherence,
     )
 
 
@@ -262,6 +285,9 @@ def _track(
     lucas_kanade = _LucasKanade.for_video(frames, window, levels, termination)
     if backend == "lk":
         return _sweep(lucas_kanade, query_frames, points, lucas_kanade.step, backend, add_queries)
+    if settings["fine_window"] is None:
+        fine = _fast_window(window / 2)
+        settings["fine_window"] = fine if MIN_FINE_WINDOW <= fine < window else 0
     step = _SupportedStep(lucas_kanade, **settings)
     return _sweep(lucas_kanade, query_frames, points, step, backend, add_queries, redetect=True)
 
@@ -474,12 +500,15 @@ class _LucasKanade:
         initial: np.ndarray | None = None,
         window: int | None = None,
         termination: tuple[int, float] | None = None,
+        fb_per_px: float = 0.0,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """LK there and back: positions in `target` and whether the round trip lands within `fb_threshold` px."""
+        """LK there and back: positions in `target` and whether the round trip lands within `fb_threshold` px,
+        plus `fb_per_px` per px of the step."""
         moved, forward_ok = self.flow(source, target, points, initial, window, termination)
         returned, backward_ok = self.flow(target, source, moved, points, window, termination)
         round_trip = np.linalg.norm(returned - points, axis=1)
-        return moved, forward_ok & backward_ok & (round_trip <= fb_threshold)
+        allowance = fb_per_px * np.linalg.norm(moved - points, axis=1) if fb_per_px else 0.0
+        return moved, forward_ok & backward_ok & (round_trip <= fb_threshold + allowance)
 
 
 class _SupportedStep:
@@ -493,6 +522,8 @@ class _SupportedStep:
         num_support: int,
         support_spacing: float | None,
         appearance_choice: bool,
+        fine_window: int,
+        motion_coherence: bool,
     ):
         short_side = min(lucas_kanade.height, lucas_kanade.width)
         support_window = _fast_window(0.03 * short_side) if support_window is None else support_window
@@ -510,6 +541,10 @@ class _SupportedStep:
         self.num_support = num_support
         self.spacing = float(spacing)
         self.appearance_choice = appearance_choice
+        if fine_window:
+            _check_window(fine_window, "fine_window")
+        self.fine_window = fine_window
+        self.motion_coherence = motion_coherence
 
     def __call__(self, source: int, target: int, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Positions in `target` of the (n, 2) `points` of `source`, and whether LK itself was reliable for each."""
@@ -518,10 +553,15 @@ class _SupportedStep:
         corners = cv2.goodFeaturesToTrack(self.lucas_kanade.gray[source], self.num_support, 0.01, self.spacing)
         corners = np.empty((0, 2), np.float32) if corners is None else corners.reshape(-1, 2)
         corners_moved, reliable = self.lucas_kanade.checked(source, target, corners, self.fb_threshold,
-                                                           window=self.support_window)
+                                                           window=self.support_window, fb_per_px=SUPPORT_FB_PER_PX)
         support, steps = corners[reliable], (corners_moved - corners)[reliable]
-        prediction = points + _weighted_median_steps(points, support, steps, 2 * self.spacing)
         moved, ok = self.lucas_kanade.checked(source, target, points, self.fb_threshold)
+        if self.fine_window:
+            fine, fine_ok = self.lucas_kanade.checked(source, target, points, self.fb_threshold,
+                                                      window=self.fine_window)
+            moved, ok = np.where(fine_ok[:, None], fine, moved), ok | fine_ok
+        own_steps = moved - points if self.motion_coherence else None
+        prediction = points + _weighted_median_steps(points, support, steps, 2 * self.spacing, own_steps)
         keep_own = ok
         if self.appearance_choice:
             gray = self.lucas_kanade.gray
@@ -531,10 +571,13 @@ class _SupportedStep:
         return np.where(keep_own[:, None], moved, prediction), ok
 
 
-def _weighted_median_steps(points: np.ndarray, corners: np.ndarray, steps: np.ndarray, sigma: float) -> np.ndarray:
+def _weighted_median_steps(
+    points: np.ndarray, corners: np.ndarray, steps: np.ndarray, sigma: float, own_steps: np.ndarray | None = None
+) -> np.ndarray:
     """Per point, the per-axis median of the steps of its `SUPPORT_NEIGHBOURS` nearest corners, weighted by a
-    Gaussian of the distance; zero steps where no corner was tracked (a blank or wholly changed frame holds no
-    evidence of motion)."""
+    Gaussian of the distance and, given the points' (n, 2) `own_steps`, by a Gaussian of each corner's step's
+    difference from it (the corners moving like the point count most; where none does, distance decides alone);
+    zero steps where no corner was tracked (a blank or wholly changed frame holds no evidence of motion)."""
     from scipy.spatial import cKDTree
 
     if len(corners) == 0:
@@ -545,6 +588,11 @@ def _weighted_median_steps(points: np.ndarray, corners: np.ndarray, steps: np.nd
     # Relative to each point's nearest corner, so that a point far from all corners still weighs its nearest.
     weights = np.exp(-(distance**2 - distance[:, :1] ** 2) / (2 * sigma**2))
     values = steps[nearest]  # (n, count, 2): both axes sorted at once
+    if own_steps is not None:
+        tolerance = np.maximum(MOTION_AGREEMENT_PX, MOTION_AGREEMENT_FRACTION * np.linalg.norm(own_steps, axis=1))
+        difference = ((values - own_steps[:, None]) ** 2).sum(-1)
+        # A floor keeps distance deciding among corners that all disagree.
+        weights = weights * np.maximum(np.exp(-difference / (2 * tolerance[:, None] ** 2)), 1e-6)
     order = np.argsort(values, axis=1)
     cumulative = np.cumsum(np.take_along_axis(np.repeat(weights[..., None], 2, axis=2), order, axis=1), axis=1)
     middle = (cumulative < cumulative[:, -1:] / 2).sum(1, keepdims=True)

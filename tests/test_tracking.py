@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
+from mu0.dataset_builders import tracking
 from mu0.dataset_builders.procedural import generate_episode, project_points
 from mu0.dataset_builders.tracking import (
     DEFAULT_TRACKER,
@@ -236,25 +237,32 @@ def flickering_blob(speed: float, seed: int, num_frames: int = 10, size: int = 2
     return np.stack(frames), np.array(centres)
 
 
-def test_appearance_choice_keeps_a_fast_object_from_being_held_back_by_a_still_background():
-    """The flicker breaks LK's forward-backward check on the ellipse, and the corners that pass it are on the still
-    background, so the support prediction holds the points back (the default loses them by tens of px); choosing
-    the own LK step where its patch matches better keeps them on the ellipse, closer than plain LK."""
+def test_default_keeps_a_fast_object_from_being_held_back_by_a_still_background(monkeypatch):
+    """The flicker breaks LK's forward-backward check on the ellipse, and the corners that pass a fixed round trip
+    are on the still background: weighted by distance only, the support prediction holds the points back (the
+    previous default lost them by tens of px). The default lets a corner's round trip grow with its step and
+    weighs corners by agreement with each point's own LK step, so the corners on the ellipse carry the points,
+    closer than plain LK. Choosing the own step by appearance keeps them too."""
     offsets = np.array([[dx, dy] for dx in (-10, 0, 10) for dy in (-6, 0, 6)], dtype=np.float64)
-    final_errors = {"default": [], "appearance_choice": [], "lk": []}
+    variants = {"default": {}, "appearance_choice": {"appearance_choice": True},
+                "distance_only": {"motion_coherence": False}, "lk": {"backend": "lk"}}
+    final_errors = {name: [] for name in variants}
     for speed in (8, 12):
         for seed in range(4):
             frames, centres = flickering_blob(speed, seed)
             truth = centres[:, None] + offsets[None]
             queries = np.column_stack([np.zeros(len(offsets)), truth[0]])
-            for name, options in (("default", {}), ("appearance_choice", {"appearance_choice": True}),
-                                  ("lk", {"backend": "lk"})):
-                tracks = track_points(frames, queries, **options).tracks
+            for name, options in variants.items():
+                with monkeypatch.context() as patch:
+                    if name == "distance_only":  # the previous default: also a fixed round trip for every corner
+                        patch.setattr(tracking, "SUPPORT_FB_PER_PX", 0.0)
+                    tracks = track_points(frames, queries, **options).tracks
                 final_errors[name].append(np.linalg.norm(tracks[-1] - truth[-1], axis=-1))
     median = {name: float(np.median(errors)) for name, errors in final_errors.items()}
-    assert median["appearance_choice"] < 5.0 and median["appearance_choice"] < median["lk"] / 2
-    assert max(np.median(errors) for errors in final_errors["appearance_choice"]) < 8.0  # every clip, not just most
-    assert median["default"] > 2 * median["appearance_choice"]  # the failure the choice removes
+    for name in ("default", "appearance_choice"):
+        assert median[name] < 5.0 and median[name] < median["lk"] / 2, median
+        assert max(np.median(errors) for errors in final_errors[name]) < 8.0, name  # every clip, not just most
+    assert median["distance_only"] > 3 * median["default"], median  # the failure the default removes
 
 
 @pytest.mark.skipif(not SCENETRACKER.exists(), reason="SceneTracker clip not available")
@@ -480,6 +488,7 @@ def test_trackers_reject_bad_input(frames, queries, message, backend):
         ("support_lk", {"fb_threshold": 0.0}, "fb_threshold"),
         ("support_lk", {"num_support": 0}, "num_support"),
         ("support_lk", {"support_spacing": -2.0}, "support_spacing"),
+        ("support_lk", {"fine_window": 4}, "fine_window"),
         ("lk", {"fb_threshold": 1.0}, "Unknown option"),
         ("optical_flow", {}, "Unknown tracker backend"),
     ],
