@@ -134,9 +134,11 @@ def demo(args: argparse.Namespace) -> None:
     settings = replace(settings, seed=args.seed)
     require_writable_folder(args.output_dir, "--output-dir")
     summary = run_demo(args.output_dir, settings)
-    print(f"\nHeld-out metrics ({summary['eval_samples']} samples; u, v in [-1, 1], z in metres; min = best of "
-          f"{settings.num_samples}):")
+    print(f"\nHeld-out metrics ({summary['scored_samples']} samples under the `mu0 evaluate` protocol; u, v in [-1, 1], "
+          f"z in metres; min = best of {settings.num_samples}, mean = mean of them):")
     print(format_table(summary["metrics"]))
+    for note in summary["notes"]:
+        print(note)
     print(f"\nloss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}; wall time {summary['wall_time_s']:.0f} s")
     output = args.output_dir
     print(f"wrote {output} ({summary['output_bytes'] / 1e6:.0f} MB): model/ (load with from_pretrained), eval/ (held-out "
@@ -234,6 +236,8 @@ def evaluate(args: argparse.Namespace) -> None:
           f"({inputs}; u, v in [-1, 1], z in metres; min = best of {args.samples}, seed {args.seed}):")
     latency = {name: f"{seconds * 1000:.1f}" for name, seconds in summary["seconds_per_sample"].items()}
     print(format_metrics_table(summary["metrics"], extra_rows={"ms per sample": latency}))
+    for note in summary["notes"]:
+        print(note)
     if summary["missing_offsets"]:
         print(f"{len(summary['missing_offsets'])} episodes lack some frame offsets (listed in metrics.json)")
     print(f"wrote {os.path.join(args.output_dir, 'metrics.json')} and {len(summary['overlays'])} overlays")
