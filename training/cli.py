@@ -127,6 +127,7 @@ def demo(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
     from .demo import QUICK, DemoSettings, format_table, run_demo
+    from .instruction import format_instruction_table
 
     settings = QUICK if args.quick else DemoSettings()
     if args.steps is not None:
@@ -139,6 +140,7 @@ def demo(args: argparse.Namespace) -> None:
     print(format_table(summary["metrics"]))
     for note in summary["notes"]:
         print(note)
+    print(f"\nInstruction following (held-out frames before the block moves):\n{format_instruction_table(summary['instruction_following'])}")
     print(f"\nloss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}; wall time {summary['wall_time_s']:.0f} s")
     output = args.output_dir
     print(f"wrote {output} ({summary['output_bytes'] / 1e6:.0f} MB): model/ (load with from_pretrained), eval/ (held-out "

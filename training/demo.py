@@ -27,11 +27,12 @@ class DemoSettings:
     frame_stride: int = 2
     steps: int = 3000
     num_samples: int = 5
+    instruction_frames: int = 16
     recipe: str = "tiny-cpu"
     seed: int = 0
 
 
-QUICK = DemoSettings(train_episodes=4, eval_episodes=2, num_frames=32, frame_stride=4, steps=30)
+QUICK = DemoSettings(train_episodes=4, eval_episodes=2, num_frames=32, frame_stride=4, steps=30, instruction_frames=2)
 VIDEO_FRAMES = 48  # held-out frames in overlays.mp4: 12 s at VIDEO_FPS
 VIDEO_FPS = 4.0
 TABLE_COLUMNS = ("uv/ade@32", "uv/mean_ade@32", "uv/min_ade@32", "uv/min_fde@32", "uv/spread@32", "depth/min_ade@32",
@@ -156,8 +157,10 @@ def run_demo(output_dir: str, settings: DemoSettings) -> dict:
     """Write `output_dir/{model, eval, episodes, frames}`, the figures and `metrics.json`; the extraction work folder,
     the `datasets` Arrow cache and the trainer's checkpoints live in a temporary folder removed at the end."""
     from ..dataset_builders.extraction import SYNTHETIC_RETARGET_STEP
+    from ..dataset_builders.sources import procedural_refs
     from ..dataset_builders.trace_extract import TraceExtract
     from .evaluation import EvaluationProtocol, evaluate_models
+    from .instruction import draw_two_instructions, instruction_following, instruction_frames
     from .pretrain import hold_out_episodes, load_recipe, make_trainer, save_samples
 
     start = time.perf_counter()
@@ -200,6 +203,19 @@ def run_demo(output_dir: str, settings: DemoSettings) -> dict:
         scored = evaluate_models({"mu0": model}, processor, evaluation,
                                  EvaluationProtocol(num_samples=settings.num_samples))
 
+        # instruction following on frames of procedural episodes that neither training nor eval/ used
+        used = {ref.seed for ref in procedural_refs(settings.train_episodes + settings.eval_episodes, settings.seed)}
+        candidates = [ref.seed for ref in procedural_refs(len(used) + settings.instruction_frames, settings.seed + 1)]
+        frames_for_instructions = instruction_frames([seed for seed in candidates if seed not in used][
+            : settings.instruction_frames], num_frames=settings.num_frames, image_size=settings.image_size)
+        instruction = {
+            "mu0": instruction_following(model, processor, frames_for_instructions, settings.num_samples),
+            "mu0, empty prompt": instruction_following(model, processor, frames_for_instructions, settings.num_samples,
+                                                        empty_prompt=True),
+        }
+        two_instructions = draw_two_instructions(model, processor, frames_for_instructions[0],
+                                                 os.path.join(output_dir, "two_instructions.png"))
+
         shown = evaluation.with_format("numpy")
         examples = [shown[i] for i in range(0, len(shown), max(1, len(shown) // 4))][:4]
         frames = save_frames(examples, os.path.join(output_dir, "frames"))
@@ -224,7 +240,8 @@ def run_demo(output_dir: str, settings: DemoSettings) -> dict:
         "missing_offsets": scored["missing_offsets"],
         "metrics": scored["metrics"],
         "notes": scored["notes"],
-        "figures": [os.path.basename(path) for path in figures[:-1]],
+        "instruction_following": instruction,
+        "figures": [os.path.basename(path) for path in [two_instructions, *figures[:-1]]],
         "video": os.path.basename(figures[-1]),
         "frames": [os.path.relpath(path, output_dir) for path in frames],
         "datasets": {name: os.path.relpath(path, output_dir) for name, path in written.items()},
