@@ -34,9 +34,9 @@ from mu0.training.pretrain import build_model_and_processor, load_recipe, make_t
 # Changes to the `tiny-cpu` recipe's training arguments (and `ema_decay`), run as `MODEL:VARIANT`.
 VARIANTS = {
     "constant": {},
-    "cosine": {"lr_scheduler_type": "cosine", "warmup_ratio": 0.05},
+    "cosine": {"lr_scheduler_type": "cosine", "warmup_steps": 100},
     "ema": {"ema_decay": 0.999},
-    "cosine_ema": {"lr_scheduler_type": "cosine", "warmup_ratio": 0.05, "ema_decay": 0.999},
+    "cosine_ema": {"lr_scheduler_type": "cosine", "warmup_steps": 100, "ema_decay": 0.999},
     "lr3e-4": {"learning_rate": 3e-4},
     "batch32": {"per_device_train_batch_size": 32},
 }
