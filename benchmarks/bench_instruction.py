@@ -70,7 +70,7 @@ def run(settings: InstructionSettings, work_dir: str, picture: str) -> dict:
                for name, model in models.items()}
     results["mu0, empty prompt"] = instruction_following(models["mu0"], processor, frames, settings.num_samples,
                                                           data.protocol.seed, empty_prompt=True)
-    draw_two_instructions(models["mu0"], processor, frames[0], picture, data.protocol.seed)
+    draw_two_instructions(models["mu0"], processor, frames[0], picture, data.protocol.seed, settings.num_samples)
     return {
         "settings": {**asdict(settings), "data": {**asdict(data), "protocol": asdict(data.protocol)}},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),

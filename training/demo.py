@@ -20,12 +20,12 @@ from PIL import Image
 
 @dataclass
 class DemoSettings:
-    train_episodes: int = 24
+    train_episodes: int = 150  # data is cheap, steps are not (docs/training.md, "Learning curves")
     eval_episodes: int = 6
     num_frames: int = 40
     image_size: int = 96
     frame_stride: int = 2
-    steps: int = 3000
+    steps: int = 4000
     num_samples: int = 5
     instruction_frames: int = 16
     recipe: str = "tiny-cpu"
@@ -214,7 +214,8 @@ def run_demo(output_dir: str, settings: DemoSettings) -> dict:
                                                         empty_prompt=True),
         }
         two_instructions = draw_two_instructions(model, processor, frames_for_instructions[0],
-                                                 os.path.join(output_dir, "two_instructions.png"))
+                                                 os.path.join(output_dir, "two_instructions.png"),
+                                                 num_samples=settings.num_samples)
 
         shown = evaluation.with_format("numpy")
         examples = [shown[i] for i in range(0, len(shown), max(1, len(shown) // 4))][:4]

@@ -185,9 +185,11 @@ def format_instruction_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def draw_two_instructions(model, processor, frame: InstructionFrame, output_path: str, seed: int = 0) -> str:
-    """One frame's first predicted sample under the true (left) and the flipped (right) instruction, side by side,
-    each panel labelled with its prompt."""
+def draw_two_instructions(model, processor, frame: InstructionFrame, output_path: str, seed: int = 0,
+                          num_samples: int = 5) -> str:
+    """One frame's predicted traces under the true (left) and the flipped (right) instruction, side by side, each
+    panel labelled with its prompt. Each trace is the mean of `num_samples` samples (the same noise under both
+    prompts): the instruction's effect, without one sample's scatter."""
     from ..processing.visualization import draw_traces
     from .evaluation import label_panel
 
@@ -197,9 +199,12 @@ def draw_two_instructions(model, processor, frame: InstructionFrame, output_path
     for prompt in prompts:  # the same noise under both prompts
         inputs = processor(images=frame.image, text=prompt, query_points=points)
         with torch.no_grad():
-            prediction = model.predict_traces(**inputs, generator=torch.Generator().manual_seed(seed))
-        pixels = processor.post_process_traces(prediction.traces, inputs["query_points"], inputs["image_sizes"])["pixels"]
-        panels.append(label_panel(draw_traces(frame.image, pixels[0, 0].numpy(), anchors=frame.query_pixels), prompt))
+            prediction = model.predict_traces(**inputs, num_samples=num_samples,
+                                              generator=torch.Generator().manual_seed(seed))
+        mean = prediction.traces.mean(dim=1, keepdim=True)
+        pixels = processor.post_process_traces(mean, inputs["query_points"], inputs["image_sizes"])["pixels"]
+        panels.append(label_panel(draw_traces(frame.image, pixels[0, 0].numpy(), anchors=frame.query_pixels),
+                                  f"{prompt} (mean of {num_samples})"))
     canvas = Image.new("RGB", (panels[0].width * 2 + 8, panels[0].height), (255, 255, 255))
     canvas.paste(panels[0], (0, 0))
     canvas.paste(panels[1], (panels[0].width + 8, 0))
