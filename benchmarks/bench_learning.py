@@ -38,6 +38,7 @@ VARIANTS = {
     "ema": {"ema_decay": 0.999},
     "cosine_ema": {"lr_scheduler_type": "cosine", "warmup_steps": 100, "ema_decay": 0.999},
     "lr3e-4": {"learning_rate": 3e-4},
+    "lr2e-3": {"learning_rate": 2e-3},
     "batch32": {"per_device_train_batch_size": 32},
 }
 CURVE_KEYS = ("uv/ade@32", "uv/mean_ade@32", "uv/min_ade@32", "uv/min_fde@32", "uv/spread@32", "depth/min_ade@32")
