@@ -49,8 +49,9 @@ ABLATIONS = {
 @dataclass
 class BenchSettings:
     # Data is cheap (300 episodes extract in about a minute), steps are not: μ0's best-of-5 error keeps falling with
-    # steps long after it stops falling with data (docs/training.md, "Learning curves"). 5000 steps of each of the
-    # four models fit the 30-minute budget on 2 quiet cores; the wall-clock cap keeps a loaded machine within it.
+    # steps long after it stops falling with data (docs/training.md, "Learning curves"). The 360 s cap per model
+    # keeps the four models within about 30 minutes on 2 quiet cores (μ0 takes 0.08 CPU-seconds per step with one
+    # thread, so the cap may stop it shortly before 5000 steps; the JSON records the steps each model ran).
     train_episodes: int = 300
     eval_episodes: int = 12
     num_frames: int = 40
