@@ -97,3 +97,21 @@ def test_trace_metrics_keys_components_and_best_of_n():
     assert {key.split("@")[1] for key in metrics} == {"8", "16", "32"}
     with pytest.raises(ValueError, match="Shapes"):
         trace_metrics(predictions, target[:, :1], torch.ones(1, 1, 32, dtype=torch.bool))
+
+
+def test_mean_of_samples_and_spread_by_hand():
+    # two samples at +1 and -1 (constant in time) around a target at 0: each sample is off by 1, their mean is exact,
+    # and each sample lies 1 from the mean
+    target = torch.zeros(1, 4, 2, dtype=torch.float64)
+    predictions = torch.stack([target + torch.tensor([1.0, 0.0]), target - torch.tensor([1.0, 0.0])])
+    metrics = trace_metrics(predictions, target, torch.ones(1, 4, dtype=torch.bool), horizons=(4,), components=("uv",),
+                            alignment=False)
+    assert metrics["uv/ade@4"] == pytest.approx(1.0) and metrics["uv/min_ade@4"] == pytest.approx(1.0)
+    assert metrics["uv/mean_ade@4"] == pytest.approx(0.0) and metrics["uv/mean_fde@4"] == pytest.approx(0.0)
+    assert metrics["uv/spread@4"] == pytest.approx(1.0)
+    # a shared offset of 3 along v moves the mean (ADE 3) but not the spread
+    shifted = predictions + torch.tensor([0.0, 3.0])
+    metrics = trace_metrics(shifted, target, torch.ones(1, 4, dtype=torch.bool), horizons=(4,), components=("uv",),
+                            alignment=False)
+    assert metrics["uv/mean_ade@4"] == pytest.approx(3.0) and metrics["uv/spread@4"] == pytest.approx(1.0)
+    assert metrics["uv/ade@4"] == pytest.approx(math.sqrt(10.0))

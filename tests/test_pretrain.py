@@ -227,3 +227,29 @@ def test_a_recipe_can_keep_the_backbone_in_bf16_beside_an_fp32_expert():
     output.loss.backward()
     assert torch.isfinite(output.loss) and model.trace_velocity_head.weight.grad is not None
     assert torch.isfinite(model.eval().predict_traces(**inference_inputs(batch)).traces).all()
+
+
+def test_weight_average_follows_the_recurrence_and_is_loaded_at_the_end():
+    from types import SimpleNamespace
+
+    from mu0.training.trainer import WeightAverage
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    average = WeightAverage(decay=0.5)
+    state = SimpleNamespace(global_step=0)
+    average.on_train_begin(None, state, None, model=model)
+    for value in (4.0, 8.0):  # shadow: 0 -> 0.5 * 0 + 0.5 * 4 = 2 -> 0.5 * 2 + 0.5 * 8 = 5
+        with torch.no_grad():
+            model.weight.fill_(value)
+        average.on_step_end(None, state, None, model=model)
+    with average.averaged_weights(model):
+        assert model.weight.item() == pytest.approx(5.0)
+    assert model.weight.item() == pytest.approx(8.0)  # the trained weights come back after an evaluation
+    average.on_train_end(None, state, None, model=model)
+    assert model.weight.item() == pytest.approx(5.0)
+    with pytest.raises(ValueError, match="cannot resume"):
+        average.on_train_begin(None, SimpleNamespace(global_step=10), None, model=model)
+    with pytest.raises(ValueError, match="decay"):
+        WeightAverage(decay=1.0)

@@ -225,6 +225,7 @@ def demo(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
     from .demo import QUICK, DemoSettings, format_table, run_demo
+    from .instruction import format_instruction_table
 
     settings = QUICK if args.quick else DemoSettings()
     if args.steps is not None:
@@ -232,9 +233,12 @@ def demo(args: argparse.Namespace) -> None:
     settings = replace(settings, seed=args.seed)
     require_writable_folder(args.output_dir, "--output-dir")
     summary = run_demo(args.output_dir, settings)
-    print(f"\nHeld-out metrics ({summary['eval_samples']} samples; u, v in [-1, 1], z in metres; min = best of "
-          f"{settings.num_samples}):")
+    print(f"\nHeld-out metrics ({summary['scored_samples']} samples under the `mu0 evaluate` protocol; u, v in [-1, 1], "
+          f"z in metres; min = best of {settings.num_samples}, mean = mean of them):")
     print(format_table(summary["metrics"]))
+    for note in summary["notes"]:
+        print(note)
+    print(f"\nInstruction following (held-out frames before the block moves):\n{format_instruction_table(summary['instruction_following'])}")
     print(f"\nloss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}; wall time {summary['wall_time_s']:.0f} s")
     output = args.output_dir
     print(f"wrote {output} ({summary['output_bytes'] / 1e6:.0f} MB): model/ (load with from_pretrained), eval/ (held-out "
@@ -338,6 +342,8 @@ def evaluate(args: argparse.Namespace) -> None:
           f"({inputs}; u, v in [-1, 1], z in metres; min = best of {args.samples}, seed {args.seed}):")
     latency = {name: f"{seconds * 1000:.1f}" for name, seconds in summary["seconds_per_sample"].items()}
     print(format_metrics_table(summary["metrics"], extra_rows={"ms per sample": latency}))
+    for note in summary["notes"]:
+        print(note)
     if summary["missing_offsets"]:
         print(f"{len(summary['missing_offsets'])} episodes lack some frame offsets (listed in metrics.json)")
     print(f"wrote {os.path.join(args.output_dir, 'metrics.json')} and {len(summary['overlays'])} overlays")
@@ -838,7 +844,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help=f"a smaller version ({QUICK.train_episodes + QUICK.eval_episodes} episodes, "
                                   f"{QUICK.steps} steps; under a minute, used by the tests)")
     demo_parser.add_argument("--steps", type=positive_int, default=None,
-                             help=f"training steps (default: {DemoSettings.steps}, about 5 minutes on 2 quiet CPU cores; "
+                             help=f"training steps (default: {DemoSettings.steps}, about 7 minutes on 2 quiet CPU cores; "
                                   f"with --quick: {QUICK.steps})")
     demo_parser.add_argument("--seed", type=seed_int, default=0, help="data, model and sampling seed")
     demo_parser.set_defaults(handler=demo)

@@ -15,26 +15,28 @@ import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 
 @dataclass
 class DemoSettings:
-    train_episodes: int = 24
+    train_episodes: int = 150  # data is cheap, steps are not (docs/training.md, "Learning curves")
     eval_episodes: int = 6
     num_frames: int = 40
     image_size: int = 96
     frame_stride: int = 2
-    steps: int = 3000
+    steps: int = 4000
     num_samples: int = 5
+    instruction_frames: int = 16
     recipe: str = "tiny-cpu"
     seed: int = 0
 
 
-QUICK = DemoSettings(train_episodes=4, eval_episodes=2, num_frames=32, frame_stride=4, steps=30)
+QUICK = DemoSettings(train_episodes=4, eval_episodes=2, num_frames=32, frame_stride=4, steps=30, instruction_frames=2)
 VIDEO_FRAMES = 48  # held-out frames in overlays.mp4: 12 s at VIDEO_FPS
 VIDEO_FPS = 4.0
-TABLE_COLUMNS = ("uv/ade@32", "uv/fde@32", "uv/min_ade@32", "uv/min_fde@32", "depth/ade@32", "uvz/ade@32", "uvz/min_ade@32")
+TABLE_COLUMNS = ("uv/ade@32", "uv/mean_ade@32", "uv/min_ade@32", "uv/min_fde@32", "uv/spread@32", "depth/min_ade@32",
+                 "uvz/min_ade@32")
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
@@ -44,22 +46,13 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def _labelled(panel: Image.Image, text: str) -> Image.Image:
-    font = ImageFont.load_default(size=max(10, panel.height // 32))  # legible at any panel size
-    margin = font.size // 2
-    draw = ImageDraw.Draw(panel)
-    left, top, right, bottom = draw.textbbox((margin, margin), text, font=font)
-    draw.rectangle([left - margin // 2, top - margin // 2, right + margin // 2, bottom + margin // 2], fill=(0, 0, 0))
-    draw.text((margin, margin), text, fill=(255, 255, 255), font=font)
-    return panel
-
-
 def compare_frames(model, processor, collator, rows: list[dict], seed: int) -> tuple[list[Image.Image], dict]:
     """Ground truth (left) and μ0's first sample (right) over each row's frame, and the first row's traces in
     metres (camera frame) for a 3D plot."""
     import torch
 
     from ..processing.visualization import draw_traces
+    from .evaluation import label_panel
 
     batch = collator(rows)
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "labels_mask", "cluster_ids")}
@@ -80,8 +73,8 @@ def compare_frames(model, processor, collator, rows: list[dict], seed: int) -> t
             draw_traces(image, predicted["pixels"][index, 0].numpy()[real], prediction.alive_mask[index, 0].numpy()[real],
                         anchors=now),
         ]
-        _labelled(panels[0], f"ground truth, frame {int(row['frame_index'])}")
-        _labelled(panels[1], "mu0 prediction")
+        label_panel(panels[0], f"ground truth, frame {int(row['frame_index'])}")
+        label_panel(panels[1], "mu0 prediction")
         canvas = Image.new("RGB", (panels[0].width * 2 + 8, panels[0].height), (255, 255, 255))
         canvas.paste(panels[0], (0, 0))
         canvas.paste(panels[1], (panels[0].width + 8, 0))
@@ -164,9 +157,11 @@ def run_demo(output_dir: str, settings: DemoSettings) -> dict:
     """Write `output_dir/{model, eval, episodes, frames}`, the figures and `metrics.json`; the extraction work folder,
     the `datasets` Arrow cache and the trainer's checkpoints live in a temporary folder removed at the end."""
     from ..dataset_builders.extraction import SYNTHETIC_RETARGET_STEP
+    from ..dataset_builders.sources import procedural_refs
     from ..dataset_builders.trace_extract import TraceExtract
+    from .evaluation import EvaluationProtocol, evaluate_models
+    from .instruction import draw_two_instructions, instruction_following, instruction_frames
     from .pretrain import hold_out_episodes, load_recipe, make_trainer, save_samples
-    from .trainer import constant_velocity, evaluate_predictors, sampler, zero_motion
 
     start = time.perf_counter()
     os.makedirs(output_dir, exist_ok=True)  # fail before minutes of work, not after
@@ -204,14 +199,23 @@ def run_demo(output_dir: str, settings: DemoSettings) -> dict:
         trainer = make_trainer(recipe, train, statistics, os.path.join(scratch, "trainer"), max_steps=settings.steps)
         trainer.train()
         model, processor = trainer.model.eval(), trainer.processing_class
-        delta_scale = processor.require_delta_scale()
-        results = evaluate_predictors(
-            {"mu0": sampler(model, settings.num_samples, settings.seed), "zero_motion": zero_motion,
-             "constant_velocity": constant_velocity(delta_scale)},
-            evaluation.with_format("numpy"),
-            trainer.eval_collator,
-            delta_scale,
-        )
+        # the protocol `mu0 evaluate` applies to eval/ by default, so both print the same numbers
+        scored = evaluate_models({"mu0": model}, processor, evaluation,
+                                 EvaluationProtocol(num_samples=settings.num_samples))
+
+        # instruction following on frames of procedural episodes that neither training nor eval/ used
+        used = {ref.seed for ref in procedural_refs(settings.train_episodes + settings.eval_episodes, settings.seed)}
+        candidates = [ref.seed for ref in procedural_refs(len(used) + settings.instruction_frames, settings.seed + 1)]
+        frames_for_instructions = instruction_frames([seed for seed in candidates if seed not in used][
+            : settings.instruction_frames], num_frames=settings.num_frames, image_size=settings.image_size)
+        instruction = {
+            "mu0": instruction_following(model, processor, frames_for_instructions, settings.num_samples),
+            "mu0, empty prompt": instruction_following(model, processor, frames_for_instructions, settings.num_samples,
+                                                        empty_prompt=True),
+        }
+        two_instructions = draw_two_instructions(model, processor, frames_for_instructions[0],
+                                                 os.path.join(output_dir, "two_instructions.png"),
+                                                 num_samples=settings.num_samples)
 
         shown = evaluation.with_format("numpy")
         examples = [shown[i] for i in range(0, len(shown), max(1, len(shown) // 4))][:4]
@@ -232,8 +236,13 @@ def run_demo(output_dir: str, settings: DemoSettings) -> dict:
         "statistics": statistics,
         "first_loss": losses[0] if losses else float("nan"),
         "last_loss": losses[-1] if losses else float("nan"),
-        "metrics": results,
-        "figures": [os.path.basename(path) for path in figures[:-1]],
+        "protocol": scored["protocol"],
+        "scored_samples": scored["num_samples"],
+        "missing_offsets": scored["missing_offsets"],
+        "metrics": scored["metrics"],
+        "notes": scored["notes"],
+        "instruction_following": instruction,
+        "figures": [os.path.basename(path) for path in [two_instructions, *figures[:-1]]],
         "video": os.path.basename(figures[-1]),
         "frames": [os.path.relpath(path, output_dir) for path in frames],
         "datasets": {name: os.path.relpath(path, output_dir) for name, path in written.items()},

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from .collator import Mu0TraceCollator
 from .metrics import COMPONENTS, DEFAULT_HORIZONS, displacement_errors
@@ -22,7 +22,7 @@ from .trainer import PredictionSet, constant_velocity, predict_dataset, sampler,
 
 PER_QUERY_COLUMNS = ("query_uv", "query_z", "history", "history_valid", "future", "future_valid", "future_raw",
                      "future_raw_valid", "track_ids", "cluster_ids", "moving")
-TABLE_METRICS = ("ade", "fde", "min_ade", "min_fde")
+TABLE_METRICS = ("ade", "fde", "min_ade", "min_fde", "mean_ade", "spread")
 # Heuristic predictors, built from the processor's delta_scale.
 HEURISTICS = {"zero_motion": lambda delta_scale: zero_motion, "constant_velocity": constant_velocity}
 
@@ -138,8 +138,19 @@ def to_pixels(uv: torch.Tensor, height: int, width: int) -> np.ndarray:
     return ((uv.numpy() + 1) / 2 * [width, height] - 0.5).astype(np.float64)
 
 
+def label_panel(panel: Image.Image, text: str) -> Image.Image:
+    """White text on a black box in the panel's top-left corner, legible at any panel size."""
+    font = ImageFont.load_default(size=max(10, panel.height // 32))
+    margin = font.size // 2
+    draw = ImageDraw.Draw(panel)
+    left, top, right, bottom = draw.textbbox((margin, margin), text, font=font)
+    draw.rectangle([left - margin // 2, top - margin // 2, right + margin // 2, bottom + margin // 2], fill=(0, 0, 0))
+    draw.text((margin, margin), text, fill=(255, 255, 255), font=font)
+    return panel
+
+
 def save_overlay(row: dict, predictions: PredictionSet, name: str, row_number: int, path: str) -> str:
-    """Ground truth (left) and the first predicted sample (right) over the row's frame."""
+    """Ground truth (left) and the first predicted sample (right) over the row's frame, each panel labelled."""
     from ..processing.visualization import draw_traces
 
     image = np.asarray(row["image"].convert("RGB") if hasattr(row["image"], "convert") else row["image"])
@@ -152,11 +163,34 @@ def save_overlay(row: dict, predictions: PredictionSet, name: str, row_number: i
         draw_traces(image, to_pixels(predictions.traces[name][0, queries, :, :2], height, width), anchors=now,
                     title=f"{name}, sample 1"),
     ]
+    label_panel(panels[0], f"ground truth, frame {int(row['frame_index'])}")
+    label_panel(panels[1], f"{name}, sample 1")
     canvas = Image.new("RGB", (panels[0].width * 2 + 8, panels[0].height), (255, 255, 255))
     canvas.paste(panels[0], (0, 0))
     canvas.paste(panels[1], (panels[0].width + 8, 0))
     canvas.save(path)
     return path
+
+
+def identical_predictors(predictions: PredictionSet) -> list[str]:
+    """A note for each predictor whose traces equal an earlier one's on every query (e.g. constant velocity without
+    history is zero motion), so a table does not present one prediction as two results."""
+    notes, names = [], list(predictions.traces)
+    for index, name in enumerate(names):
+        same = next((other for other in names[:index] if torch.equal(predictions.traces[other], predictions.traces[name])), None)
+        if same is not None:
+            reason = " (no history: no velocity to repeat)" if {name, same} == {"constant_velocity", "zero_motion"} else ""
+            notes.append(f"{name} predicts exactly what {same} predicts{reason}.")
+    return notes
+
+
+def overlay_picks(errors: np.ndarray, count: int) -> list[tuple[str, int, int]]:
+    """(kind, rank, row) of up to `count` worst and `count` best rows, never the same row twice: with few rows
+    the worst take the upper half and the best the rest."""
+    order = [int(row) for row in np.argsort(errors, kind="stable")]
+    worst = min(count, (len(order) + 1) // 2)
+    best = min(count, len(order) - worst)
+    return [("worst", rank, order[-1 - rank]) for rank in range(worst)] + [("best", rank, order[rank]) for rank in range(best)]
 
 
 def evaluate_models(
@@ -204,6 +238,7 @@ def evaluate_models(
         "episodes": len({row["episode_id"] for row in rows}),
         "missing_offsets": missing,
         "metrics": predictions.metrics(),
+        "notes": identical_predictors(predictions),
         "seconds_per_sample": predictions.seconds_per_row,
         "per_sample": [
             {"episode_id": str(row["episode_id"]), "frame_index": int(row["frame_index"]), f"uv/ade@{horizon}": float(error)}
@@ -212,11 +247,8 @@ def evaluate_models(
     }
     if output_dir is not None:
         os.makedirs(output_dir, exist_ok=True)
-        order = np.argsort(errors)
-        count = min(num_overlays, len(rows))
-        picks = [("worst", rank, order[-1 - rank]) for rank in range(count)] + [("best", rank, order[rank]) for rank in range(count)]
         summary["overlays"] = []
-        for kind, rank, row_number in picks:
+        for kind, rank, row_number in overlay_picks(errors, num_overlays):
             row = rows[row_number]
             filename = f"{kind}_{rank + 1}_{row['episode_id']}_f{int(row['frame_index']):06d}.png"
             save_overlay(row, predictions, name, int(row_number), os.path.join(output_dir, filename))
@@ -232,6 +264,9 @@ __all__ = [
     "EvaluationProtocol",
     "evaluate_models",
     "format_metrics_table",
+    "identical_predictors",
+    "label_panel",
+    "overlay_picks",
     "model_label",
     "protocol_indices",
     "protocol_samples",

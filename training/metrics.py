@@ -81,10 +81,13 @@ def trace_metrics(
     alignment: bool = True,
 ) -> dict[str, float]:
     """ADE, FDE, DTW and discrete Fréchet of the first sample, and their best-of-S `min_` versions, per component and
-    horizon, averaged over queries with at least one valid step.
+    horizon, averaged over queries with at least one valid step; also the ADE/FDE of the mean of the S samples
+    (`mean_ade`, `mean_fde`) and the samples' spread (`spread`: mean ADE of each sample to that mean).
 
-    Keys look like `uv/ade@32` and `uvz/min_frechet@8` (`min_` equals the plain value when S = 1). `alignment=False`
-    skips DTW and Fréchet, whose dynamic programme is the slow part.
+    Keys look like `uv/ade@32` and `uvz/min_frechet@8` (`min_` and `mean_` equal the plain value when S = 1).
+    The spread shows whether samples are as dispersed as the data: a calibrated sampler's spread is about the
+    mean's ADE (the truth is one more draw from the same distribution); a larger spread means over-dispersed samples.
+    `alignment=False` skips DTW and Fréchet, whose dynamic programme is the slow part.
     """
     if predictions.shape[-3:] != targets.shape[-3:] or targets.shape[:-1] != valid.shape:
         raise ValueError(
@@ -107,6 +110,12 @@ def trace_metrics(
             for metric, values in per_sample.items():
                 results[f"{name}/{metric}@{horizon}"] = float((values[..., 0, :] * query_valid).sum() / count)
                 results[f"{name}/min_{metric}@{horizon}"] = float((values.amin(-2) * query_valid).sum() / count)
+            mean = prediction.mean(-4, keepdim=True)
+            mean_ade, mean_fde, _ = displacement_errors(mean, target, step_valid)
+            spread, _, _ = displacement_errors(prediction, mean.squeeze(-4), step_valid)
+            for metric, values in {"mean_ade": mean_ade[..., 0, :], "mean_fde": mean_fde[..., 0, :],
+                                   "spread": spread.mean(-2)}.items():
+                results[f"{name}/{metric}@{horizon}"] = float((values * query_valid).sum() / count)
     return results
 
 

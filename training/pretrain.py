@@ -17,7 +17,7 @@ from .. import Mu0Config, Mu0ForTracePrediction, Mu0ImageProcessor, Mu0Processor
 from ..dataset_builders.statistics import STATISTICS_FILE, load_statistics, save_statistics
 from ..presets import preset_config
 from .collator import Mu0TraceCollator
-from .trainer import Mu0Trainer
+from .trainer import Mu0Trainer, WeightAverage
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def make_trainer(
     collator_settings = recipe.get("collator", {})
     evaluation = recipe.get("evaluation", {})
     config = model.config
-    return Mu0Trainer(
+    trainer = Mu0Trainer(
         model=model,
         args=args,
         # numpy rows decode per-query arrays without Python lists (an order of magnitude faster)
@@ -195,6 +195,9 @@ def make_trainer(
         num_eval_samples=evaluation.get("num_samples", 5),
         eval_seed=args.seed,
     )
+    if recipe.get("ema_decay") is not None:
+        trainer.add_callback(WeightAverage(recipe["ema_decay"]))
+    return trainer
 
 
 __all__ = [

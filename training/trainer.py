@@ -1,5 +1,6 @@
 """Pretraining μ0 with `transformers.Trainer`: a non-finite-loss guard and trace-metric evaluation (best of N)."""
 
+import contextlib
 import logging
 import math
 import time
@@ -165,6 +166,52 @@ def add_initial_adam_state(optimizer) -> None:
                 inner.state[parameter] = state
 
 
+class WeightAverage(TrainerCallback):
+    """An exponential moving average of the trainable weights, loaded into the model when training ends.
+
+    Why: a small model at a high constant learning rate ends wherever the last noisy steps left it; the average of
+    the recent weights is a smoother estimate of the same solution. `averaged_weights` swaps the average in for an
+    evaluation during training. The average is not saved in checkpoints, so a resumed run is refused.
+    """
+
+    def __init__(self, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"The weight average's decay must be in (0, 1), got {decay}.")
+        self.decay = decay
+        self.shadow: dict[str, torch.Tensor] = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step > 0:
+            raise ValueError("A recipe with a weight average (`ema`) cannot resume from a checkpoint: the average is "
+                             "not saved. Start the run again, or remove `ema_decay` from the recipe.")
+        self.shadow = {name: value.detach().clone() for name, value in model.named_parameters() if value.requires_grad}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        with torch.no_grad():
+            for name, value in model.named_parameters():
+                if name in self.shadow:
+                    self.shadow[name].lerp_(value.detach(), 1.0 - self.decay)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._swap(model)
+
+    def _swap(self, model) -> None:
+        with torch.no_grad():
+            for name, value in model.named_parameters():
+                if name in self.shadow:
+                    current = value.detach().clone()
+                    value.copy_(self.shadow[name])
+                    self.shadow[name] = current
+
+    @contextlib.contextmanager
+    def averaged_weights(self, model):
+        self._swap(model)
+        try:
+            yield model
+        finally:
+            self._swap(model)
+
+
 class Mu0Trainer(Trainer):
     """`Trainer` whose evaluation samples traces and reports ADE/FDE/DTW/Fréchet (and best-of-N) instead of a loss.
 
@@ -232,6 +279,7 @@ class Mu0Trainer(Trainer):
 __all__ = [
     "Mu0Trainer",
     "PredictionSet",
+    "WeightAverage",
     "absolute_traces",
     "constant_velocity",
     "evaluate_predictors",
