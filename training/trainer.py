@@ -182,7 +182,7 @@ class WeightAverage(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step > 0:
-            raise ValueError("A recipe with a weight average (`ema`) cannot resume from a checkpoint: the average is "
+            raise ValueError("A recipe with a weight average (`ema_decay`) cannot resume from a checkpoint: the average is "
                              "not saved. Start the run again, or remove `ema_decay` from the recipe.")
         self.shadow = {name: value.detach().clone() for name, value in model.named_parameters() if value.requires_grad}
 
