@@ -19,7 +19,6 @@ need `pip install "mu0[sim]"` and an offscreen GL (MUJOCO_GL=egl).
 """
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from results_io import write_json
 from mu0.dataset_builders.extraction import ExtractionSettings, episode_samples, extract_episode
 from mu0.dataset_builders.mujoco_scenes import generate_mujoco_episode
 from mu0.dataset_builders.procedural import generate_episode, project_points
@@ -368,10 +368,7 @@ def main() -> None:
         print(f"| {size} | {row['extract_fps']:.1f} | {row['samples_per_s']:.1f} | {row['end_to_end_fps']:.1f} |")
     if results["egodex"] is not None:
         print_egodex_tables(results["egodex"])
-    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-    with open(args.output + ".tmp", "w") as handle:
-        json.dump(results, handle, indent=2)
-    os.replace(args.output + ".tmp", args.output)
+    write_json(results, args.output)
     print(f"\nwrote {args.output}")
 
 

@@ -11,7 +11,6 @@ colour. Rates for μ0, regression and μ0 with every prompt empty; one picture o
 """
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -21,6 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from bench_quality import BenchSettings, extract, train
 
+from results_io import write_json
 from mu0.dataset_builders.sources import procedural_refs
 from mu0.training.instruction import draw_two_instructions, format_instruction_table, instruction_following, instruction_frames
 from mu0.training.pretrain import load_recipe
@@ -108,9 +108,7 @@ def main() -> None:
     print(format_instruction_table(result["results"]))
     print(f"{len(result['frames'])} held-out frames; wall time {result['wall_seconds']:.0f} s; load average before "
           f"{result['machine']['loadavg_before']}, after {result['machine']['loadavg_after']}")
-    with open(args.output + ".tmp", "w") as handle:
-        json.dump(result, handle, indent=2)
-    os.replace(args.output + ".tmp", args.output)
+    write_json(result, args.output)
     print(f"wrote {args.output} and {picture}")
 
 

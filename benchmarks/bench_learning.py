@@ -15,7 +15,6 @@ Writes JSON, a markdown table and a PNG of the curves:
 """
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -26,6 +25,7 @@ import torch
 from bench_quality import BenchSettings, WallClockBudget, extract
 from transformers import TrainerCallback, set_seed
 
+from results_io import write_json
 from mu0.presets import preset_config
 from mu0.training.baselines import build_trace_model
 from mu0.training.evaluation import EvaluationProtocol, evaluate_models
@@ -224,10 +224,7 @@ def main() -> None:
     print(table(result))
     print(f"wall time {result['wall_seconds']:.0f} s; load average before {result['machine']['loadavg_before']}, "
           f"after {result['machine']['loadavg_after']}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output + ".tmp", "w") as handle:
-        json.dump(result, handle, indent=2)
-    os.replace(args.output + ".tmp", args.output)
+    write_json(result, args.output)
     print(f"wrote {args.output} and {plot(result, args.output.removesuffix('.json') + '.png')}")
 
 

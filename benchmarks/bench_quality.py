@@ -16,7 +16,6 @@ Prints one markdown table and writes JSON.
 """
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -27,6 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from transformers import TrainerCallback, set_seed
 
+from results_io import write_json
 from mu0.dataset_builders.extraction import SYNTHETIC_RETARGET_STEP
 from mu0.dataset_builders.trace_extract import TraceExtract
 from mu0.presets import preset_config
@@ -217,10 +217,7 @@ def main() -> None:
         print(f"latency {label} at {settings.latency_queries} queries x 32 steps (batch 1, one sample): {ratio:.1f}x")
     print(f"wall time {result['wall_seconds']:.0f} s; load average before {result['machine']['loadavg_before']}, "
           f"after {result['machine']['loadavg_after']}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output + ".tmp", "w") as handle:
-        json.dump(result, handle, indent=2)
-    os.replace(args.output + ".tmp", args.output)
+    write_json(result, args.output)
     print(f"wrote {args.output}")
 
 
