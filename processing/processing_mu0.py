@@ -96,6 +96,7 @@ class Mu0Processor(ProcessorMixin):
         self.horizon = horizon
         self.max_prompt_length = max_prompt_length
         self.max_queries = max_queries
+        self._reported_training_prompt = False
         super().__init__(image_processor, tokenizer, **kwargs)
 
     # ------------------------------------------------------------------------------------------ statistics
@@ -137,18 +138,31 @@ class Mu0Processor(ProcessorMixin):
         for text in problems.values():  # on every call: each caller (each visitor of `mu0 app`) needs to see it
             logger.warning("Input outside this checkpoint's training data: %s. Predictions may be unreliable.", text)
 
-    def warn_about_lost_prompt_text(self, prompts: list[str]) -> None:
+    def warn_about_lost_prompt_text(self, prompts: list[str], training: bool = False) -> None:
         """The model sees at most `max_prompt_length` tokens, and characters the tokenizer does not know as `<unk>`:
-        say so, since the caller's records (e.g. `traces.json`) keep the full prompt."""
+        say so, since the caller's records (e.g. `traces.json`) keep the full prompt.
+
+        Inference reports every call. Training batches (`training`) report the first such prompt only: merged
+        captions often run past the window, and one line per batch would bury the training log.
+        """
+        if training and self._reported_training_prompt:
+            return
         unknown = self.tokenizer.unk_token_id
+        suffix = " (reported once per processor while training)" if training else ""
         for prompt, ids in zip(prompts, self.tokenizer(prompts)["input_ids"]):
+            problems = []
             if len(ids) > self.max_prompt_length:
-                logger.warning("The prompt is %d tokens long; the model reads only the first %d: %r.", len(ids),
-                               self.max_prompt_length, self.tokenizer.decode(ids[: self.max_prompt_length]))
+                problems.append(f"The prompt is {len(ids)} tokens long; the model reads only the first "
+                                f"{self.max_prompt_length}: {self.tokenizer.decode(ids[: self.max_prompt_length])!r}.")
             lost = sum(token == unknown for token in ids[: self.max_prompt_length]) if unknown is not None else 0
             if lost:
-                logger.warning("%d of the prompt's %d tokens are unknown to this tokenizer (read as %s): %r.", lost,
-                               min(len(ids), self.max_prompt_length), self.tokenizer.unk_token, prompt)
+                problems.append(f"{lost} of the prompt's {min(len(ids), self.max_prompt_length)} tokens are unknown to "
+                                f"this tokenizer (read as {self.tokenizer.unk_token}): {prompt!r}.")
+            for problem in problems:
+                logger.warning("%s%s", problem, suffix)
+            if problems and training:
+                self._reported_training_prompt = True
+                return
 
     @staticmethod
     def prompt(task: str | None) -> str:
@@ -203,16 +217,19 @@ class Mu0Processor(ProcessorMixin):
                 raise ValueError(f"Got {len(per_image[name])} entries in `{name}` for {batch_size} images.")
 
         self.warn_outside_training_domain(images, per_image["depth"], per_image["query_points"])
-        data = self.encode_images_and_prompts(images, texts, per_image["depth"])
+        data = self.encode_images_and_prompts(images, texts, per_image["depth"], training=future is not None)
         image_sizes = [tuple(size) for size in data["image_sizes"].tolist()]
         data.update(self._encode_queries(per_image, image_sizes, points_normalized))
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def encode_images_and_prompts(self, images: list, texts: list[str | None], depth=None) -> dict[str, torch.Tensor]:
-        """Backbone, DINOv2 and depth pixels plus the padded prompt: the inputs shared by traces and actions."""
+    def encode_images_and_prompts(
+        self, images: list, texts: list[str | None], depth=None, training: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Backbone, DINOv2 and depth pixels plus the padded prompt: the inputs shared by traces and actions.
+        `training` marks a training batch (see `warn_about_lost_prompt_text`)."""
         image_features = self.image_processor(images, depth=depth, depth_log_range=self.depth_log_range, return_tensors="pt")
         prompts = [self.prompt(task) for task in texts]
-        self.warn_about_lost_prompt_text(prompts)
+        self.warn_about_lost_prompt_text(prompts, training)
         text_features = self.tokenizer(
             prompts,
             padding="max_length",

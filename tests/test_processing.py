@@ -335,6 +335,20 @@ def test_prompts_the_model_cannot_read_in_full_warn(proc, caplog):
     assert "1 of the prompt's 24 tokens are unknown" in messages[1]
 
 
+def test_training_batches_report_a_cut_prompt_once_per_processor(proc, caplog):
+    """Merged training captions often run past the window: one line per batch buried the training log, while
+    inference calls keep reporting every time."""
+    future, mask = future_track()[None], np.ones((1, HORIZON), dtype=bool)
+    with caplog.at_level("WARNING", logger="mu0.processing.processing_mu0"):
+        for _ in range(3):
+            proc(images=blank(), text="x" * 200, query_points=ANCHOR[None], future=future, future_mask=mask)
+        training_messages = [record.getMessage() for record in caplog.records]
+        proc(images=blank(), text="x" * 200, query_points=ANCHOR[None])
+        proc(images=blank(), text="x" * 200, query_points=ANCHOR[None])
+    assert len(training_messages) == 1 and "reported once per processor while training" in training_messages[0]
+    assert len(caplog.records) == 3
+
+
 # ------------------------------------------------------------------------------------------------ statistics
 def test_missing_delta_scale_raises_for_future_history_and_post_process():
     proc = make_processor(delta_scale=None)
