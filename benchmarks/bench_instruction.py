@@ -90,12 +90,14 @@ def main() -> None:
     parser.add_argument("--train-episodes", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--max-train-seconds", type=float, default=None)
+    parser.add_argument("--recipe", default=None, help="a named recipe or a recipe JSON path (default: tiny-cpu)")
     parser.add_argument("--frames", type=int, default=None, help="held-out frames (one per episode)")
     parser.add_argument("--output", default="benchmarks/results/bench_instruction.json")
     parser.add_argument("--work-dir", default=None, help="where data and runs go (default: a temporary folder)")
     args = parser.parse_args()
     settings = QUICK if args.quick else InstructionSettings()
-    data = {"train_episodes": args.train_episodes, "steps": args.steps, "max_train_seconds": args.max_train_seconds}
+    data = {"train_episodes": args.train_episodes, "steps": args.steps, "max_train_seconds": args.max_train_seconds,
+            "recipe": args.recipe}
     settings = replace(settings, data=replace(settings.data, **{k: v for k, v in data.items() if v is not None}))
     if args.frames is not None:
         settings = replace(settings, frames=args.frames)

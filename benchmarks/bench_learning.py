@@ -31,7 +31,8 @@ from mu0.training.baselines import build_trace_model
 from mu0.training.evaluation import EvaluationProtocol, evaluate_models
 from mu0.training.pretrain import build_model_and_processor, load_recipe, make_trainer
 
-# Changes to the `tiny-cpu` recipe's training arguments (and `ema_decay`), run as `MODEL:VARIANT`.
+# Changes to the `tiny-cpu` recipe's training arguments (and `ema_decay`; `collator` and `model` hold collator
+# settings and model config overrides), run as `MODEL:VARIANT`.
 VARIANTS = {
     "constant": {},
     "cosine": {"lr_scheduler_type": "cosine", "warmup_steps": 100},
@@ -40,6 +41,9 @@ VARIANTS = {
     "lr3e-4": {"learning_rate": 3e-4},
     "lr2e-3": {"learning_rate": 2e-3},
     "batch32": {"per_device_train_batch_size": 32},
+    "task_text": {"collator": {"task_text_probability": 0.5}},
+    "queries32": {"collator": {"min_queries": 32, "max_queries": 32}},
+    "train_backbone": {"model": {"freeze_vision_tower": False, "freeze_text_layers": False}},
 }
 CURVE_KEYS = ("uv/ade@32", "uv/mean_ade@32", "uv/min_ade@32", "uv/min_fde@32", "uv/spread@32", "depth/min_ade@32")
 
@@ -96,7 +100,9 @@ def train_run(run: str, train_set, statistics: dict, eval_set, settings: Learnin
     recipe = load_recipe(settings.data.recipe)
     changes = dict(VARIANTS[variant])
     recipe["ema_decay"] = changes.pop("ema_decay", None)
-    recipe["model"]["overrides"] = {**recipe["model"].get("overrides", {}), "use_depth": False}
+    recipe["collator"] = {**recipe.get("collator", {}), **changes.pop("collator", {})}
+    recipe["model"]["overrides"] = {**recipe["model"].get("overrides", {}), "use_depth": False,
+                                    **changes.pop("model", {})}
     recipe["training"].update(seed=settings.data.train_seed, save_strategy="no",
                               logging_steps=max(1, max(settings.eval_at) // 20), **changes)
     recipe["training"].pop("save_steps", None)

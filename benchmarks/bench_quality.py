@@ -202,12 +202,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a reduced run for CI (under a minute)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--max-train-seconds", type=float, default=None)
+    parser.add_argument("--recipe", default=None, help="a named recipe or a recipe JSON path (default: tiny-cpu)")
     parser.add_argument("--models", nargs="+", default=None, choices=[*BASELINES, *ABLATIONS])
     parser.add_argument("--output", default="benchmarks/results/bench_quality.json")
     parser.add_argument("--work-dir", default=None, help="where data and runs go (default: a temporary folder)")
     args = parser.parse_args()
     settings = QUICK if args.quick else BenchSettings()
-    overrides = {"steps": args.steps, "max_train_seconds": args.max_train_seconds,
+    overrides = {"steps": args.steps, "max_train_seconds": args.max_train_seconds, "recipe": args.recipe,
                  "models": tuple(args.models) if args.models else None}
     settings = replace(settings, **{key: value for key, value in overrides.items() if value is not None})
     with tempfile.TemporaryDirectory() as temporary:

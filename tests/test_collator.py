@@ -34,6 +34,27 @@ def test_training_batches_sample_moving_queries_and_covering_captions(prepared):
         assert text.strip().removeprefix("Task: ") in {c["text"] for c in row["captions"]} | {row["task"]}
 
 
+def test_task_text_probability_sets_how_often_training_prompts_are_the_task(prepared):
+    """Template captions never name the object; the task text does, and evaluation prompts with it."""
+    builder, processor, _ = prepared
+    dataset = builder.as_dataset(split="train")
+    rows = [dataset[i] for i in range(len(dataset))]
+    assert all(row["task"] and len(row["captions"]) > 1 for row in rows)
+
+    def task_share(probability: float) -> float:
+        collator = Mu0TraceCollator(processor, max_queries=2, seed=0, task_text_probability=probability)
+        texts = [processor.tokenizer.decode(ids, skip_special_tokens=True).strip().removeprefix("Task: ")
+                 for ids in collator(rows)["input_ids"]]
+        return np.mean([text == row["task"][: len(text)] for text, row in zip(texts, rows)])
+
+    uniform = np.mean([1 / len(row["captions"]) for row in rows])  # the task is one of each row's captions
+    assert task_share(1.0) == 1.0
+    assert task_share(0.0) < 0.5 and abs(task_share(0.0) - uniform) < 0.2
+    assert 0.5 < task_share(0.7) < 1.0
+    with pytest.raises(ValueError, match="task_text_probability"):
+        Mu0TraceCollator(processor, task_text_probability=1.5)
+
+
 def test_dropouts_and_evaluation_mode(prepared):
     builder, processor, _ = prepared
     rows = [builder.as_dataset(split="train")[i] for i in range(2)]

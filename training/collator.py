@@ -33,6 +33,8 @@ class Mu0TraceCollator:
     In training mode it draws N in [min_queries, max_queries] queries per row (moving points first), one caption
     whose frame range covers the row's frame, colour jitter, depth noise and dropout, and history dropout (all
     history of a row with `history_dropout`, else per query with `history_query_dropout`), as in the paper recipe.
+    With `task_text_probability` p > 0, a row with task text uses it with probability p and otherwise draws as
+    above; p = 0 (the default) is the released uniform draw, in which the task text is one caption among many.
     In evaluation mode it keeps the first `max_queries` queries, the row's task text, and no augmentation.
     Each row's randomness is a function of (`seed`, `epoch`, the row's episode and frame), not of a running
     generator: batches that a resumed run skips are never collated (and data loaders collate ahead of the step), so
@@ -50,6 +52,7 @@ class Mu0TraceCollator:
     history_dropout: float = 0.5
     history_query_dropout: float = 0.3
     colour_jitter: float = 0.3
+    task_text_probability: float = 0.0
     raw_future: bool = False
     seed: int = 0
     epoch: int = 0
@@ -57,6 +60,8 @@ class Mu0TraceCollator:
     def __post_init__(self):
         if not 1 <= self.min_queries <= self.max_queries:
             raise ValueError(f"Need 1 <= min_queries <= max_queries, got {self.min_queries}, {self.max_queries}.")
+        if not 0.0 <= self.task_text_probability <= 1.0:
+            raise ValueError(f"task_text_probability must be in [0, 1], got {self.task_text_probability}.")
 
     def _row_rng(self, row: dict) -> np.random.Generator:
         identity = zlib.crc32(f"{row['episode_id']}/{int(row['frame_index'])}".encode())
@@ -76,6 +81,8 @@ class Mu0TraceCollator:
     def _caption(self, rng: np.random.Generator, row: dict) -> str:
         captions = row.get("captions")
         captions = [] if captions is None else list(captions)
+        if self.training and self.task_text_probability > 0 and row.get("task") and rng.random() < self.task_text_probability:
+            return row["task"]
         if self.training and captions:
             return captions[int(rng.integers(len(captions)))]["text"]
         return row.get("task") or (captions[0]["text"] if captions else "")
