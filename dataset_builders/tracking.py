@@ -139,6 +139,7 @@ def track_points_support(
     appearance_choice: bool = False,
     fine_window: int | None = None,
     motion_coherence: bool = True,
+    support_fb_per_px: float = SUPPORT_FB_PER_PX,
 ) -> TrackResult:
     """Lucas–Kanade whose unreliable steps are carried by the reliably tracked corners around each point.
 
@@ -182,6 +183,9 @@ def track_points_support(
             rows up, where it costs about 10 % more time at 540 rows), else no fine window; 0: no fine window.
         motion_coherence: weigh the support corners by the agreement of their step with the point's own LK step
             (within `MOTION_AGREEMENT_PX` px or `MOTION_AGREEMENT_FRACTION` of the own step); False: by distance only.
+        support_fb_per_px: px a support corner's round trip may grow per px of its step; 0 is a fixed round trip.
+            With `motion_coherence=False` and `fine_window=0` it gives the previous default, which lets a fast
+            fingertip over a still background fall behind (`bench_extract` runs it as "previous default").
     """
     return _track(
         frames,
@@ -196,6 +200,7 @@ def track_points_support(
         appearance_choice=appearance_choice,
         fine_window=fine_window,
         motion_coherence=motion_coherence,
+        support_fb_per_px=support_fb_per_px,
     )
 
 
@@ -524,6 +529,7 @@ class _SupportedStep:
         appearance_choice: bool,
         fine_window: int,
         motion_coherence: bool,
+        support_fb_per_px: float,
     ):
         short_side = min(lucas_kanade.height, lucas_kanade.width)
         support_window = _fast_window(0.03 * short_side) if support_window is None else support_window
@@ -545,6 +551,9 @@ class _SupportedStep:
             _check_window(fine_window, "fine_window")
         self.fine_window = fine_window
         self.motion_coherence = motion_coherence
+        if not support_fb_per_px >= 0:
+            raise ValueError(f"support_fb_per_px must be >= 0, got {support_fb_per_px}")
+        self.support_fb_per_px = support_fb_per_px
 
     def __call__(self, source: int, target: int, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Positions in `target` of the (n, 2) `points` of `source`, and whether LK itself was reliable for each."""
@@ -553,7 +562,7 @@ class _SupportedStep:
         corners = cv2.goodFeaturesToTrack(self.lucas_kanade.gray[source], self.num_support, 0.01, self.spacing)
         corners = np.empty((0, 2), np.float32) if corners is None else corners.reshape(-1, 2)
         corners_moved, reliable = self.lucas_kanade.checked(source, target, corners, self.fb_threshold,
-                                                           window=self.support_window, fb_per_px=SUPPORT_FB_PER_PX)
+                                                           window=self.support_window, fb_per_px=self.support_fb_per_px)
         support, steps = corners[reliable], (corners_moved - corners)[reliable]
         moved, ok = self.lucas_kanade.checked(source, target, points, self.fb_threshold)
         if self.fine_window:
