@@ -524,6 +524,23 @@ def test_extraction_settings_pass_appearance_choice_to_the_tracker(monkeypatch):
         extraction.ExtractionSettings(keypoints="grid", tracker="lk", appearance_choice=True)
 
 
+@pytest.mark.parametrize("rows, window, fine_window", [(128, 9, 0), (224, 25, 0), (360, 33, 17), (540, 33, 17),
+                                                      (720, 41, 17), (1080, 65, 33)])
+def test_support_lk_windows_grow_with_the_image_above_540_rows(rows, window, fine_window, monkeypatch):
+    """Up to 540 rows the default windows are the measured ones (33 px at most); above, they keep their share of
+    the image (a hand's step at full HD is three times that at 360 rows), in sides of 8k + 1 px."""
+    chosen = {}
+
+    def recording_step(lucas_kanade, **settings):
+        chosen.update(window=lucas_kanade.window[0], fine_window=settings["fine_window"])
+        return lambda source, target, points: (points, np.ones(len(points), dtype=bool))
+
+    monkeypatch.setattr(tracking, "_SupportedStep", recording_step)
+    frames = np.zeros((2, rows, rows + 10, 3), dtype=np.uint8)
+    track_points(frames, np.array([[0, 5.0, 5.0]]))
+    assert chosen == {"window": window, "fine_window": fine_window}
+
+
 def test_track_points_lk_is_the_lk_backend():
     frames = translated_sequence(np.arange(4) * SPEED)
     queries = np.column_stack([np.zeros(10), grid_points()[:10]])
