@@ -11,7 +11,7 @@ fingertip joints tracked under the protocol of the shared episode's README (1/3 
 all hand joints queried every 40 frames (δ_avg only: EgoDex has no occlusion labels), at each downscale factor of
 `--egodex-scales` (default 3, the README's; 1: full HD). `support_lk, appearance_choice` is the default tracker with its
 own LK step chosen by appearance where its check fails; `support_lk, previous default` is it without motion coherence,
-the corners' step-scaled round trip and the fine window; `lk` is the fast setting (plain LK steps with the visibility
+the corners' step-scaled round trip, the fine window and the windows' growth above 540 rows; `lk` is the fast setting (plain LK steps with the visibility
 test).
 Then frames per second of the whole extraction at 224² and 480x640. Prints tables and writes JSON. The MuJoCo rows
 need `pip install "mu0[sim]"` and an offscreen GL (MUJOCO_GL=egl).
@@ -85,9 +85,17 @@ def tap_metrics(result: TrackResult, truth: np.ndarray, truth_visible: np.ndarra
 
 
 # `support_lk` with its own LK step chosen by appearance where the check fails (see `track_points_support`), and
-# the previous default: support weighted by distance only, a fixed round trip for every corner, no fine window.
+# the previous default: support weighted by distance only, a fixed round trip for every corner, no fine window, and
+# a query window of at most 33 px at any image size.
 APPEARANCE_CHOICE = "support_lk, appearance_choice"
 PREVIOUS_DEFAULT = "support_lk, previous default"
+PREVIOUS_WINDOWS = (9, 17, 25, 33)
+
+
+def previous_default(image_size: tuple[int, int]) -> dict:
+    """The options of `support_lk` that give its previous default on images of `image_size`."""
+    window = min(PREVIOUS_WINDOWS, key=lambda side: abs(side - 0.1 * min(image_size)))
+    return {"motion_coherence": False, "support_fb_per_px": 0.0, "fine_window": 0, "window": window}
 
 
 def tracker_runs(frames: np.ndarray, queries: np.ndarray, cotracker) -> dict[str, tuple[TrackResult, float, float]]:
@@ -95,7 +103,7 @@ def tracker_runs(frames: np.ndarray, queries: np.ndarray, cotracker) -> dict[str
     (all threads; on a shared machine frames per CPU-second shows what the code needs, whatever the load)."""
     trackers = {name: (name, {}) for name in LK_BACKENDS}
     trackers[APPEARANCE_CHOICE] = ("support_lk", {"appearance_choice": True})
-    trackers[PREVIOUS_DEFAULT] = ("support_lk", {"motion_coherence": False, "support_fb_per_px": 0.0, "fine_window": 0})
+    trackers[PREVIOUS_DEFAULT] = ("support_lk", previous_default(frames.shape[1:3]))
     if cotracker is not None:
         trackers["cotracker"] = ("cotracker", {"model": cotracker})
     runs = {}
