@@ -8,12 +8,15 @@ Sources: the SceneTracker clip in ../shared/data (if present; 960x540, 256 point
 and MuJoCo-rendered episodes (moving camera, exact tracks; lifted to 3D with their given depth too), and with
 `--egodex DIR` a folder of EgoDex clips (`.mp4` + `.hdf5`), run end to end through the `egodex` source, and their
 fingertip joints tracked under the protocol of the shared episode's README (1/3 scale, queried at frame 0), and
-all hand joints queried every 40 frames (δ_avg only: EgoDex has no occlusion labels). `support_lk, appearance_choice` is the default tracker with its own LK step
-chosen by appearance where its check fails; `lk` is the fast setting (plain LK steps with the visibility test).
+all hand joints queried every 40 frames (δ_avg only: EgoDex has no occlusion labels), at each downscale factor of
+`--egodex-scales` (default 3, the README's; 1: full HD). `support_lk, appearance_choice` is the default tracker with its
+own LK step chosen by appearance where its check fails; `support_lk, previous default` is it without motion coherence,
+the corners' step-scaled round trip, the fine window and the windows' growth above 540 rows; `lk` is the fast setting (plain LK steps with the visibility
+test).
 Then frames per second of the whole extraction at 224² and 480x640. Prints tables and writes JSON. The MuJoCo rows
 need `pip install "mu0[sim]"` and an offscreen GL (MUJOCO_GL=egl).
 
-    python benchmarks/bench_extract.py [--episodes 6] [--quick] [--egodex DIR]
+    python benchmarks/bench_extract.py [--episodes 6] [--quick] [--egodex DIR [--egodex-scales 3 2 1]]
         [--cotracker-repo DIR --cotracker-checkpoint FILE] [--output benchmarks/results/bench_extract.json]
     python benchmarks/bench_extract.py --executor ray   # episodes/s on Ray next to local (bench_extract_ray.py)
 """
@@ -81,8 +84,18 @@ def tap_metrics(result: TrackResult, truth: np.ndarray, truth_visible: np.ndarra
     }
 
 
-# `support_lk` with its own LK step chosen by appearance where the check fails (see `track_points_support`).
+# `support_lk` with its own LK step chosen by appearance where the check fails (see `track_points_support`), and
+# the previous default: support weighted by distance only, a fixed round trip for every corner, no fine window, and
+# a query window of at most 33 px at any image size.
 APPEARANCE_CHOICE = "support_lk, appearance_choice"
+PREVIOUS_DEFAULT = "support_lk, previous default"
+PREVIOUS_WINDOWS = (9, 17, 25, 33)
+
+
+def previous_default(image_size: tuple[int, int]) -> dict:
+    """The options of `support_lk` that give its previous default on images of `image_size`."""
+    window = min(PREVIOUS_WINDOWS, key=lambda side: abs(side - 0.1 * min(image_size)))
+    return {"motion_coherence": False, "support_fb_per_px": 0.0, "fine_window": 0, "window": window}
 
 
 def tracker_runs(frames: np.ndarray, queries: np.ndarray, cotracker) -> dict[str, tuple[TrackResult, float, float]]:
@@ -90,6 +103,7 @@ def tracker_runs(frames: np.ndarray, queries: np.ndarray, cotracker) -> dict[str
     (all threads; on a shared machine frames per CPU-second shows what the code needs, whatever the load)."""
     trackers = {name: (name, {}) for name in LK_BACKENDS}
     trackers[APPEARANCE_CHOICE] = ("support_lk", {"appearance_choice": True})
+    trackers[PREVIOUS_DEFAULT] = ("support_lk", previous_default(frames.shape[1:3]))
     if cotracker is not None:
         trackers["cotracker"] = ("cotracker", {"model": cotracker})
     runs = {}
@@ -220,20 +234,22 @@ def bench_end_to_end(height: int, width: int, num_frames: int) -> dict:
 
 # The tracking protocol of the EgoDex episode's README: frames at 1/3 scale, every joint whose name contains "Tip"
 # queried at frame 0 where confident and in view, scored where it is in front, in view and confident. Its handful of
-# points makes it noisy, so every hand joint is also queried every `EGODEX_QUERY_STRIDE` frames.
+# points makes it noisy, so every hand joint is also queried every `EGODEX_QUERY_STRIDE` frames. `--egodex-scales`
+# adds other downscale factors (1: the full 1920x1080 video, where fast hands move up to ~50 px a frame).
 EGODEX_SCALE = 3
 EGODEX_QUERY_STRIDE = 40
 EGODEX_BODY_PARTS = ("Arm", "Forearm", "Shoulder")  # named left*/right* but not part of the hand
 
 
-def egodex_tracking_clip(raw, query_frames) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(frames, queries, truth, truth_seen) for an EgoDex episode loaded with the joints to track, each joint
-    queried at each of `query_frames` where it is seen there."""
+def egodex_tracking_clip(raw, query_frames, scale: int = EGODEX_SCALE) -> tuple[np.ndarray, ...]:
+    """(frames, queries, truth, truth_seen) for an EgoDex episode loaded with the joints to track, its frames
+    downscaled by `scale`, each joint queried at each of `query_frames` where it is seen there."""
     import cv2
 
-    height, width = (side // EGODEX_SCALE for side in raw.image_size)
-    frames = np.stack([cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA) for frame in raw.frames])
-    truth = (raw.tracks + 0.5) / EGODEX_SCALE - 0.5
+    height, width = (side // scale for side in raw.image_size)
+    frames = raw.frames if scale == 1 else np.stack([cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
+                                                     for frame in raw.frames])
+    truth = (raw.tracks + 0.5) / scale - 0.5
     with np.errstate(invalid="ignore"):
         seen = raw.track_visible & (truth[..., 0] >= -0.5) & (truth[..., 0] < width - 0.5) & \
             (truth[..., 1] >= -0.5) & (truth[..., 1] < height - 0.5)
@@ -244,9 +260,10 @@ def egodex_tracking_clip(raw, query_frames) -> tuple[np.ndarray, np.ndarray, np.
     return frames, queries, np.nan_to_num(truth[:, joints]), seen[:, joints]
 
 
-def bench_egodex(folder: str, cotracker) -> dict:
+def bench_egodex(folder: str, cotracker, scales: tuple[int, ...] = (EGODEX_SCALE,)) -> dict:
     """Each EgoDex clip end to end (given 3D joints, no depth map: samples and coverage), and its joints tracked by
-    every tracker: the fingertips under the README protocol, and every hand joint from strided query frames.
+    every tracker at each downscale factor of `scales`: the fingertips under the README protocol, and every hand
+    joint from strided query frames.
     EgoDex has confidences but no occlusion labels, so only δ_avg and frames per second are reported for tracking
     (AJ and occlusion accuracy need occlusion ground truth)."""
     import h5py
@@ -273,11 +290,11 @@ def bench_egodex(folder: str, cotracker) -> dict:
             "fingertips from frame 0": ([name for name in hand if "Tip" in name], [0]),
             f"hand joints every {EGODEX_QUERY_STRIDE} frames": (hand, range(0, len(raw.frames), EGODEX_QUERY_STRIDE)),
         }
-        for protocol, (joints, query_frames) in protocols.items():
-            frames, queries, truth, seen = egodex_tracking_clip(load_egodex(ref, joints=tuple(joints)), query_frames)
+        for (protocol, (joints, query_frames)), scale in ((item, scale) for scale in scales for item in protocols.items()):
+            frames, queries, truth, seen = egodex_tracking_clip(load_egodex(ref, joints=tuple(joints)), query_frames, scale)
             scores = scored(tracker_runs(frames, queries, cotracker), truth, seen, frames.shape[1:3])
-            row["tracking"][protocol] = {
-                "points": len(queries),
+            row["tracking"][f"{protocol}, 1/{scale} scale"] = {
+                "points": len(queries), "image_size": list(frames.shape[1:3]),
                 "trackers": {name: {"delta_avg": score["delta_avg"], "median_error_px": score["median_error_px"],
                                     "track_fps": score["track_fps"]} for name, score in scores.items()},
             }
@@ -303,8 +320,9 @@ def print_egodex_tables(clips: dict) -> None:
         print(f"| {clip} | {row['frames']} | {row['samples']} | {coverage} | {row['seconds']:.1f} |")
     for clip, row in clips.items():
         for protocol, tracking in row["tracking"].items():
-            print(f"\n{clip}, {protocol}: {tracking['points']} queries at 1/{EGODEX_SCALE} scale (AJ: no occlusion "
-                  "labels)\n| tracker | δ_avg | median err (px) | track fps |\n|---|---|---|---|")
+            height, width = tracking["image_size"]
+            print(f"\n{clip}, {protocol}: {tracking['points']} queries, {width}x{height} (AJ: no occlusion labels)"
+                  "\n| tracker | δ_avg | median err (px) | track fps |\n|---|---|---|---|")
             for name, score in tracking["trackers"].items():
                 print(f"| {name} | {score['delta_avg']:.3f} | {score['median_error_px']:.2f} | {score['track_fps']:.1f} |")
 
@@ -315,6 +333,9 @@ def main() -> None:
     parser.add_argument("--output", default="benchmarks/results/bench_extract.json")
     parser.add_argument("--quick", action="store_true", help="2 small episodes, no SceneTracker, 224² only (CI smoke run)")
     parser.add_argument("--egodex", help="folder of EgoDex clips (.mp4 + .hdf5) to run end to end")
+    parser.add_argument("--egodex-scales", type=int, nargs="+", default=[EGODEX_SCALE],
+                        help="downscale factors of the EgoDex tracking protocols (1: full 1920x1080, about 2 minutes "
+                             "per clip on 2 cores; default: 3, the README's)")
     parser.add_argument("--cotracker-repo", help="local clone of facebookresearch/co-tracker (adds the cotracker rows)")
     parser.add_argument("--cotracker-checkpoint", help="local CoTracker3 offline checkpoint (.pth)")
     parser.add_argument("--executor", choices=["local", "ray"], default="local",
@@ -342,7 +363,7 @@ def main() -> None:
             f"{h}x{w}": bench_end_to_end(h, w, 24 if args.quick else 60)
             for h, w in ([(224, 224)] if args.quick else [(224, 224), (480, 640)])
         },
-        "egodex": bench_egodex(args.egodex, cotracker) if args.egodex else None,
+        "egodex": bench_egodex(args.egodex, cotracker, tuple(args.egodex_scales)) if args.egodex else None,
     }
     results["machine"]["load_average_1min_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"machine: {results['machine']}")

@@ -57,6 +57,7 @@ class ExtractionSettings:
     captions: str = "template"
     num_keypoints: int = 256
     lk_window: int | None = None  # LK window side in px; None: the tracker's default for the image size
+    appearance_choice: bool = False  # support_lk: an own LK step failing its check is kept where its patch matches better
     depth_model: str = "depth-anything/Depth-Anything-V2-Metric-Indoor-Small-hf"
     field_of_view: float | None = None
     dino_model: str = "facebook/dinov2-base"
@@ -87,6 +88,8 @@ class ExtractionSettings:
                 raise ValueError(f"Unknown {name} backend {getattr(self, name)!r}; choose from {allowed}.")
         if not self.retarget_step > 0:
             raise ValueError(f"retarget_step must be > 0, got {self.retarget_step}.")
+        if self.appearance_choice and self.tracker != "support_lk":
+            raise ValueError(f"appearance_choice is a setting of tracker='support_lk', not of {self.tracker!r}.")
         if self.tracker == "given" and self.keypoints != "given":
             raise ValueError("tracker='given' follows the source's own points: use keypoints='given' with it.")
         if self.tracker == "cotracker" and not (self.cotracker_repo and self.cotracker_checkpoint):
@@ -342,8 +345,10 @@ def tracker_stage(state: EpisodeState, settings: ExtractionSettings) -> None:
         state.tracks, state.visible = result.tracks, result.visible
         return
     # progressive: new points join every 50 frames wherever existing tracks no longer cover the image
-    window = {} if settings.lk_window is None else {"window": settings.lk_window}
-    result = track_progressive(raw.frames, queries, chunk=50, backend=settings.tracker, **window)
+    options = {} if settings.lk_window is None else {"window": settings.lk_window}
+    if settings.appearance_choice:
+        options["appearance_choice"] = True
+    result = track_progressive(raw.frames, queries, chunk=50, backend=settings.tracker, **options)
     added = result.tracks.shape[1] - len(state.points)
     state.tracks, state.visible = result.tracks, result.visible
     state.cluster_ids = np.concatenate([state.cluster_ids, np.full(added, -1, dtype=np.int64)])

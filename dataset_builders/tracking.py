@@ -74,6 +74,12 @@ CHOICE_PATCH_RADIUS = 4
 # smaller odd sides (600 points at 224², one thread: 1.5 / 3.2 / 8.8 / 10 ms against 4.1 / 5.4 / 14 / 15 ms for
 # 7 / 15 / 23 / 31 px), so the default windows are picked among them.
 FAST_WINDOWS = (9, 17, 25, 33)
+# Above this many rows (the largest size the defaults were measured best at) the default query window grows with the
+# image from 33 px at 540 rows, to a side of 8k + 1 px (fast alike): 65 px with a fine window of 33 at 1080 rows. The
+# capped 33 px window cannot follow a hand's fast steps at full HD: on the EgoDex episode at 1920x1080 this moved
+# δ_avg of all hand joints from 0.394 to 0.413 (fingertips 0.269 to 0.265, one point's noise), and on the
+# SceneTracker clip upscaled to 1080 rows from 0.662 to 0.673; more pyramid levels (5) measured no better.
+LARGEST_TUNED_ROWS = 540
 
 
 @dataclass
@@ -139,6 +145,7 @@ def track_points_support(
     appearance_choice: bool = False,
     fine_window: int | None = None,
     motion_coherence: bool = True,
+    support_fb_per_px: float = SUPPORT_FB_PER_PX,
 ) -> TrackResult:
     """Lucas–Kanade whose unreliable steps are carried by the reliably tracked corners around each point.
 
@@ -156,10 +163,11 @@ def track_points_support(
     Args:
         frames, queries: as for `track_points_lk`.
         window, levels: LK window side (odd, >= 3) of the query points, and pyramid levels. None: the side in
-            `FAST_WINDOWS` closest to 10 % of the shorter image side (9 up to 130 rows, 25 at 224, 33 above 290),
+            `FAST_WINDOWS` closest to 10 % of the shorter image side (9 up to 130 rows, 25 at 224, 33 from 290 to
+            540 rows; above, growing with the image: 65 at 1080, see `LARGEST_TUNED_ROWS`),
             measured best of `FAST_WINDOWS` on procedural and MuJoCo 128 px episodes and on the SceneTracker clip
             at 224 rows (and within 0.003 δ_avg of it at 540); and the fewest levels that follow a step of a fifth
-            of that side (3 at 128 rows, 2 at 224, 3 at 540, 4 at 1080). On the SceneTracker clip, more levels
+            of that side (3 at 128 rows, 2 at 224, 3 at 540, 3 at 1080). On the SceneTracker clip, more levels
             measured no better (δ_avg within 0.001 at 224 and 540 rows) at 10-20 % more cost.
         support_window: LK window side (odd, >= 3) of the support corners. They are picked for their texture, so a
             smaller window suffices. None: the side in `FAST_WINDOWS` closest to 3 % of the shorter image side
@@ -178,10 +186,13 @@ def track_points_support(
             default (benchmarks/bench_extract.py).
         fine_window: LK window side (odd, >= 3) tried first for the query points' own steps; `window` where it fails
             the check. A small finger shares a large window with the background, which drags its step. None: the
-            side in `FAST_WINDOWS` closest to half `window` where that is at least `MIN_FINE_WINDOW` (17 from 290
-            rows up, where it costs about 10 % more time at 540 rows), else no fine window; 0: no fine window.
+            side of 8k + 1 px closest to half `window` where that is at least `MIN_FINE_WINDOW` (17 from 290
+            rows up, where it costs about 10 % more time at 540 rows; 33 at 1080), else no fine window; 0: none.
         motion_coherence: weigh the support corners by the agreement of their step with the point's own LK step
             (within `MOTION_AGREEMENT_PX` px or `MOTION_AGREEMENT_FRACTION` of the own step); False: by distance only.
+        support_fb_per_px: px a support corner's round trip may grow per px of its step; 0 is a fixed round trip.
+            With `motion_coherence=False` and `fine_window=0` it gives the previous default, which lets a fast
+            fingertip over a still background fall behind (`bench_extract` runs it as "previous default").
     """
     return _track(
         frames,
@@ -196,6 +207,7 @@ def track_points_support(
         appearance_choice=appearance_choice,
         fine_window=fine_window,
         motion_coherence=motion_coherence,
+        support_fb_per_px=support_fb_per_px,
     )
 
 
@@ -277,7 +289,7 @@ def _track(
     short_side = min(frames.shape[1:3])
     window, levels = settings.pop("window"), settings.pop("levels")
     if window is None:
-        window = _fast_window(0.1 * short_side)
+        window = _default_window(short_side)
     _check_window(window, "window")
     if levels is None:
         levels = _levels_reaching(window, short_side / 5)
@@ -286,7 +298,7 @@ def _track(
     if backend == "lk":
         return _sweep(lucas_kanade, query_frames, points, lucas_kanade.step, backend, add_queries)
     if settings["fine_window"] is None:
-        fine = _fast_window(window / 2)
+        fine = _fast_side(window / 2)
         settings["fine_window"] = fine if MIN_FINE_WINDOW <= fine < window else 0
     step = _SupportedStep(lucas_kanade, **settings)
     return _sweep(lucas_kanade, query_frames, points, step, backend, add_queries, redetect=True)
@@ -524,6 +536,7 @@ class _SupportedStep:
         appearance_choice: bool,
         fine_window: int,
         motion_coherence: bool,
+        support_fb_per_px: float,
     ):
         short_side = min(lucas_kanade.height, lucas_kanade.width)
         support_window = _fast_window(0.03 * short_side) if support_window is None else support_window
@@ -545,6 +558,9 @@ class _SupportedStep:
             _check_window(fine_window, "fine_window")
         self.fine_window = fine_window
         self.motion_coherence = motion_coherence
+        if not support_fb_per_px >= 0:
+            raise ValueError(f"support_fb_per_px must be >= 0, got {support_fb_per_px}")
+        self.support_fb_per_px = support_fb_per_px
 
     def __call__(self, source: int, target: int, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Positions in `target` of the (n, 2) `points` of `source`, and whether LK itself was reliable for each."""
@@ -553,7 +569,7 @@ class _SupportedStep:
         corners = cv2.goodFeaturesToTrack(self.lucas_kanade.gray[source], self.num_support, 0.01, self.spacing)
         corners = np.empty((0, 2), np.float32) if corners is None else corners.reshape(-1, 2)
         corners_moved, reliable = self.lucas_kanade.checked(source, target, corners, self.fb_threshold,
-                                                           window=self.support_window, fb_per_px=SUPPORT_FB_PER_PX)
+                                                           window=self.support_window, fb_per_px=self.support_fb_per_px)
         support, steps = corners[reliable], (corners_moved - corners)[reliable]
         moved, ok = self.lucas_kanade.checked(source, target, points, self.fb_threshold)
         if self.fine_window:
@@ -681,9 +697,21 @@ class _Appearance:
         return _inside(positions, self.height, self.width) & similar
 
 
+def _default_window(short_side: int) -> int:
+    """`support_lk`'s query window for an image whose shorter side is `short_side` px (see `track_points_support`)."""
+    if short_side <= LARGEST_TUNED_ROWS:
+        return _fast_window(0.1 * short_side)
+    return _fast_side(max(FAST_WINDOWS) * short_side / LARGEST_TUNED_ROWS)
+
+
 def _fast_window(side: float) -> int:
     """The LK window side in `FAST_WINDOWS` closest to `side` px."""
     return min(FAST_WINDOWS, key=lambda fast: abs(fast - side))
+
+
+def _fast_side(side: float) -> int:
+    """The side of 8k + 1 px (k >= 1: fast for OpenCV's LK, as `FAST_WINDOWS`) closest to `side` px."""
+    return 8 * max(1, round((side - 1) / 8)) + 1
 
 
 def _levels_reaching(window: int, reach: float) -> int:

@@ -237,7 +237,7 @@ def flickering_blob(speed: float, seed: int, num_frames: int = 10, size: int = 2
     return np.stack(frames), np.array(centres)
 
 
-def test_default_keeps_a_fast_object_from_being_held_back_by_a_still_background(monkeypatch):
+def test_default_keeps_a_fast_object_from_being_held_back_by_a_still_background():
     """The flicker breaks LK's forward-backward check on the ellipse, and the corners that pass a fixed round trip
     are on the still background: weighted by distance only, the support prediction holds the points back (the
     previous default lost them by tens of px). The default lets a corner's round trip grow with its step and
@@ -245,7 +245,7 @@ def test_default_keeps_a_fast_object_from_being_held_back_by_a_still_background(
     closer than plain LK. Choosing the own step by appearance keeps them too."""
     offsets = np.array([[dx, dy] for dx in (-10, 0, 10) for dy in (-6, 0, 6)], dtype=np.float64)
     variants = {"default": {}, "appearance_choice": {"appearance_choice": True},
-                "distance_only": {"motion_coherence": False}, "lk": {"backend": "lk"}}
+                "previous_default": {"motion_coherence": False, "support_fb_per_px": 0.0}, "lk": {"backend": "lk"}}
     final_errors = {name: [] for name in variants}
     for speed in (8, 12):
         for seed in range(4):
@@ -253,16 +253,13 @@ def test_default_keeps_a_fast_object_from_being_held_back_by_a_still_background(
             truth = centres[:, None] + offsets[None]
             queries = np.column_stack([np.zeros(len(offsets)), truth[0]])
             for name, options in variants.items():
-                with monkeypatch.context() as patch:
-                    if name == "distance_only":  # the previous default: also a fixed round trip for every corner
-                        patch.setattr(tracking, "SUPPORT_FB_PER_PX", 0.0)
-                    tracks = track_points(frames, queries, **options).tracks
+                tracks = track_points(frames, queries, **options).tracks
                 final_errors[name].append(np.linalg.norm(tracks[-1] - truth[-1], axis=-1))
     median = {name: float(np.median(errors)) for name, errors in final_errors.items()}
     for name in ("default", "appearance_choice"):
         assert median[name] < 5.0 and median[name] < median["lk"] / 2, median
         assert max(np.median(errors) for errors in final_errors[name]) < 8.0, name  # every clip, not just most
-    assert median["distance_only"] > 3 * median["default"], median  # the failure the default removes
+    assert median["previous_default"] > 3 * median["default"], median  # the failure the default removes
 
 
 @pytest.mark.skipif(not SCENETRACKER.exists(), reason="SceneTracker clip not available")
@@ -489,6 +486,7 @@ def test_trackers_reject_bad_input(frames, queries, message, backend):
         ("support_lk", {"num_support": 0}, "num_support"),
         ("support_lk", {"support_spacing": -2.0}, "support_spacing"),
         ("support_lk", {"fine_window": 4}, "fine_window"),
+        ("support_lk", {"support_fb_per_px": -0.1}, "support_fb_per_px"),
         ("lk", {"fb_threshold": 1.0}, "Unknown option"),
         ("optical_flow", {}, "Unknown tracker backend"),
     ],
@@ -499,6 +497,48 @@ def test_trackers_reject_bad_settings(backend, kwargs, message):
     if backend in LK_BACKENDS:
         with pytest.raises(ValueError, match=message):
             track_progressive(GOOD_FRAMES, GOOD_QUERY, backend=backend, **kwargs)
+
+
+def test_extraction_settings_pass_appearance_choice_to_the_tracker(monkeypatch):
+    """`mu0 extract --appearance-choice` reaches `track_points_support`; it is refused before any episode for a
+    tracker that has no such setting."""
+    from mu0.dataset_builders import extraction
+    from mu0.dataset_builders.sources import RawEpisode
+
+    calls = []
+
+    def recording_track_progressive(frames, queries, **options):
+        calls.append(options)
+        return track_progressive(frames, queries, **options)
+
+    monkeypatch.setattr(extraction, "track_progressive", recording_track_progressive)
+    episode = generate_episode(seed=0, num_frames=12, image_size=64, moving_camera=False)
+    raw = RawEpisode("tiny", episode.frames, 10.0, depth=episode.depth, intrinsics=episode.intrinsics,
+                     extrinsics=episode.extrinsics, task=episode.task)
+    for choice in (True, False):
+        settings = extraction.ExtractionSettings(keypoints="grid", tracker="support_lk", num_keypoints=16,
+                                                 appearance_choice=choice, min_coverage=0.0, history=2, horizon=4)
+        extraction.extract_episode(raw, settings)
+    assert [call.get("appearance_choice", False) for call in calls] == [True, False]
+    with pytest.raises(ValueError, match="appearance_choice"):
+        extraction.ExtractionSettings(keypoints="grid", tracker="lk", appearance_choice=True)
+
+
+@pytest.mark.parametrize("rows, window, fine_window", [(128, 9, 0), (224, 25, 0), (360, 33, 17), (540, 33, 17),
+                                                      (720, 41, 17), (1080, 65, 33)])
+def test_support_lk_windows_grow_with_the_image_above_540_rows(rows, window, fine_window, monkeypatch):
+    """Up to 540 rows the default windows are the measured ones (33 px at most); above, they keep their share of
+    the image (a hand's step at full HD is three times that at 360 rows), in sides of 8k + 1 px."""
+    chosen = {}
+
+    def recording_step(lucas_kanade, **settings):
+        chosen.update(window=lucas_kanade.window[0], fine_window=settings["fine_window"])
+        return lambda source, target, points: (points, np.ones(len(points), dtype=bool))
+
+    monkeypatch.setattr(tracking, "_SupportedStep", recording_step)
+    frames = np.zeros((2, rows, rows + 10, 3), dtype=np.uint8)
+    track_points(frames, np.array([[0, 5.0, 5.0]]))
+    assert chosen == {"window": window, "fine_window": fine_window}
 
 
 def test_track_points_lk_is_the_lk_backend():

@@ -609,7 +609,8 @@ EXTRACT_SOURCE_OPTIONS = {"source": str, "source_path": str, "num_episodes": Num
                           "moving_camera": bool, "target_fps": positive_float, "camera_key": str, "episodes": episode_indices,
                           "shard_index": non_negative_int, "num_shards": Number(int, 1, 1_000_000)}
 EXTRACT_SETTING_OPTIONS = {"depth": str, "camera": str, "keypoints": str, "tracker": str, "captions": str,
-                           "num_keypoints": Number(int, 1, 65_536), "lk_window": Number(int, 3, 255, odd=True), "depth_model": str,
+                           "num_keypoints": Number(int, 1, 65_536), "lk_window": Number(int, 3, 255, odd=True),
+                           "appearance_choice": bool, "depth_model": str,
                            "field_of_view": Number(float, 0, 180, low_excluded=True, high_excluded=True),
                            "dino_model": str, "cotracker_model": str, "cotracker_repo": str,
                            "cotracker_checkpoint": str, "caption_model": str, "min_coverage": Number(float, 0, 1),
@@ -622,6 +623,7 @@ EXTRACT_BACKENDS = {"depth": ("given", "depth_anything"), "camera": ("given", "s
 # ExtractionSettings' defaults, shown in `mu0 extract --help` (a test keeps them equal)
 EXTRACT_SETTING_DEFAULTS = {"depth": "given", "camera": "given", "keypoints": "given", "tracker": "given",
                             "captions": "template", "num_keypoints": 256, "lk_window": "the tracker's, by image size",
+                            "appearance_choice": False,
                             "depth_model": "depth-anything/Depth-Anything-V2-Metric-Indoor-Small-hf",
                             "field_of_view": "the source's intrinsics", "dino_model": "facebook/dinov2-base",
                             "cotracker_model": "cotracker3_offline", "cotracker_repo": None,
@@ -642,7 +644,9 @@ EXTRACT_SOURCE_HELP = {
 EXTRACT_SETTING_HELP = {
     "depth": "depth backend", "camera": "camera backend", "keypoints": "keypoint backend", "tracker": "tracker backend",
     "captions": "caption backend", "num_keypoints": "query points per episode",
-    "lk_window": "LK window side in pixels (odd)", "depth_model": "depth_anything checkpoint",
+    "lk_window": "LK window side in pixels (odd)",
+    "appearance_choice": "support_lk: keep an own LK step that fails its check where its patch matches better",
+    "depth_model": "depth_anything checkpoint",
     "field_of_view": "horizontal field of view in degrees", "dino_model": "dino keypoint checkpoint",
     "cotracker_model": "hubconf entry of the cotracker repo", "cotracker_repo": "local clone of facebookresearch/co-tracker",
     "cotracker_checkpoint": "the tracker's local .pth file", "caption_model": "captions=vlm checkpoint",
