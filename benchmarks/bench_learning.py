@@ -44,6 +44,8 @@ VARIANTS = {
     "task_text": {"collator": {"task_text_probability": 0.5}},
     "queries32": {"collator": {"min_queries": 32, "max_queries": 32}},
     "train_backbone": {"model": {"freeze_vision_tower": False, "freeze_text_layers": False}},
+    "expert_x0.5": {"model": {"expert_width_factor": 0.5}},
+    "expert_x4": {"model": {"expert_width_factor": 4.0}},
 }
 CURVE_KEYS = ("uv/ade@32", "uv/mean_ade@32", "uv/min_ade@32", "uv/min_fde@32", "uv/spread@32", "depth/min_ade@32")
 
