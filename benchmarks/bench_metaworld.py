@@ -38,6 +38,7 @@ from mu0.dataset_builders.metaworld_recorder import (
     write_metaworld_rgbd,
 )
 from mu0.dataset_builders.trace_extract import TraceExtract
+from mu0.dataset_builders.trace_ops import RETARGET_STEP
 from mu0.processing import robot_statistics
 from mu0.training.adaptation import RobotEpisode, action_samples, add_trace_lora, train_policy
 from mu0.training.pretrain import load_recipe, make_trainer
@@ -62,6 +63,7 @@ class BenchSettings:
     # μ0 is queried on a uniform grid, mostly static background: pretraining on static queries too keeps those in
     # its training distribution (the released samples hold moving points only).
     static_queries: bool = False
+    retarget_step: float = RETARGET_STEP
     batch_size: int = 16
     trace_grid_size: int = 8
     lora_rank: int = 4
@@ -85,7 +87,8 @@ def pretrain_mu0(episodes, settings: BenchSettings, workdir: str):
         cache_dir=os.path.join(workdir, "cache"),
         work_dir=os.path.join(workdir, "trace_extract"),
         settings={"depth": "given", "camera": "given", "keypoints": "grid", "tracker": "lk", "captions": "given",
-                  "frame_stride": 4, "static_queries": settings.static_queries},
+                  "frame_stride": 4, "static_queries": settings.static_queries,
+                  "retarget_step": settings.retarget_step},
     )
     builder.download_and_prepare()
     samples = builder.as_dataset(split="train")
