@@ -38,7 +38,6 @@ from mu0.dataset_builders.metaworld_recorder import (
     write_metaworld_rgbd,
 )
 from mu0.dataset_builders.trace_extract import TraceExtract
-from mu0.dataset_builders.trace_ops import RETARGET_STEP
 from mu0.processing import robot_statistics
 from mu0.training.adaptation import RobotEpisode, action_samples, add_trace_lora, train_policy
 from mu0.training.pretrain import load_recipe, make_trainer
@@ -63,7 +62,9 @@ class BenchSettings:
     # μ0 is queried on a uniform grid, mostly static background: pretraining on static queries too keeps those in
     # its training distribution (the released samples hold moving points only).
     static_queries: bool = False
-    retarget_step: float = RETARGET_STEP
+    # Where μ0's flow starts on the grid (Mu0ActionConfig.trace_noise): "zero" makes the motion tokens a function of
+    # the observation alone; with "random" this small μ0's tokens vary ~100x more with the draw than with the frame.
+    trace_noise: str = "zero"
     batch_size: int = 16
     trace_grid_size: int = 8
     lora_rank: int = 4
@@ -87,8 +88,7 @@ def pretrain_mu0(episodes, settings: BenchSettings, workdir: str):
         cache_dir=os.path.join(workdir, "cache"),
         work_dir=os.path.join(workdir, "trace_extract"),
         settings={"depth": "given", "camera": "given", "keypoints": "grid", "tracker": "lk", "captions": "given",
-                  "frame_stride": 4, "static_queries": settings.static_queries,
-                  "retarget_step": settings.retarget_step},
+                  "frame_stride": 4, "static_queries": settings.static_queries},
     )
     builder.download_and_prepare()
     samples = builder.as_dataset(split="train")
@@ -174,7 +174,8 @@ def run(settings: BenchSettings, workdir: str) -> dict:
         for variant, overrides in VARIANTS.items():
             torch.manual_seed(settings.seed)
             policy = Mu0ForActionPrediction.from_trace_model(
-                trace_model, action_dim=4, state_dim=4, trace_grid_size=settings.trace_grid_size, **overrides
+                trace_model, action_dim=4, state_dim=4, trace_grid_size=settings.trace_grid_size,
+                trace_noise=settings.trace_noise, **overrides,
             )
             processor = Mu0ActionProcessor.from_trace_processor(
                 trace_processor,
