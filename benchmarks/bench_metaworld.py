@@ -135,6 +135,14 @@ def success_rates(actor_for: Callable[[MetaWorldScene, int], Actor], settings: B
     return rates
 
 
+def success_row(rates: dict[str, float], settings: BenchSettings) -> dict:
+    """Mean success over tasks with its binomial standard error sqrt(p (1 - p) / n), n = every rollout counted."""
+    rate = float(np.mean(list(rates.values())))
+    count = settings.rollouts * len(settings.tasks)
+    return {"success_rate": rate, "standard_error": float(np.sqrt(rate * (1 - rate) / count)), "rollouts": count,
+            "per_task": rates}
+
+
 def reference_rows(settings: BenchSettings) -> list[dict]:
     """The scripted expert and a do-nothing policy through the same rollouts: the bounds of the measurement.
 
@@ -148,8 +156,7 @@ def reference_rows(settings: BenchSettings) -> list[dict]:
     ):
         start = time.perf_counter()
         rates = success_rates(actor_for, settings, num_execute_steps)
-        rows.append({"variant": variant, "success_rate": float(np.mean(list(rates.values()))), "per_task": rates,
-                     "rollout_time_s": time.perf_counter() - start})
+        rows.append({"variant": variant, **success_row(rates, settings), "rollout_time_s": time.perf_counter() - start})
     return rows
 
 
@@ -196,8 +203,7 @@ def run(settings: BenchSettings, workdir: str) -> dict:
             rows.append({
                 "variant": variant,
                 "demos_per_task": num_demos,
-                "success_rate": float(np.mean(list(rates.values()))),
-                "per_task": rates,
+                **success_row(rates, settings),
                 "train_time_s": train_time,
                 "rollout_time_s": time.perf_counter() - start,
                 "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -223,14 +229,14 @@ def format_row(row: dict) -> str:
     def cell(key: str, template: str) -> str:
         return template.format(row[key]) if key in row else "–"
 
-    return (f"| {row['variant']} | {cell('demos_per_task', '{}')} | {row['success_rate']:.2f} | "
+    return (f"| {row['variant']} | {cell('demos_per_task', '{}')} | {row['success_rate']:.2f} ± {row['standard_error']:.2f} | "
             + " ".join(f"{rate:.2f}" for rate in row["per_task"].values())
             + f" | {cell('train_time_s', '{:.0f} s')} | {row['rollout_time_s']:.0f} s | "
             f"{cell('trainable_parameters', '{:,}')} |")
 
 
 def format_table(result: dict) -> str:
-    header = "| variant | demos/task | success | per task | train | rollouts | trainable params |\n|---|---|---|---|---|---|---|"
+    header = "| variant | demos/task | success ± SE | per task | train | rollouts | trainable params |\n|---|---|---|---|---|---|---|"
     return "\n".join([header, *(format_row(row) for row in result["rows"] + result["reference_rows"])])
 
 
