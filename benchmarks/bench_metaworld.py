@@ -62,6 +62,9 @@ class BenchSettings:
     # μ0 is queried on a uniform grid, mostly static background: pretraining on static queries too keeps those in
     # its training distribution (the released samples hold moving points only).
     static_queries: bool = False
+    # Where μ0's flow starts on the grid (Mu0ActionConfig.trace_noise): "zero" makes the motion tokens a function of
+    # the observation alone; with "random" this small μ0's tokens vary ~100x more with the draw than with the frame.
+    trace_noise: str = "zero"
     batch_size: int = 16
     trace_grid_size: int = 8
     lora_rank: int = 4
@@ -132,6 +135,14 @@ def success_rates(actor_for: Callable[[MetaWorldScene, int], Actor], settings: B
     return rates
 
 
+def success_row(rates: dict[str, float], settings: BenchSettings) -> dict:
+    """Mean success over tasks with its binomial standard error sqrt(p (1 - p) / n), n = every rollout counted."""
+    rate = float(np.mean(list(rates.values())))
+    count = settings.rollouts * len(settings.tasks)
+    return {"success_rate": rate, "standard_error": float(np.sqrt(rate * (1 - rate) / count)), "rollouts": count,
+            "per_task": rates}
+
+
 def reference_rows(settings: BenchSettings) -> list[dict]:
     """The scripted expert and a do-nothing policy through the same rollouts: the bounds of the measurement.
 
@@ -145,8 +156,7 @@ def reference_rows(settings: BenchSettings) -> list[dict]:
     ):
         start = time.perf_counter()
         rates = success_rates(actor_for, settings, num_execute_steps)
-        rows.append({"variant": variant, "success_rate": float(np.mean(list(rates.values()))), "per_task": rates,
-                     "rollout_time_s": time.perf_counter() - start})
+        rows.append({"variant": variant, **success_row(rates, settings), "rollout_time_s": time.perf_counter() - start})
     return rows
 
 
@@ -171,7 +181,8 @@ def run(settings: BenchSettings, workdir: str) -> dict:
         for variant, overrides in VARIANTS.items():
             torch.manual_seed(settings.seed)
             policy = Mu0ForActionPrediction.from_trace_model(
-                trace_model, action_dim=4, state_dim=4, trace_grid_size=settings.trace_grid_size, **overrides
+                trace_model, action_dim=4, state_dim=4, trace_grid_size=settings.trace_grid_size,
+                trace_noise=settings.trace_noise, **overrides,
             )
             processor = Mu0ActionProcessor.from_trace_processor(
                 trace_processor,
@@ -192,8 +203,7 @@ def run(settings: BenchSettings, workdir: str) -> dict:
             rows.append({
                 "variant": variant,
                 "demos_per_task": num_demos,
-                "success_rate": float(np.mean(list(rates.values()))),
-                "per_task": rates,
+                **success_row(rates, settings),
                 "train_time_s": train_time,
                 "rollout_time_s": time.perf_counter() - start,
                 "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -219,14 +229,14 @@ def format_row(row: dict) -> str:
     def cell(key: str, template: str) -> str:
         return template.format(row[key]) if key in row else "–"
 
-    return (f"| {row['variant']} | {cell('demos_per_task', '{}')} | {row['success_rate']:.2f} | "
+    return (f"| {row['variant']} | {cell('demos_per_task', '{}')} | {row['success_rate']:.2f} ± {row['standard_error']:.2f} | "
             + " ".join(f"{rate:.2f}" for rate in row["per_task"].values())
             + f" | {cell('train_time_s', '{:.0f} s')} | {row['rollout_time_s']:.0f} s | "
             f"{cell('trainable_parameters', '{:,}')} |")
 
 
 def format_table(result: dict) -> str:
-    header = "| variant | demos/task | success | per task | train | rollouts | trainable params |\n|---|---|---|---|---|---|---|"
+    header = "| variant | demos/task | success ± SE | per task | train | rollouts | trainable params |\n|---|---|---|---|---|---|---|"
     return "\n".join([header, *(format_row(row) for row in result["rows"] + result["reference_rows"])])
 
 

@@ -5,6 +5,8 @@ from transformers.configuration_utils import SubConfigSpec
 
 from .configuration_mu0 import Mu0Config
 
+TRACE_NOISE = ("random", "zero")
+
 
 class Mu0ActionConfig(PreTrainedConfig):
     r"""
@@ -25,6 +27,11 @@ class Mu0ActionConfig(PreTrainedConfig):
         trace_schedule_steps (`int`, defaults to 4), trace_denoise_steps (`int`, defaults to 1): μ0 runs the first
             `trace_denoise_steps` of a `trace_schedule_steps`-step flow schedule; the expert states of the last step
             run become motion tokens.
+        trace_noise (`str`, defaults to `"random"`): where μ0's flow starts on the grid: `"random"`, a Gaussian draw
+            per call (seeded by `generator`), or `"zero"`, the mean of that Gaussian, which makes the motion tokens a
+            deterministic function of the observation. At flow time 1 the expert's input is the noise itself, so with
+            a random start the tokens vary with the draw; a small μ0 whose states vary far more with the draw than
+            with the frame gives tokens that are mostly noise (measured in `benchmarks/bench_metaworld.py`).
         motion_pool_size (`int`, defaults to 2): average pooling of the grid states (20² / 2² → 100 motion tokens).
         use_trace (`bool`, defaults to `True`): False drops the motion tokens — the "VLM + action expert" ablation.
         use_state (`bool`, defaults to `True`): add a proprioceptive state token.
@@ -50,6 +57,7 @@ class Mu0ActionConfig(PreTrainedConfig):
     trace_grid_size: int = 20
     trace_schedule_steps: int = 4
     trace_denoise_steps: int = 1
+    trace_noise: str = "random"
     motion_pool_size: int = 2
     use_trace: bool = True
     use_state: bool = True
@@ -90,6 +98,8 @@ class Mu0ActionConfig(PreTrainedConfig):
                 f"trace_denoise_steps={self.trace_denoise_steps} must lie in [1, trace_schedule_steps="
                 f"{self.trace_schedule_steps}]."
             )
+        if self.trace_noise not in TRACE_NOISE:
+            raise ValueError(f"trace_noise={self.trace_noise!r}: choose one of {TRACE_NOISE}.")
         if self.trace_grid_size < 1 or self.motion_pool_size < 1 or self.trace_grid_size % self.motion_pool_size:
             raise ValueError(
                 f"trace_grid_size={self.trace_grid_size} must be a positive multiple of motion_pool_size="

@@ -210,9 +210,11 @@ class Mu0ForActionPrediction(Mu0ActionPreTrainedModel):
         grid = uniform_grid(config.trace_grid_size, device).expand(batch_size, -1, -1)
         query_mask = torch.ones(grid.shape[:2], dtype=torch.bool, device=device)
         fourier, dino_features = trace.model.point_context(grid, dino_pixel_values)
-        sample = torch.randn(
-            (*grid.shape[:2], trace.config.num_control_points, 3), generator=generator, device=device
-        )
+        shape = (*grid.shape[:2], trace.config.num_control_points, 3)
+        if config.trace_noise == "zero":
+            sample = torch.zeros(shape, device=device)
+        else:
+            sample = torch.randn(shape, generator=generator, device=device)
         step = 1.0 / config.trace_schedule_steps
         for index in range(config.trace_denoise_steps):
             time = torch.full((batch_size,), 1.0 - index * step, device=device)

@@ -91,6 +91,29 @@ def test_use_trace_false_has_no_motion_path(tiny_config, action_processor):
     assert actions.shape == (2, 6, ACTION_DIM) and torch.isfinite(actions).all()
 
 
+@pytest.mark.parametrize("trace_noise", ["random", "zero"])
+def test_zero_trace_noise_makes_motion_tokens_a_function_of_the_observation(tiny_config, action_processor, trace_noise):
+    """With `trace_noise="zero"` μ0's grid flow starts at the Gaussian's mean: the tokens ignore the generator and
+    equal the expert's states for an all-zero input, pooled; a random start gives other tokens for another seed."""
+    policy = make_policy(tiny_config, trace_noise=trace_noise)
+    batch = policy_batch(action_processor, with_actions=False)
+    with torch.no_grad():
+        prefix = policy.trace_model.model.compute_prefix(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+        first, second = (policy.motion_states(prefix, batch["dino_pixel_values"], torch.Generator().manual_seed(seed))
+                         for seed in (1, 2))
+        grid = uniform_grid(8).expand(2, -1, -1)
+        fourier, dino = policy.trace_model.model.point_context(grid, batch["dino_pixel_values"])
+        states = policy.trace_model.model(prefix, torch.zeros(2, 64, tiny_config.num_control_points, 3),
+                                          torch.ones(2), torch.ones(2, 64, dtype=torch.bool), fourier, dino).last_hidden_state
+    from_zero = states.transpose(1, 2).reshape(2, -1, 8, 8).unflatten(2, (4, 2)).unflatten(4, (4, 2)).mean((3, 5))
+    from_zero = from_zero.flatten(2).transpose(1, 2)
+    if trace_noise == "zero":
+        torch.testing.assert_close(first, second, rtol=0, atol=0)
+        torch.testing.assert_close(first, from_zero)
+    else:
+        assert (first - second).abs().max() > 1e-3 and (first - from_zero).abs().max() > 1e-3
+
+
 def test_sampling_is_reproducible_per_seed(tiny_config, action_processor):
     policy = make_policy(tiny_config)
     batch = policy_batch(action_processor, with_actions=False)
@@ -148,6 +171,7 @@ def test_bad_inputs_are_named(tiny_config, action_processor):
         ({"num_execute_steps": 20}, "num_execute_steps"),
         ({"trace_grid_size": 9}, "multiple of motion_pool_size"),
         ({"trace_denoise_steps": 5}, "trace_denoise_steps"),
+        ({"trace_noise": "gaussian"}, "trace_noise='gaussian'"),
         ({"action_dim": 0}, "action_dim"),
         ({"num_action_layers": 9}, "num_action_layers"),
     ],

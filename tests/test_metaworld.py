@@ -97,6 +97,26 @@ def test_unknown_task_and_camera_are_named():
         metaworld_scene(TASK, camera="ceiling").__enter__()
 
 
+def load_bench():
+    """benchmarks/ is not a package: the benchmark script is loaded by its path."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "bench_metaworld.py")
+    spec = importlib.util.spec_from_file_location("bench_metaworld", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_success_rows_carry_binomial_standard_errors():
+    bench = load_bench()
+    settings = bench.BenchSettings(tasks=["a", "b"], rollouts=10)
+    row = bench.success_row({"a": 0.5, "b": 0.0}, settings)
+    assert row["success_rate"] == 0.25 and row["rollouts"] == 20
+    assert abs(row["standard_error"] - 0.0968246) < 1e-6  # sqrt(0.25 * 0.75 / 20)
+    assert "0.25 ± 0.10" in bench.format_row({"variant": "mu0", **row, "rollout_time_s": 1.0})
+
+
 def test_downstream_benchmark_smoke(tmp_path):
     """The reduced MetaWorld benchmark: record, pretrain μ0, train the three policy variants, roll them out.
 
@@ -105,12 +125,7 @@ def test_downstream_benchmark_smoke(tmp_path):
     of 600; none in 6 after 3 steps or with the flow target's sign flipped). The scripted expert and a do-nothing
     policy through the same rollouts bound the measurement itself.
     """
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "bench_metaworld.py")
-    spec = importlib.util.spec_from_file_location("bench_metaworld", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench()
     output = tmp_path / "bench.json"
     result = bench.main(["--quick", "--output", str(output)])
     assert json.loads(output.read_text())["rows"] == result["rows"]

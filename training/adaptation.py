@@ -187,7 +187,8 @@ class RobotEpisode:
 
 
 def lerobot_robot_episodes(root: str, camera_key: str | None = None) -> list[RobotEpisode]:
-    """Every episode of a local LeRobotDataset v3 folder with its camera frames, states, actions and task text."""
+    """Every episode of a LeRobotDataset (v3.0 or v2.1; local folder or Hub repo id) with its camera frames, states,
+    actions and task text."""
     from ..dataset_builders.robot_sources import lerobot_refs, load_lerobot
 
     episodes = []

@@ -896,7 +896,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert_parser.set_defaults(handler=convert)
     adapt_parser = commands.add_parser("adapt", help="train an action expert on a frozen μ0 from robot demonstrations")
     adapt_parser.add_argument("--base", required=True, help="the μ0 to build on: a saved folder or Hub repo")
-    adapt_parser.add_argument("--dataset", required=True, help="a local LeRobotDataset v3 folder")
+    adapt_parser.add_argument("--dataset", required=True, help="a LeRobotDataset (v3.0 or v2.1): local folder or Hub repo id")
     adapt_parser.add_argument("--camera-key", default=None, help="which camera (default: the first video feature)")
     adapt_parser.add_argument("--lora-rank", type=non_negative_int, default=0, help="LoRA rank on μ0's trace expert (0: μ0 frozen)")
     adapt_parser.add_argument("--no-trace", action="store_true", help="the ablation without μ0 motion tokens")
