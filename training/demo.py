@@ -25,7 +25,7 @@ class DemoSettings:
     num_frames: int = 40
     image_size: int = 96
     frame_stride: int = 2
-    steps: int = 4000
+    steps: int = 3000
     num_samples: int = 5
     instruction_frames: int = 16
     recipe: str = "tiny-cpu"
