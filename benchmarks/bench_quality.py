@@ -50,8 +50,8 @@ ABLATIONS = {
 class BenchSettings:
     # Data is cheap (300 episodes extract in about a minute), steps are not: μ0's best-of-5 error keeps falling with
     # steps long after it stops falling with data (docs/training.md, "Learning curves"). The 450 s cap per model
-    # keeps the four models within about 30 minutes on 2 quiet cores: a `tiny-cpu` μ0 step (2x expert) takes about
-    # 0.1 CPU-seconds with one thread, so the cap may stop μ0 near 4500 steps; the JSON records the steps each ran.
+    # keeps the four models within about 30 minutes on 2 cores: on a quiet machine μ0 (2x expert) runs its 5000 steps
+    # in about 380 s, the tokenized VLM is stopped near 1200; the JSON records the steps each model ran.
     train_episodes: int = 300
     eval_episodes: int = 12
     num_frames: int = 40
