@@ -44,6 +44,17 @@ def save_checkpoint(tmp_path, tiny_config, tiny_processor):
     return model
 
 
+def run_without_mu0(tmp_path, script_text: str) -> dict:
+    """Runs `script_text` (argv: the checkpoint folder, an output .pt) in a fresh interpreter that loads the saved
+    checkpoint through remote code only, and returns what it saved."""
+    script, out = tmp_path / "remote_script.py", tmp_path / "remote.pt"
+    script.write_text(script_text)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, str(script), str(tmp_path), str(out)], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(out, weights_only=True)
+
+
 def test_save_writes_code_and_statistics(tmp_path, tiny_config, tiny_processor):
     save_checkpoint(tmp_path, tiny_config, tiny_processor)
     files = set(os.listdir(tmp_path))
@@ -76,13 +87,7 @@ def test_trust_remote_code_without_mu0_gives_identical_predictions(tmp_path, tin
     import numpy as np
 
     np.savez(tmp_path / "inputs.npz", images=images, points=points)
-    script = tmp_path / "predict.py"
-    script.write_text(PREDICT_WITHOUT_MU0)
-    out = tmp_path / "remote.pt"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    result = subprocess.run([sys.executable, str(script), str(tmp_path), str(out)], capture_output=True, text=True, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    remote = torch.load(out, weights_only=True)
+    remote = run_without_mu0(tmp_path, PREDICT_WITHOUT_MU0)
 
     batch = tiny_processor(images=list(images), text=["push the block", "open the drawer"], query_points=list(points))
     local = model.predict_traces(**batch, num_samples=2, generator=torch.Generator().manual_seed(7))
@@ -171,13 +176,7 @@ def test_trace_prediction_pipeline_through_trust_remote_code_without_mu0(tmp_pat
     image = (torch.rand(48, 64, 3, generator=torch.Generator().manual_seed(2)) * 255).to(torch.uint8).numpy()
     points = np.array([[12.0, 30.0], [50.0, 10.0]])
     np.savez(tmp_path / "inputs.npz", image=image, points=points)
-    script = tmp_path / "pipeline.py"
-    script.write_text(PIPELINE_WITHOUT_MU0)
-    out = tmp_path / "remote.pt"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    result = subprocess.run([sys.executable, str(script), str(tmp_path), str(out)], capture_output=True, text=True, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    remote = torch.load(out, weights_only=True)
+    remote = run_without_mu0(tmp_path, PIPELINE_WITHOUT_MU0)
     pixels, alive = reference_pixels(model, tiny_processor, image, points, seed=7)
     torch.testing.assert_close(remote["pixels"], pixels)
     assert torch.equal(remote["alive"], alive)

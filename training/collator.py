@@ -81,8 +81,9 @@ class Mu0TraceCollator:
     def _caption(self, rng: np.random.Generator, row: dict) -> str:
         captions = row.get("captions")
         captions = [] if captions is None else list(captions)
-        if self.training and self.task_text_probability > 0 and row.get("task") and rng.random() < self.task_text_probability:
-            return row["task"]
+        task = row.get("task")
+        if self.training and task and self.task_text_probability > 0 and rng.random() < self.task_text_probability:
+            return task
         if self.training and captions:
             return captions[int(rng.integers(len(captions)))]["text"]
         return row.get("task") or (captions[0]["text"] if captions else "")
