@@ -848,7 +848,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help=f"a smaller version ({QUICK.train_episodes + QUICK.eval_episodes} episodes, "
                                   f"{QUICK.steps} steps; under a minute, used by the tests)")
     demo_parser.add_argument("--steps", type=positive_int, default=None,
-                             help=f"training steps (default: {DemoSettings.steps}, about 6-7 minutes on 2 quiet CPU cores; "
+                             help=f"training steps (default: {DemoSettings.steps}, about 6 minutes on 2 quiet CPU cores; "
                                   f"with --quick: {QUICK.steps})")
     demo_parser.add_argument("--seed", type=seed_int, default=0, help="data, model and sampling seed")
     demo_parser.set_defaults(handler=demo)
